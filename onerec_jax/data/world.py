@@ -1,0 +1,397 @@
+"""The session world: a procedural, deterministic generator of short-video logs.
+
+Why a generator: a logged data set can say neither how good a recommendation *would* have been
+(RL needs that) nor what loss is irreducible (a scaling fit needs that). Here both are known.
+
+The model of the world (all randomness is hashed from keys, see `hashing.py`):
+  * Items 1..n_items, popularity weight w_i = i^-alpha (Zipf; item ids are popularity ranks). Each
+    item has a primary and a secondary topic, an author and a tag tied to the primary topic, a
+    log-normal duration and a latent quality; `item_content` gives a noisy 64-d view of these for the
+    tokenizer. The only per-item state is this table: O(n_items) numbers, no per-user table.
+  * User u has K interest topics c_k with logits b_k + drift·g_k·s/100 at session s (interests drift
+    linearly in logit space with the session count), a session gap, a start time and static features.
+  * Session s of user u starts at t0_u + (s + 0.05 + 0.75·U)·gap_u and shows 1..5 items.
+  * Logging policy: topic c ~ pi_log = (1 - explore)·softmax(logits) over c_k + explore·uniform(T);
+    item ~ w_i within the topic. Hence the entropy of the next exposure given (u, s) is exactly
+    H(pi_log) + sum_c pi_log(c)·H(q(.|c)) - the floor no model seeing only the logged context beats.
+  * Engagement: affinity a = sum_k softmax_k·([c_k = topic_i] + 0.5·[c_k = topic2_i]); the
+    probabilities below are logistic in (a, quality, log duration). The realised play fraction is
+    U^((1-p)/p), whose mean is exactly p, so `true_engagement` returns exact expectations.
+
+Example i of a split is a request: user u = hash(i), session s log-uniform in [0, max_sessions);
+history = the sessions before s, target = session s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from onerec_jax.data import hashing as hs
+from onerec_jax.data import schema
+
+# Salts keep the hash streams of different quantities apart.
+_ITEM, _USER, _REQ, _SESS, _EVT, _CONTENT = 11, 12, 13, 14, 15, 16
+_SPLIT_SALT = {"train": 101, "validation": 102, "test": 103}
+
+# Engagement model: logit = bias + w_aff·affinity + w_q·quality (+ w_dur·log(duration/30 s)).
+ENGAGEMENT = {
+    "play_frac": (-0.5, 3.0, 0.5, -0.3),
+    "like": (-3.5, 3.0, 0.7, 0.0),
+    "follow": (-6.0, 3.0, 0.5, 0.0),
+    "comment": (-5.5, 2.5, 0.5, 0.0),
+    "share": (-6.0, 2.5, 0.8, 0.0),
+    "dislike": (-3.0, -3.0, -0.5, 0.0),
+}
+# The scalar true reward: a weighted sum of expected engagement (documented in the README).
+REWARD_WEIGHTS = {"play_frac": 1.0, "like": 2.0, "follow": 4.0, "comment": 2.0, "share": 3.0,
+                  "dislike": -5.0}
+_FLAG_BIT = {"like": schema.LIKE, "follow": schema.FOLLOW, "comment": schema.COMMENT,
+             "share": schema.SHARE, "dislike": schema.DISLIKE}
+_MIN_GAP_S, _MAX_GAP_S = 6 * 3600.0, 7 * 86400.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Size and behaviour of a world. Every field is a count unless stated."""
+
+    n_users: int = 1000
+    n_items: int = 500
+    n_topics: int = 16
+    interests_per_user: int = 3  # K
+    authors_per_topic: int = 8
+    tags_per_topic: int = 2
+    zipf_alpha: float = 1.0  # popularity exponent
+    explore: float = 0.1  # logging policy's share of uniformly random topics
+    drift: float = 0.3  # interest logit change per 100 sessions, in units of g_k ~ N(0, 1)
+    max_sessions: int = 200  # a request's session index is log-uniform in [0, max_sessions)
+    max_session_len: int = 5  # m
+    content_dim: int = 64
+    n_examples: int = 1 << 40  # virtual length of each split: a sweep never runs out of new data
+
+    def __post_init__(self) -> None:
+        if self.n_topics > self.n_items:
+            raise ValueError(f"WorldConfig: n_topics ({self.n_topics}) > n_items ({self.n_items})")
+        for f in ("n_users", "n_items", "n_topics", "interests_per_user", "authors_per_topic",
+                  "tags_per_topic", "max_sessions", "max_session_len", "content_dim"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"WorldConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if not 0.0 <= self.explore <= 1.0:
+            raise ValueError(f"WorldConfig.explore must be in [0, 1], got {self.explore}")
+
+
+PRESETS: dict[str, WorldConfig] = {
+    # Unit tests: compiles and runs in milliseconds.
+    "tiny": WorldConfig(n_users=1000, n_items=500, n_topics=16, max_sessions=200),
+    # CPU scaling sweeps: enough items for 3 x 256-code semantic ids, long histories.
+    "small": WorldConfig(n_users=1_000_000, n_items=20_000, n_topics=64, authors_per_topic=32,
+                         tags_per_topic=4, max_sessions=2000),
+    # Kuaishou-like: 100M users, millions of items (the item table is ~100 MB).
+    "large": WorldConfig(n_users=100_000_000, n_items=4_000_000, n_topics=1024,
+                         authors_per_topic=256, tags_per_topic=8, max_sessions=4000),
+}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class World:
+    """A random-access source of requests. Pickles as its config; tables are rebuilt on load."""
+
+    kind = "world"
+
+    def __init__(self, config: WorldConfig | str, seed: int = 0, split: str = "train"):
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise ValueError(f"unknown world preset {config!r}; choose from {sorted(PRESETS)}")
+            config = PRESETS[config]
+        if split not in _SPLIT_SALT:
+            raise ValueError(f"unknown split {split!r}; choose from {sorted(_SPLIT_SALT)}")
+        self.config, self.seed, self.split = config, int(seed), split
+        self._build()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "seed": self.seed, "split": self.split}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._build()
+
+    # ---------------------------------------------------------------- tables
+    def _build(self) -> None:
+        c, seed = self.config, self.seed
+        ids = np.arange(1, c.n_items + 1, dtype=np.int64)
+        hi = hs.hash_u64(seed, _ITEM, ids)
+        topic = (hs.stream(hi, 0) % np.uint64(c.n_topics)).astype(np.int32)
+        counts = np.bincount(topic, minlength=c.n_topics)
+        if (counts == 0).any():
+            raise ValueError(f"world seed {seed}: topic {int(np.argmin(counts))} has no items; "
+                             "use fewer topics or more items")
+        self.topic = np.concatenate([[0], topic]).astype(np.int32)  # row 0 = padding
+        self.topic2 = np.concatenate([[0], hs.stream(hi, 1) % np.uint64(c.n_topics)]).astype(np.int32)
+        author = topic * c.authors_per_topic + (hs.stream(hi, 2) % np.uint64(c.authors_per_topic)) + 1
+        tag = topic * c.tags_per_topic + (hs.stream(hi, 3) % np.uint64(c.tags_per_topic)) + 1
+        self.author = np.concatenate([[0], author]).astype(np.int32)
+        self.tag = np.concatenate([[0], tag]).astype(np.int32)
+        dur = np.clip(np.exp(np.log(30_000.0) + 0.8 * hs.normal(hs.stream(hi, 4))), 3_000, 600_000)
+        self.dur_ms = np.concatenate([[np.nan], dur]).astype(np.float32)
+        self.quality = np.concatenate([[0.0], hs.normal(hs.stream(hi, 5))]).astype(np.float32)
+        w = ids.astype(np.float64) ** -c.zipf_alpha
+        # Items grouped by topic; cdf holds topic + within-topic CDF, so one searchsorted on
+        # (topic + u) samples every event at once whatever its topic.
+        self._order = (np.argsort(topic, kind="stable") + 1).astype(np.int32)
+        self._seg_end = np.cumsum(counts)
+        w_sorted = w[self._order - 1]
+        topic_sorted = topic[self._order - 1]
+        z = np.bincount(topic_sorted, weights=w_sorted, minlength=c.n_topics)
+        cum = np.cumsum(w_sorted)
+        seg_start_cum = np.concatenate([[0.0], cum[self._seg_end[:-1] - 1]])
+        self._cdf = topic_sorted + (cum - seg_start_cum[topic_sorted]) / z[topic_sorted]
+        q = w_sorted / z[topic_sorted]
+        self.topic_entropy = np.bincount(topic_sorted, weights=-q * np.log(q), minlength=c.n_topics)
+        self._log_q = np.zeros(c.n_items + 1)
+        self._log_q[self._order] = np.log(q)  # log q(item | its topic)
+        basis = np.random.default_rng([seed, _CONTENT]).standard_normal((c.n_topics, c.content_dim))
+        self._topic_basis = (basis / np.sqrt(c.content_dim)).astype(np.float32)
+
+    # ------------------------------------------------------------- metadata
+    @property
+    def n_items(self) -> int:
+        return self.config.n_items
+
+    @property
+    def n_authors(self) -> int:
+        return self.config.n_topics * self.config.authors_per_topic
+
+    @property
+    def n_tags(self) -> int:
+        return self.config.n_topics * self.config.tags_per_topic
+
+    @property
+    def n_users(self) -> int:
+        return self.config.n_users
+
+    def __len__(self) -> int:
+        return self.config.n_examples
+
+    # ---------------------------------------------------------------- users
+    def _user(self, u: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-user parameters, recomputed from hashes (nothing per user is stored)."""
+        c = self.config
+        k = np.arange(c.interests_per_user)
+        hu = hs.hash_u64(self.seed, _USER, np.asarray(u)[..., None], k)  # [..., K]
+        h0 = hs.hash_u64(self.seed, _USER, u)
+        gap = np.exp(np.log(_MIN_GAP_S) + hs.unit53(hs.stream(h0, 0))
+                     * np.log(_MAX_GAP_S / _MIN_GAP_S))
+        return {
+            "topics": (hs.stream(hu, 0) % np.uint64(c.n_topics)).astype(np.int64),
+            "base": hs.normal(hs.stream(hu, 1)),
+            "slope": hs.normal(hs.stream(hu, 2)),
+            "gap": gap,
+            "t0": 1_500_000_000 + (hs.stream(h0, 1) % np.uint64(30_000_000)).astype(np.int64),
+            "static": np.stack([
+                1 + (hs.stream(h0, 2) % np.uint64(7)).astype(np.int32),  # age bucket
+                1 + (hs.stream(h0, 3) % np.uint64(2)).astype(np.int32),  # gender
+                1 + (hs.stream(h0, 4) % np.uint64(20)).astype(np.int32),  # region
+                # activity segment: quartile of the session gap (frequent users first)
+                1 + np.minimum((4 * np.log(gap / _MIN_GAP_S) / np.log(_MAX_GAP_S / _MIN_GAP_S))
+                               .astype(np.int32), 3),
+            ], axis=-1),
+        }
+
+    def _interest(self, user: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray:
+        """softmax over the K interests at session(s) s: [..., K]."""
+        logits = user["base"] + self.config.drift * user["slope"] * (np.asarray(s)[..., None] / 100.0)
+        logits = logits - logits.max(-1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(-1, keepdims=True)
+
+    def _session_start(self, u: np.ndarray, user: dict, s: np.ndarray) -> np.ndarray:
+        jitter = hs.unit53(hs.hash_u64(self.seed, _SESS, u, s, 1))
+        return user["t0"] + np.floor((s + 0.05 + 0.75 * jitter) * user["gap"]).astype(np.int64)
+
+    def _session_len(self, u: np.ndarray, s: np.ndarray) -> np.ndarray:
+        h = hs.hash_u64(self.seed, _SESS, u, s, 0)
+        return 1 + (h % np.uint64(self.config.max_session_len)).astype(np.int64)
+
+    def session_of(self, user_ids: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
+        """Invert the session clock: the session index whose start is `request_ts`."""
+        user = self._user(np.asarray(user_ids))
+        return np.floor((np.asarray(request_ts) - user["t0"]) / user["gap"]).astype(np.int64)
+
+    def requests(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user [B], session [B]) of examples `indices` in this split."""
+        h = hs.hash_u64(self.seed, _REQ, _SPLIT_SALT[self.split], np.asarray(indices, np.int64))
+        u = 1 + (hs.stream(h, 0) % np.uint64(self.config.n_users)).astype(np.int64)
+        s = np.floor((self.config.max_sessions + 1.0) ** hs.unit53(hs.stream(h, 1))).astype(np.int64) - 1
+        return u, np.minimum(s, self.config.max_sessions - 1)
+
+    # --------------------------------------------------------------- events
+    def _logging_policy(self, user: dict, pi: np.ndarray) -> np.ndarray:
+        """pi_log over all topics, [..., T], from interests pi [..., K]."""
+        c = self.config
+        out = np.full((int(np.prod(pi.shape[:-1])), c.n_topics), c.explore / c.n_topics)
+        topics = user["topics"].reshape(len(out), -1)
+        rows = np.arange(len(out))[:, None]
+        # add.at, not fancy assignment: two interests may share a topic and must accumulate.
+        np.add.at(out, (rows, topics), (1 - c.explore) * pi.reshape(len(out), -1))
+        return out.reshape(pi.shape[:-1] + (c.n_topics,))
+
+    def _probs(self, user: dict, pi: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Exact engagement expectations for items [..., N] given interests pi [..., K]."""
+        t = user["topics"]  # [..., K]
+        ti, t2 = self.topic[items][..., None], self.topic2[items][..., None]
+        aff = ((pi[..., None, :] * ((t[..., None, :] == ti) + 0.5 * (t[..., None, :] == t2)))
+               .sum(-1))
+        q = self.quality[items].astype(np.float64)
+        ldur = np.log(self.dur_ms[items].astype(np.float64) / 30_000.0)
+        out = {}
+        for name, (b, wa, wq, wd) in ENGAGEMENT.items():
+            out[name] = _sigmoid(b + wa * aff + wq * q + wd * ldur)
+        return out
+
+    def _events(self, u: np.ndarray, user: dict, s: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
+        """Realise exposure k of session s of user u (per-event arrays; `user` gathered per event).
+
+        Events of one (user, session) must be contiguous and in k order (timestamps chain within it).
+        """
+        c = self.config
+        h = hs.hash_u64(self.seed, _EVT, u, s * 8 + k)
+        pi = self._interest(user, s)  # [n, K]
+        explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
+        pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
+        topic = np.where(explore_u < c.explore, np.floor(pick_u * c.n_topics).astype(np.int64),
+                         np.take_along_axis(user["topics"], pick[:, None], -1)[:, 0])
+        idx = np.searchsorted(self._cdf, topic + hs.unit53(hs.stream(h, 1)), side="right")
+        item = self._order[np.minimum(idx, self._seg_end[topic] - 1)]
+        p = {n: v[:, 0] for n, v in self._probs(user, pi, item[:, None]).items()}
+        play_u, like_u = hs.unit32_pair(hs.stream(h, 2))
+        dur = self.dur_ms[item]
+        play_ms = (play_u ** ((1.0 - p["play_frac"]) / p["play_frac"]) * dur).astype(np.float32)
+        flags = np.zeros(len(item), np.uint8)
+        u3a, u3b = hs.unit32_pair(hs.stream(h, 3))
+        u4a, u4b = hs.unit32_pair(hs.stream(h, 4))
+        for name, r in (("like", like_u), ("follow", u3a), ("comment", u3b), ("share", u4a),
+                        ("dislike", u4b)):
+            flags |= np.where(r < p[name], _FLAG_BIT[name], 0).astype(np.uint8)
+        # Within a session an exposure starts when the previous one ended, plus 2 s.
+        watched = np.ceil(play_ms / 1000.0).astype(np.int64) + 2
+        cs = np.cumsum(watched)
+        first = k == 0
+        seg_base = np.maximum.accumulate(np.where(first, cs - watched, 0)) if len(k) else cs
+        ts = self._session_start(u, user, s) + (cs - watched - seg_base)
+        return {"item": item.astype(np.int32), "author": self.author[item], "tag": self.tag[item],
+                "ts": ts, "play_ms": play_ms, "dur_ms": dur, "flags": flags}
+
+    def _expand(self, b: np.ndarray, u: np.ndarray, user: dict, sessions: np.ndarray,
+                lens: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Events of the given (example b, session) pairs, in order: (example of each event, fields)."""
+        eb = np.repeat(b, lens)
+        es = np.repeat(sessions, lens)
+        ek = np.arange(len(eb)) - np.repeat(np.cumsum(lens) - lens, lens)
+        ue = {key: v[eb] for key, v in user.items()}
+        return eb, self._events(u[eb], ue, es, ek)
+
+    def raw_batch(self, indices: np.ndarray, max_events: int | None = None) -> dict[str, Any]:
+        """Ragged raw requests of examples `indices` (see `schema.build_batch` for the layout).
+
+        Args:
+          indices: example indices in this split, each in [0, len).
+          max_events: keep only this many most recent history events per example (None: all).
+        """
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"example index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
+        B = len(idx)
+        u, s = self.requests(idx)
+        user = self._user(u)
+        # Candidate past sessions: each holds >= 1 event, so the last `max_events` cover the window.
+        n_cand = s if max_events is None else np.minimum(s, max_events)
+        cb = np.repeat(np.arange(B), n_cand)
+        cs = schema.ranges(s - n_cand, n_cand)
+        lens = self._session_len(u[cb], cs)
+        if max_events is not None and len(cs):
+            csum = np.concatenate([[0], np.cumsum(lens)])
+            end = schema.offsets_of(n_cand)[1:]
+            after = csum[end][cb] - csum[1:]  # events in the user's later candidate sessions
+            keep = after < max_events
+            cb, cs, lens = cb[keep], cs[keep], lens[keep]
+        eb, hist = self._expand(cb, u, user, cs, lens)
+        counts = np.bincount(eb, minlength=B)
+        if max_events is not None and len(eb):
+            rank_from_end = schema.offsets_of(counts)[1:][eb] - 1 - np.arange(len(eb))
+            keep = rank_from_end < max_events
+            hist = {f: v[keep] for f, v in hist.items()}
+            counts = np.minimum(counts, max_events)
+        tl = self._session_len(u, s)
+        _, tgt = self._expand(np.arange(B), u, user, s, tl)
+        out: dict[str, Any] = {
+            "user_id": u, "request_ts": self._session_start(u, user, s), "static": user["static"],
+            "hist_offsets": schema.offsets_of(counts), "target_offsets": schema.offsets_of(tl),
+        }
+        out.update({f"hist_{f}": v for f, v in hist.items()})
+        out.update({f"target_{f}": tgt[f] for f in schema.TARGET_FIELDS})
+        return out
+
+    def raw(self, index: int, max_events: int | None = None) -> dict[str, Any]:
+        """Raw request of one example, as a ragged batch of one."""
+        return self.raw_batch(np.asarray([index]), max_events)
+
+    # ------------------------------------------------------ what logs cannot
+    def true_engagement(self, user_ids: np.ndarray, request_ts: np.ndarray,
+                        item_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Expected engagement of recommending `item_ids` [B, N] to the requests (user_ids [B],
+        request_ts [B]): probabilities of each action, expected play fraction, and `reward`."""
+        user_ids, request_ts = np.asarray(user_ids), np.asarray(request_ts)
+        items = np.asarray(item_ids)
+        if items.min(initial=1) < 1 or items.max(initial=1) > self.n_items:
+            raise ValueError(f"item ids must be in [1, {self.n_items}]")
+        user = self._user(user_ids)
+        pi = self._interest(user, self.session_of(user_ids, request_ts))
+        p = self._probs(user, pi, items)
+        p["reward"] = sum(REWARD_WEIGHTS[n] * p[n] for n in REWARD_WEIGHTS)
+        return p
+
+    def logging_distribution(self, user_ids: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
+        """pi_log over topics [B, T] at the given requests."""
+        user = self._user(np.asarray(user_ids))
+        pi = self._interest(user, self.session_of(user_ids, request_ts))
+        return self._logging_policy(user, pi)
+
+    def logging_logprob(self, user_ids: np.ndarray, request_ts: np.ndarray,
+                        item_ids: np.ndarray) -> np.ndarray:
+        """log p(item | request) under the logging policy, [B, N] (nats)."""
+        items = np.asarray(item_ids)
+        pt = self.logging_distribution(user_ids, request_ts)
+        return np.log(np.take_along_axis(pt, self.topic[items].astype(np.int64), -1)) + self._log_q[items]
+
+    def next_item_entropy(self, user_ids: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
+        """Exact entropy (nats) of the next exposure given the requests' latent state, [B]."""
+        pt = self.logging_distribution(user_ids, request_ts)
+        return -(pt * np.log(pt)).sum(-1) + pt @ self.topic_entropy
+
+    def entropy_floor(self, n_samples: int = 4096) -> tuple[float, float]:
+        """Mean next-item entropy over this split's requests and its standard error (nats/item).
+
+        It is a floor for a model's per-item loss: the model sees only the logged history, not the
+        latent (u, s), and with a bijective semantic-id tokenisation the summed per-level NTP loss
+        of an item equals its item-level log-loss.
+        """
+        u, s = self.requests(np.arange(n_samples))
+        ts = self._session_start(u, self._user(u), s)
+        h = self.next_item_entropy(u, ts)
+        return float(h.mean()), float(h.std(ddof=1) / np.sqrt(n_samples))
+
+    def item_content(self, item_ids: np.ndarray) -> np.ndarray:
+        """Content features [N, content_dim] float32: a noisy view of topic, topic2 and author."""
+        items = np.asarray(item_ids, np.int64)
+        d = self.config.content_dim
+        h = hs.hash_u64(self.seed, _CONTENT, items[:, None], np.arange(d))
+        ha = hs.hash_u64(self.seed, _CONTENT, -self.author[items][:, None].astype(np.int64), np.arange(d))
+        x = (self._topic_basis[self.topic[items]] + 0.5 * self._topic_basis[self.topic2[items]]
+             + 0.2 * hs.normal(ha) / np.sqrt(d) + 0.3 * hs.normal(h) / np.sqrt(d))
+        return x.astype(np.float32)
+
