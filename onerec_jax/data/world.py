@@ -295,6 +295,15 @@ class World:
         ue = {key: v[eb] for key, v in user.items()}
         return eb, self._events(u[eb], ue, es, ek)
 
+    def session_events(self, user_id: int, sessions: np.ndarray) -> dict[str, np.ndarray]:
+        """All exposures of the given sessions (ascending) of one user, for analysis and tests."""
+        u = np.asarray([user_id], np.int64)
+        sessions = np.asarray(sessions, np.int64)
+        lens = self._session_len(u[0], sessions)
+        _, ev = self._expand(np.zeros(len(sessions), np.int64), u, self._user(u), sessions, lens)
+        ev["session"] = np.repeat(sessions, lens)
+        return ev
+
     def raw_batch(self, indices: np.ndarray, max_events: int | None = None) -> dict[str, Any]:
         """Ragged raw requests of examples `indices` (see `schema.build_batch` for the layout).
 

@@ -1,0 +1,181 @@
+"""User logs in Parquet or CSV: one row per exposure.
+
+Columns (names are exact; extra columns are ignored):
+  user_id       required  integer or string
+  item_id       required  integer or string
+  timestamp     required  seconds since the epoch (integer or float), or a timestamp type
+  play_time_ms  optional  number >= 0 (empty/null: unknown)
+  duration_ms   optional  number >= 0 (empty/null: unknown)
+  like, follow, comment, share, dislike   optional  0/1 or boolean (empty/null: 0)
+  author_id, tag          optional  integer or string (empty/null: unknown)
+Rows need not be sorted: events are ordered by (user, timestamp, item id) on load. Any problem gives
+one `LogFormatError` naming the file, the column and the first bad row (0-based data row).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from onerec_jax.data import schema
+from onerec_jax.data.events import EventLog
+
+REQUIRED = ("user_id", "item_id", "timestamp")
+NUMERIC = ("play_time_ms", "duration_ms")
+FLAGS = {"like": schema.LIKE, "follow": schema.FOLLOW, "comment": schema.COMMENT,
+         "share": schema.SHARE, "dislike": schema.DISLIKE}
+IDS = ("author_id", "tag")
+
+
+class LogFormatError(ValueError):
+    """A user log that cannot be read; the message names file, column and row."""
+
+
+def _fail(path: os.PathLike, msg: str) -> LogFormatError:
+    return LogFormatError(f"{path}: {msg}")
+
+
+def read_table(path: os.PathLike) -> pa.Table:
+    """Read a .parquet or .csv file into an Arrow table, with clear errors."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise _fail(p, "file not found")
+    try:
+        if p.suffix.lower() in (".csv", ".tsv"):
+            opts = pacsv.ParseOptions(delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+            table = pacsv.read_csv(p, parse_options=opts)
+        else:
+            table = pq.read_table(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        if p.stat().st_size == 0:
+            raise _fail(p, "empty file (no header, no rows)") from e
+        raise _fail(p, f"cannot read as {'CSV' if p.suffix.lower() == '.csv' else 'Parquet'}: {e}") from e
+    return table
+
+
+def _first_bad(values: list, ok) -> int:
+    return next(i for i, v in enumerate(values) if not ok(v))
+
+
+def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) -> np.ndarray:
+    """Column as float64 (nulls of an optional column -> NaN); names the first bad row."""
+    col = table.column(name)
+    if optional and pa.types.is_null(col.type):  # an all-empty CSV column
+        return np.full(len(col), np.nan)
+    if optional and col.null_count:
+        v = _numbers(path, pa.table({name: pc.fill_null(col, pa.scalar(0).cast(col.type))}), name).copy()
+        v[np.asarray(col.is_null())] = np.nan
+        return v
+    if col.null_count:
+        raise _fail(path, f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
+                    "missing value")
+    if pa.types.is_timestamp(col.type):
+        return np.array(pc.cast(col, pa.timestamp("s")).cast(pa.int64()), np.float64)
+    if pa.types.is_boolean(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        out = np.array(col.cast(pa.float64()), np.float64)
+    else:
+        values = col.to_pylist()
+
+        def ok(v) -> bool:
+            try:
+                float(v)
+                return True
+            except (TypeError, ValueError):
+                return False
+
+        if not all(ok(v) for v in values):
+            i = _first_bad(values, ok)
+            raise _fail(path, f"column {name!r} row {i}: expected a number, got {values[i]!r}")
+        out = np.asarray([float(v) for v in values])
+    if not np.isfinite(out).all():
+        i = int(np.argmin(np.isfinite(out)))
+        raise _fail(path, f"column {name!r} row {i}: not a finite number ({out[i]})")
+    return out
+
+
+def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) -> np.ndarray:
+    """Integer or string ids; nulls of an optional column come back masked (np.ma)."""
+    col = table.column(name)
+    if optional and pa.types.is_null(col.type):
+        return np.ma.masked_all(len(col), np.int64)
+    if optional and col.null_count:
+        nulls = np.asarray(col.is_null())
+        filled = pc.fill_null(col, pa.scalar(0 if pa.types.is_integer(col.type) else "", col.type))
+        return np.ma.masked_array(_ids(path, pa.table({name: filled}), name), mask=nulls)
+    if col.null_count:
+        raise _fail(path, f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
+                    "missing value")
+    if pa.types.is_integer(col.type):
+        return np.asarray(col.cast(pa.int64()))
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return np.asarray(col.to_pylist(), dtype=object).astype(str)
+    raise _fail(path, f"column {name!r}: expected integer or string ids, got {col.type}")
+
+
+def load(path: os.PathLike) -> EventLog:
+    """Validate and load a user log (see the module docstring for the columns)."""
+    table = read_table(path)
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise _fail(path, f"missing required column {missing[0]!r} (columns: {table.column_names})")
+    if table.num_rows == 0:
+        raise _fail(path, "empty file (no rows)")
+    cols = {"user": _ids(path, table, "user_id"), "item": _ids(path, table, "item_id")}
+    ts = _numbers(path, table, "timestamp")
+    if (ts < 0).any():
+        raise _fail(path, f"column 'timestamp' row {int(np.argmax(ts < 0))}: negative time {ts[ts < 0][0]}")
+    extra = {}
+    for name, key in (("play_time_ms", "play_ms"), ("duration_ms", "dur_ms")):
+        if name in table.column_names:
+            v = _numbers(path, table, name, optional=True)
+            if (v < 0).any():
+                i = int(np.argmax(v < 0))
+                raise _fail(path, f"column {name!r} row {i}: negative value {v[i]}")
+            extra[key] = v
+    flags = np.zeros(table.num_rows, np.uint8)
+    for name, bit in FLAGS.items():
+        if name in table.column_names:
+            v = np.nan_to_num(_numbers(path, table, name, optional=True), nan=0.0)
+            bad = (v != 0) & (v != 1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise _fail(path, f"column {name!r} row {i}: expected 0 or 1, got {v[i]}")
+            flags |= (v.astype(np.uint8) * bit).astype(np.uint8)
+    for name in IDS:
+        if name in table.column_names:
+            extra["author" if name == "author_id" else "tag"] = _ids(path, table, name, optional=True)
+    return EventLog.from_columns(
+        pathlib.Path(path).name, user=cols["user"], item=cols["item"],
+        ts=np.floor(ts).astype(np.int64), flags=flags, **extra,
+    )
+
+
+def write(path: os.PathLike, log: EventLog) -> None:
+    """Write a log back in the documented column schema (Parquet, or CSV by suffix), raw ids kept."""
+    user = log.user_of_event()
+    cols: dict[str, np.ndarray] = {
+        "user_id": log.user_raw[user], "item_id": log.item_raw[log.item], "timestamp": log.ts,
+        "play_time_ms": log.play_ms, "duration_ms": log.dur_ms,
+    }
+    for name, bit in FLAGS.items():
+        cols[name] = ((log.flags & bit) != 0).astype(np.int8)
+    # Dense author/tag ids are written as they are; 0 (unknown) becomes null.
+    cols["author_id"] = pa.array(log.author, mask=log.author == 0)
+    cols["tag"] = pa.array(log.tag, mask=log.tag == 0)
+    for name in ("play_time_ms", "duration_ms"):
+        cols[name] = pa.array(cols[name], mask=np.isnan(cols[name]))
+    table = pa.table(cols)
+    p = pathlib.Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    # Write beside, then rename: a failure never leaves a half-written file under the real name.
+    if p.suffix.lower() == ".csv":
+        pacsv.write_csv(table, tmp)
+    else:
+        pq.write_table(table, tmp)
+    os.replace(tmp, p)

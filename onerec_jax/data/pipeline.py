@@ -1,0 +1,103 @@
+"""The grain input pipeline: any source -> model-ready batches.
+
+    MapDataset.range(len) -> shuffle (logged sources) -> repeat -> slice by process
+      -> batch indices -> build the batch (pathways strictly before the target, pad/truncate)
+      -> IterDataset -> multiprocessing workers
+
+Batching happens on the indices, before the build, so a batch is a fixed set of examples whatever the
+number of workers: each worker builds whole batches and grain interleaves them in order, which makes
+workers=0 and workers=N yield identical batches. The world's example indices are already random
+draws (example i is a hash of i), so it is not shuffled; its split is effectively infinite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from onerec_jax.data import schema
+from onerec_jax.data.sources import Source
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How examples are read.
+
+    Attributes:
+      batch_size: examples per batch on this process.
+      seed: shuffle seed (logged sources).
+      shuffle: shuffle logged sources each epoch (the world never needs it).
+      num_epochs: passes over the split; None repeats forever.
+      workers: grain worker processes (0: build in the calling process).
+      worker_buffer: batches each worker keeps ready.
+      drop_remainder: drop a last, smaller batch of an epoch (keeps shapes static for jit).
+    """
+
+    batch_size: int = 256
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    workers: int = 0
+    worker_buffer: int = 2
+    drop_remainder: bool = True
+
+
+def _index_array(indices: list[int]) -> np.ndarray:
+    return np.asarray(indices, np.int64)
+
+
+class BuildBatch(grain.transforms.Map):
+    """indices [B] -> batch dict; picklable so spawned workers can rebuild it."""
+
+    def __init__(self, source: Source, spec: schema.SchemaSpec):
+        self.source, self.spec = source, spec
+
+    def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        raw = self.source.raw_batch(np.asarray(indices), self.spec.history_window)
+        return schema.build_batch(raw, self.spec)
+
+
+def make_dataset(source: Source, spec: schema.SchemaSpec, config: PipelineConfig, *,
+                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+    """The batched, sharded, checkpointable dataset of one split.
+
+    Args:
+      shard_index, shard_count: this process's shard; default jax.process_index()/process_count(),
+        so each host of a multi-host run reads a disjoint part of every epoch.
+    """
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if shard_index is None or shard_count is None:
+        import jax  # only here: the data package itself does not need JAX
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if len(source) == 0:
+        raise ValueError(f"source {getattr(source, 'kind', '?')}/{source.split} has no examples")
+    ds = grain.MapDataset.range(len(source))
+    if config.shuffle and source.kind != "world":
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    ds = ds[shard_index::shard_count]
+    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=_index_array)
+    ds = ds.map(BuildBatch(source, spec))
+    # Threads would only contend for the GIL with the numpy build; workers give the parallelism.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    if config.workers > 0:
+        from absl import flags
+
+        # grain's workers read absl flags; a library caller may never have parsed any.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.workers, per_worker_buffer_size=config.worker_buffer))
+    return it
+
+
+def batch_shapes(spec: schema.SchemaSpec, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Field -> (shape, dtype) of a batch, for building models without reading data."""
+    return {k: ((batch_size, *s), dt) for k, (s, dt) in spec.shapes().items()}

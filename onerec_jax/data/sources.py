@@ -1,0 +1,51 @@
+"""Open a data source from one string, as the CLI and experiment configs name them.
+
+  movielens-100k      the recbole copy of MovieLens-100k
+  world:PRESET        the session world (tiny | small | large)
+  parquet:PATH        a user log (.parquet, or .csv/.tsv by suffix); csv:PATH is the same
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Protocol
+
+import numpy as np
+
+from onerec_jax.data import logs, movielens
+from onerec_jax.data.events import LogSource
+from onerec_jax.data.world import World
+
+
+class Source(Protocol):
+    """What the pipeline needs: a length and ragged raw requests for any batch of indices."""
+
+    kind: str
+    split: str
+    n_users: int
+    n_items: int
+    n_authors: int
+    n_tags: int
+
+    def __len__(self) -> int: ...
+
+    def raw_batch(self, indices: np.ndarray, max_events: int | None = None) -> dict[str, Any]: ...
+
+
+@functools.lru_cache(maxsize=8)
+def _load_log(path: str):
+    return logs.load(path)
+
+
+def open_source(name: str, *, seed: int = 0, split: str = "train", **log_options: Any) -> Source:
+    """Source named by `name` (see module docstring); `log_options` go to `LogSource`."""
+    if name == "movielens-100k":
+        return LogSource(movielens.load(), split, **log_options)
+    kind, _, arg = name.partition(":")
+    if kind == "world" and arg:
+        return World(arg, seed=seed, split=split)
+    if kind in ("parquet", "csv") and arg:
+        return LogSource(_load_log(arg), split, **log_options)
+    raise ValueError(
+        f"unknown source {name!r}: use movielens-100k, world:PRESET (tiny|small|large) or parquet:PATH"
+    )
