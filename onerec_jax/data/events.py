@@ -2,6 +2,7 @@
 
 An `EventLog` holds every event sorted by (user, timestamp, item id): ties in time are broken by
 item id, so "precedes" is a total order and the split and the no-leakage rule are well defined.
+Exact repeats of (user, item, timestamp) are kept once.
 Users and items get dense ids 1..n (0 is padding); the raw ids are kept for the way back.
 
 `LogSource` turns a log into examples of one split, leave-last-out per user:
@@ -96,7 +97,13 @@ class EventLog:
         it = item_dense.astype(np.int32) + 1
         ts = np.asarray(ts, np.int64)
         order = np.lexsort((it, ts, u))
-        nan = np.full(n, np.nan, np.float32)
+        # An exact repeat of (user, item, timestamp) is one event logged twice: keep the first,
+        # otherwise the order would not be total and a copy of the target could sit in its history.
+        su, si, st = u[order], it[order], ts[order]
+        repeat = np.concatenate([[False], (su[1:] == su[:-1]) & (si[1:] == si[:-1]) & (st[1:] == st[:-1])])
+        order = order[~repeat]
+        u = u[order]
+        n = len(order)
         counts = np.bincount(u, minlength=len(user_raw) + 1)
         static = np.zeros((len(user_raw) + 1, schema.RAW_STATIC), np.int32)
         if static_by_raw_user:
@@ -109,13 +116,19 @@ class EventLog:
             name=name,
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             item=it[order], author=author_d[order], tag=tag_d[order], ts=ts[order],
-            play_ms=(nan if play_ms is None else np.asarray(play_ms, np.float32))[order],
-            dur_ms=(nan if dur_ms is None else np.asarray(dur_ms, np.float32))[order],
-            flags=(np.zeros(n, np.uint8) if flags is None else np.asarray(flags, np.uint8))[order],
+            play_ms=_column(play_ms, order, np.float32, np.nan),
+            dur_ms=_column(dur_ms, order, np.float32, np.nan),
+            flags=_column(flags, order, np.uint8, 0),
             static=static, n_items=len(item_raw), n_authors=n_authors, n_tags=n_tags,
             user_raw=np.concatenate([[user_raw[0]], user_raw]),
             item_raw=np.concatenate([[item_raw[0]], item_raw]), item_text=text,
         )
+
+
+def _column(col: np.ndarray | None, order: np.ndarray, dtype: Any, fill: float) -> np.ndarray:
+    if col is None:
+        return np.full(len(order), fill, dtype)
+    return np.asarray(col, dtype)[order]
 
 
 class LogSource:

@@ -155,16 +155,11 @@ def offsets_of(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def _gather(out: dict, name: str, hist: dict, idx: np.ndarray, valid: np.ndarray,
-            request_ts: np.ndarray) -> None:
-    """out[name_f] = hist[f][idx] where valid, zero padding elsewhere; idx, valid: [B, N]."""
-    safe = np.where(valid, idx, 0)
-    for f in ("item", "author", "tag", "flags"):
-        out[f"{name}_{f}"] = np.where(valid, hist[f][safe], 0).astype(EVENT_FIELDS[f])
-    delta = request_ts[:, None] - hist["ts"][safe]
-    out[f"{name}_tdelta"] = np.where(valid, tdelta_bucket(delta), 0).astype(np.uint8)
-    out[f"{name}_play"] = np.where(valid, time_bucket_ms(hist["play_ms"][safe]), 0).astype(np.uint8)
-    out[f"{name}_dur"] = np.where(valid, time_bucket_ms(hist["dur_ms"][safe]), 0).astype(np.uint8)
+def _gather(out: dict, name: str, cols: dict, idx: np.ndarray, valid: np.ndarray) -> None:
+    """out[name_f] = cols[f][idx] where valid; padded slots read the all-zero last row of cols."""
+    safe = np.where(valid, idx, len(cols["item"]) - 1)
+    for f in EVENT_FIELDS:
+        out[f"{name}_{f}"] = cols[f][safe]
     out[f"{name}_mask"] = valid
 
 
@@ -192,6 +187,13 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
             f"user {user_id[seg[e]]}: history event at ts={hist['ts'][e]} is after the request at "
             f"ts={request_ts[seg[e]]}; sources must only pass earlier events"
         )
+    # Per-event columns in the example's dtypes, buckets computed once per event (not per slot).
+    cols = {f: hist[f].astype(EVENT_FIELDS[f], copy=False) for f in ("item", "author", "tag", "flags")}
+    cols["tdelta"] = tdelta_bucket(request_ts[seg] - hist["ts"][:-1])
+    cols["play"] = time_bucket_ms(hist["play_ms"][:-1])
+    cols["dur"] = time_bucket_ms(hist["dur_ms"][:-1])
+    for f in ("tdelta", "play", "dur"):
+        cols[f] = np.append(cols[f], np.zeros(1, np.uint8))  # the padding row
     buckets = (1 + hash_u64(user_id.astype(np.uint64), 0x75B) % np.uint64(spec.user_buckets))
     out: dict[str, np.ndarray] = {
         "user_id": user_id,
@@ -202,7 +204,7 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
     last = off[1:, None] - 1  # global index of each user's most recent event
 
     j = np.arange(spec.short_len)[None]
-    _gather(out, "short", hist, last - j, j < n[:, None], request_ts)
+    _gather(out, "short", cols, last - j, j < n[:, None])
 
     # Positive pathway: rank positives from the most recent (0) within each user; keep rank < P.
     pos = is_positive(hist["flags"][:-1], hist["play_ms"][:-1], hist["dur_ms"][:-1], spec)
@@ -214,7 +216,7 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
     valid = np.zeros((B, spec.pos_len), np.bool_)
     idx[seg[keep], rank[keep]] = np.nonzero(keep)[0]
     valid[seg[keep], rank[keep]] = True
-    _gather(out, "pos", hist, idx, valid, request_ts)
+    _gather(out, "pos", cols, idx, valid)
 
     j = np.arange(spec.life_len)[None]
     if spec.life_mode == "stride":
@@ -222,9 +224,9 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
         L = spec.life_len
         step = np.where(n > L, (n - 1) / max(L - 1, 1), 1.0)[:, None]
         life = off[:-1, None] + np.where(n[:, None] > L, np.round((L - 1 - j) * step), n[:, None] - 1 - j)
-        _gather(out, "life", hist, life.astype(np.int64), j < n[:, None], request_ts)
+        _gather(out, "life", cols, life.astype(np.int64), j < n[:, None])
     else:
-        _gather(out, "life", hist, last - j, j < n[:, None], request_ts)
+        _gather(out, "life", cols, last - j, j < n[:, None])
 
     toff = np.asarray(raw["target_offsets"], np.int64)
     tn = np.minimum(np.diff(toff), spec.max_targets)

@@ -253,21 +253,22 @@ class World:
             out[name] = _sigmoid(b + wa * aff + wq * q + wd * ldur)
         return out
 
-    def _events(self, u: np.ndarray, user: dict, s: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
-        """Realise exposure k of session s of user u (per-event arrays; `user` gathered per event).
+    def _events(self, u: np.ndarray, topics: np.ndarray, pi: np.ndarray, start: np.ndarray,
+                s: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
+        """Realise exposure k of session s of user u; every argument is per event.
 
-        Events of one (user, session) must be contiguous and in k order (timestamps chain within it).
+        topics, pi: the user's interest topics and their weights at session s, [n, K]; start: the
+        session's start time. Events of one (user, session) must be contiguous and in k order.
         """
         c = self.config
         h = hs.hash_u64(self.seed, _EVT, u, s * 8 + k)
-        pi = self._interest(user, s)  # [n, K]
         explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
         pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
         topic = np.where(explore_u < c.explore, np.floor(pick_u * c.n_topics).astype(np.int64),
-                         np.take_along_axis(user["topics"], pick[:, None], -1)[:, 0])
+                         np.take_along_axis(topics, pick[:, None], -1)[:, 0])
         idx = np.searchsorted(self._cdf, topic + hs.unit53(hs.stream(h, 1)), side="right")
         item = self._order[np.minimum(idx, self._seg_end[topic] - 1)]
-        p = {n: v[:, 0] for n, v in self._probs(user, pi, item[:, None]).items()}
+        p = {n: v[:, 0] for n, v in self._probs({"topics": topics}, pi, item[:, None]).items()}
         play_u, like_u = hs.unit32_pair(hs.stream(h, 2))
         dur = self.dur_ms[item]
         play_ms = (play_u ** ((1.0 - p["play_frac"]) / p["play_frac"]) * dur).astype(np.float32)
@@ -282,18 +283,21 @@ class World:
         cs = np.cumsum(watched)
         first = k == 0
         seg_base = np.maximum.accumulate(np.where(first, cs - watched, 0)) if len(k) else cs
-        ts = self._session_start(u, user, s) + (cs - watched - seg_base)
+        ts = start + (cs - watched - seg_base)
         return {"item": item.astype(np.int32), "author": self.author[item], "tag": self.tag[item],
                 "ts": ts, "play_ms": play_ms, "dur_ms": dur, "flags": flags}
 
     def _expand(self, b: np.ndarray, u: np.ndarray, user: dict, sessions: np.ndarray,
                 lens: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Events of the given (example b, session) pairs, in order: (example of each event, fields)."""
-        eb = np.repeat(b, lens)
-        es = np.repeat(sessions, lens)
-        ek = np.arange(len(eb)) - np.repeat(np.cumsum(lens) - lens, lens)
-        ue = {key: v[eb] for key, v in user.items()}
-        return eb, self._events(u[eb], ue, es, ek)
+        # Session-level quantities once per session, then repeated to its events.
+        us = {key: v[b] for key, v in user.items() if key != "static"}
+        pi = self._interest(us, sessions)
+        start = self._session_start(u[b], us, sessions)
+        rep = np.repeat(np.arange(len(b)), lens)
+        ek = np.arange(len(rep)) - np.repeat(np.cumsum(lens) - lens, lens)
+        ev = self._events(u[b][rep], us["topics"][rep], pi[rep], start[rep], sessions[rep], ek)
+        return b[rep], ev
 
     def session_events(self, user_id: int, sessions: np.ndarray) -> dict[str, np.ndarray]:
         """All exposures of the given sessions (ascending) of one user, for analysis and tests."""
