@@ -21,6 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check onerec_jax scaling tests benchmarks
+	$(BIN)/ruff format --check onerec_jax scaling tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: install

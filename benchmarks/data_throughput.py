@@ -38,12 +38,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "data_throughput.json"))
+    ap.add_argument(
+        "--out", default=str(pathlib.Path(__file__).parent / "results" / "data_throughput.json")
+    )
     args = ap.parse_args()
     spec = schema.SchemaSpec()
     world = sources.open_source("world:small")
-    results = {"spec": vars(spec), "batch": args.batch, "seconds": args.seconds,
-               "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(), "runs": {}}
+    results = {
+        "spec": vars(spec),
+        "batch": args.batch,
+        "seconds": args.seconds,
+        "cores": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "runs": {},
+    }
 
     # Reference: one example per build call (what a per-example grain map would do).
     spec_one = spec
@@ -62,11 +70,17 @@ def main() -> None:
         with contextlib.closing(iter(ds)) as it:
             rate, count = _rate(it, args.batch, args.seconds)
         cores = max(workers, 1)
-        results["runs"][f"workers={workers}"] = {"examples_per_s": rate, "examples": count, "cores": cores,
-                                                  "per_core": rate / cores,
-                                                  "vs_per_example": rate / one}
-        print(f"grain, {workers} workers: {rate:,.0f} examples/s = {rate / cores:,.0f} per core "
-              f"({rate / one:.1f}x per-example build; goal {GOAL_PER_CORE:,.0f}/core)")
+        results["runs"][f"workers={workers}"] = {
+            "examples_per_s": rate,
+            "examples": count,
+            "cores": cores,
+            "per_core": rate / cores,
+            "vs_per_example": rate / one,
+        }
+        print(
+            f"grain, {workers} workers: {rate:,.0f} examples/s = {rate / cores:,.0f} per core "
+            f"({rate / one:.1f}x per-example build; goal {GOAL_PER_CORE:,.0f}/core)"
+        )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -30,14 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="inspect data sources").add_subparsers(dest="data_cmd",
-                                                                               required=True)
+    data = sub.add_parser("data", help="inspect data sources").add_subparsers(
+        dest="data_cmd", required=True
+    )
     stats = data.add_parser("stats", help="summary statistics of a source")
-    stats.add_argument("--source", required=True,
-                       help="movielens-100k | world:PRESET (tiny|small|large) | parquet:PATH")
+    stats.add_argument(
+        "--source",
+        required=True,
+        help="movielens-100k | world:PRESET (tiny|small|large) | parquet:PATH",
+    )
     stats.add_argument("--seed", type=int, default=0, help="world seed (ignored by logged sources)")
-    stats.add_argument("--max-examples", type=int, default=2000,
-                       help="examples sampled for pathway statistics")
+    stats.add_argument(
+        "--max-examples", type=int, default=2000, help="examples sampled for pathway statistics"
+    )
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(fn=_data_stats)
 

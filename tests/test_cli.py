@@ -11,11 +11,23 @@ from onerec_jax.train.logging import MetricWriter
 
 
 def _onerec(*args):
-    return subprocess.run([sys.executable, "-m", "onerec_jax.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "onerec_jax.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_stats_are_byte_identical_across_processes():
-    args = ("data", "stats", "--source", "world:tiny", "--seed", "3", "--max-examples", "300", "--json")
+    args = (
+        "data",
+        "stats",
+        "--source",
+        "world:tiny",
+        "--seed",
+        "3",
+        "--max-examples",
+        "300",
+        "--json",
+    )
     a, b = _onerec(*args), _onerec(*args)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.count("\n") == 1

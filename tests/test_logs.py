@@ -23,8 +23,14 @@ def _write(path, **cols):
 
 
 def test_unsorted_rows_are_sorted(tmp_path):
-    p = _write(tmp_path / "a.parquet", user_id=["u1", "u1", "u2", "u1"], item_id=[5, 3, 5, 9],
-               timestamp=[30, 10, 5, 10], duration_ms=[1000.0, 2000.0, 1000.0, None], like=[1, 0, 0, 1])
+    p = _write(
+        tmp_path / "a.parquet",
+        user_id=["u1", "u1", "u2", "u1"],
+        item_id=[5, 3, 5, 9],
+        timestamp=[30, 10, 5, 10],
+        duration_ms=[1000.0, 2000.0, 1000.0, None],
+        like=[1, 0, 0, 1],
+    )
     log = logs.load(p)
     assert log.n_users == 2 and log.n_items == 3
     np.testing.assert_array_equal(log.ts, [10, 10, 30, 5])
@@ -32,15 +38,37 @@ def test_unsorted_rows_are_sorted(tmp_path):
     assert np.isnan(log.dur_ms[1]) and log.flags[1] == 1
 
 
-@pytest.mark.parametrize("cols, needle", [
-    (dict(user_id=[1], item_id=[2]), "missing required column 'timestamp'"),
-    (dict(user_id=[1, 2], item_id=[2, 3], timestamp=["10", "abc"]), "column 'timestamp' row 1: expected a number"),
-    (dict(user_id=[1, 2, 3], item_id=[2, 3, 4], timestamp=[1, 2, 3], duration_ms=[5.0, 1.0, -3.0]),
-     "column 'duration_ms' row 2: negative value"),
-    (dict(user_id=[1, None], item_id=[2, 3], timestamp=[1, 2]), "column 'user_id' row 1: missing value"),
-    (dict(user_id=[1], item_id=[2], timestamp=[1], like=[2]), "column 'like' row 0: expected 0 or 1"),
-    (dict(user_id=[1], item_id=[2.5], timestamp=[1]), "column 'item_id': expected integer or string"),
-])
+@pytest.mark.parametrize(
+    "cols, needle",
+    [
+        (dict(user_id=[1], item_id=[2]), "missing required column 'timestamp'"),
+        (
+            dict(user_id=[1, 2], item_id=[2, 3], timestamp=["10", "abc"]),
+            "column 'timestamp' row 1: expected a number",
+        ),
+        (
+            dict(
+                user_id=[1, 2, 3],
+                item_id=[2, 3, 4],
+                timestamp=[1, 2, 3],
+                duration_ms=[5.0, 1.0, -3.0],
+            ),
+            "column 'duration_ms' row 2: negative value",
+        ),
+        (
+            dict(user_id=[1, None], item_id=[2, 3], timestamp=[1, 2]),
+            "column 'user_id' row 1: missing value",
+        ),
+        (
+            dict(user_id=[1], item_id=[2], timestamp=[1], like=[2]),
+            "column 'like' row 0: expected 0 or 1",
+        ),
+        (
+            dict(user_id=[1], item_id=[2.5], timestamp=[1]),
+            "column 'item_id': expected integer or string",
+        ),
+    ],
+)
 def test_bad_input_names_file_column_row(tmp_path, cols, needle):
     p = _write(tmp_path / "bad.parquet", **cols)
     with pytest.raises(logs.LogFormatError, match=needle) as e:

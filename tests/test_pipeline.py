@@ -20,7 +20,9 @@ def _take(ds, n, state=None):
 
 def _ds(source, shard_index=0, shard_count=1, **kw):
     cfg = pipeline.PipelineConfig(**{"batch_size": 8, **kw})
-    return pipeline.make_dataset(source, SPEC, cfg, shard_index=shard_index, shard_count=shard_count)
+    return pipeline.make_dataset(
+        source, SPEC, cfg, shard_index=shard_index, shard_count=shard_count
+    )
 
 
 def _equal(a, b):
@@ -28,8 +30,13 @@ def _equal(a, b):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(0, 40), st.booleans()),
-                min_size=1, max_size=60))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(0, 40), st.booleans()),
+        min_size=1,
+        max_size=60,
+    )
+)
 def test_no_leakage(events):
     # Every history event of every example precedes its target in the (timestamp, item id) order.
     u, i, t, like = (np.array(c) for c in zip(*events, strict=True))
@@ -41,7 +48,13 @@ def test_no_leakage(events):
         raw = src.raw_batch(np.arange(len(src)))
         ho, to = raw["hist_offsets"], raw["target_offsets"]
         for b in range(len(src)):
-            hist = list(zip(raw["hist_ts"][ho[b]:ho[b + 1]], raw["hist_item"][ho[b]:ho[b + 1]], strict=True))
+            hist = list(
+                zip(
+                    raw["hist_ts"][ho[b] : ho[b + 1]],
+                    raw["hist_item"][ho[b] : ho[b + 1]],
+                    strict=True,
+                )
+            )
             first_target = (raw["request_ts"][b], raw["target_item"][to[b]])
             assert all(h < first_target for h in hist)
             assert hist == sorted(hist)
@@ -68,7 +81,7 @@ def test_iterator_state_restores_the_next_batch():
 
 def test_shuffle_is_seeded_and_reshuffles_each_epoch():
     src = sources.open_source("movielens-100k", split="test")
-    key = lambda bs: [tuple(b["user_id"]) for b in bs]  # noqa: E731
+    key = lambda bs: [tuple(b["user_id"]) for b in bs]
     a, b = key(_take(_ds(src, seed=1), 4)), key(_take(_ds(src, seed=1), 4))
     assert a == b and a != key(_take(_ds(src, seed=2), 4))
     epochs = _take(_ds(src, seed=1, batch_size=943, num_epochs=2), 2)
@@ -80,10 +93,12 @@ def test_process_shards_are_disjoint_and_cover_the_epoch():
     src = sources.open_source("movielens-100k", split="test")
     seen = []
     for shard in range(3):
-        ds = _ds(src, num_epochs=1, batch_size=1, drop_remainder=False, shard_index=shard, shard_count=3)
+        ds = _ds(
+            src, num_epochs=1, batch_size=1, drop_remainder=False, shard_index=shard, shard_count=3
+        )
         with contextlib.closing(iter(ds)) as it:
             seen.append([int(b["user_id"][0]) for b in it])
-    assert sorted(sum(seen, [])) == list(range(1, 944))
+    assert sorted(u for shard in seen for u in shard) == list(range(1, 944))
 
 
 def test_workers_give_the_same_batches_and_state():

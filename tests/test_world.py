@@ -35,8 +35,11 @@ def test_random_access_is_order_free_and_seeded():
 
 
 def test_same_examples_in_a_new_process():
-    code = ("import json; from tests.test_world import _digest; from onerec_jax.data.world import World;"
-            "print(json.dumps(_digest(World('tiny', seed=7), range(40, 56))))")
+    code = (
+        "import json; from tests.test_world import _digest; "
+        "from onerec_jax.data.world import World;"
+        "print(json.dumps(_digest(World('tiny', seed=7), range(40, 56))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == _digest(World("tiny", seed=7), range(40, 56))
 
@@ -46,7 +49,7 @@ def test_history_precedes_request_and_sessions_invert():
     r = w.raw_batch(np.arange(200), None)
     off = r["hist_offsets"]
     for b in range(200):
-        ts = r["hist_ts"][off[b]:off[b + 1]]
+        ts = r["hist_ts"][off[b] : off[b + 1]]
         assert np.all(np.diff(ts) > 0)
         assert len(ts) == 0 or ts[-1] < r["request_ts"][b]
     u, s = w.requests(np.arange(200))
@@ -58,8 +61,8 @@ def test_window_keeps_most_recent_events():
     w = World("tiny", seed=0)
     full, cut = w.raw_batch(np.arange(50), None), w.raw_batch(np.arange(50), 30)
     for b in range(50):
-        f = full["hist_item"][full["hist_offsets"][b]:full["hist_offsets"][b + 1]]
-        c = cut["hist_item"][cut["hist_offsets"][b]:cut["hist_offsets"][b + 1]]
+        f = full["hist_item"][full["hist_offsets"][b] : full["hist_offsets"][b + 1]]
+        c = cut["hist_item"][cut["hist_offsets"][b] : cut["hist_offsets"][b + 1]]
         np.testing.assert_array_equal(c, f[-30:])
 
 
@@ -107,7 +110,9 @@ def test_entropy_floor_equals_mean_target_surprisal():
     r = w.raw_batch(np.arange(20_000), 0)
     toff = r["target_offsets"]
     b = np.repeat(np.arange(len(toff) - 1), np.diff(toff))
-    surprisal = -w.logging_logprob(r["user_id"][b], r["request_ts"][b], r["target_item"][:, None])[:, 0]
+    surprisal = -w.logging_logprob(r["user_id"][b], r["request_ts"][b], r["target_item"][:, None])[
+        :, 0
+    ]
     entropy = w.next_item_entropy(r["user_id"][b], r["request_ts"][b])
     se = surprisal.std() / np.sqrt(len(b))
     assert abs(surprisal.mean() - entropy.mean()) < 4 * se
@@ -124,12 +129,20 @@ def test_true_engagement_is_the_feedback_expectation():
     frac = r["target_play_ms"] / r["target_dur_ms"]
     n = len(b)
     assert abs(frac.mean() - p["play_frac"].mean()) < 4 * frac.std() / np.sqrt(n)
-    for bit, name in zip((schema.LIKE, schema.FOLLOW, schema.DISLIKE), ("like", "follow", "dislike"),
-                         strict=True):
+    for bit, name in zip(
+        (schema.LIKE, schema.FOLLOW, schema.DISLIKE), ("like", "follow", "dislike"), strict=True
+    ):
         seen = (r["target_flags"] & bit) != 0
         q = p[name][:, 0]
         assert abs(seen.mean() - q.mean()) < 4 * np.sqrt((q * (1 - q)).sum()) / n + 1e-4, name
-    weights = {"play_frac": 1.0, "like": 2.0, "follow": 4.0, "comment": 2.0, "share": 3.0, "dislike": -5.0}
+    weights = {
+        "play_frac": 1.0,
+        "like": 2.0,
+        "follow": 4.0,
+        "comment": 2.0,
+        "share": 3.0,
+        "dislike": -5.0,
+    }
     np.testing.assert_allclose(p["reward"], sum(v * p[k] for k, v in weights.items()))
     # A user's own interest topic is worth more than a random item on average.
     with pytest.raises(ValueError, match="item ids"):

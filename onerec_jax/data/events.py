@@ -27,7 +27,7 @@ SPLITS = ("train", "validation", "test")
 
 @dataclasses.dataclass
 class EventLog:
-    """Columnar events sorted by (user, ts, item); user u's events are [offsets[u], offsets[u+1])."""
+    """Events sorted by (user, ts, item); user u's events are [offsets[u], offsets[u + 1])."""
 
     name: str
     offsets: np.ndarray  # int64 [n_users + 2]; user 0 is padding and owns no events
@@ -58,12 +58,22 @@ class EventLog:
         return np.repeat(np.arange(len(self.offsets) - 1), np.diff(self.offsets))
 
     @classmethod
-    def from_columns(cls, name: str, user: np.ndarray, item: np.ndarray, ts: np.ndarray, *,
-                     play_ms: np.ndarray | None = None, dur_ms: np.ndarray | None = None,
-                     flags: np.ndarray | None = None, author: np.ndarray | None = None,
-                     tag: np.ndarray | None = None, static_by_raw_user: dict | None = None,
-                     items_raw: np.ndarray | None = None, item_text_by_raw: dict | None = None,
-                     ) -> EventLog:
+    def from_columns(
+        cls,
+        name: str,
+        user: np.ndarray,
+        item: np.ndarray,
+        ts: np.ndarray,
+        *,
+        play_ms: np.ndarray | None = None,
+        dur_ms: np.ndarray | None = None,
+        flags: np.ndarray | None = None,
+        author: np.ndarray | None = None,
+        tag: np.ndarray | None = None,
+        static_by_raw_user: dict | None = None,
+        items_raw: np.ndarray | None = None,
+        item_text_by_raw: dict | None = None,
+    ) -> EventLog:
         """Build a log from raw columns (any order, any hashable raw ids).
 
         Args:
@@ -100,7 +110,9 @@ class EventLog:
         # An exact repeat of (user, item, timestamp) is one event logged twice: keep the first,
         # otherwise the order would not be total and a copy of the target could sit in its history.
         su, si, st = u[order], it[order], ts[order]
-        repeat = np.concatenate([[False], (su[1:] == su[:-1]) & (si[1:] == si[:-1]) & (st[1:] == st[:-1])])
+        repeat = np.concatenate(
+            [[False], (su[1:] == su[:-1]) & (si[1:] == si[:-1]) & (st[1:] == st[:-1])]
+        )
         order = order[~repeat]
         u = u[order]
         n = len(order)
@@ -115,13 +127,20 @@ class EventLog:
         return cls(
             name=name,
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            item=it[order], author=author_d[order], tag=tag_d[order], ts=ts[order],
+            item=it[order],
+            author=author_d[order],
+            tag=tag_d[order],
+            ts=ts[order],
             play_ms=_column(play_ms, order, np.float32, np.nan),
             dur_ms=_column(dur_ms, order, np.float32, np.nan),
             flags=_column(flags, order, np.uint8, 0),
-            static=static, n_items=len(item_raw), n_authors=n_authors, n_tags=n_tags,
+            static=static,
+            n_items=len(item_raw),
+            n_authors=n_authors,
+            n_tags=n_tags,
             user_raw=np.concatenate([[user_raw[0]], user_raw]),
-            item_raw=np.concatenate([[item_raw[0]], item_raw]), item_text=text,
+            item_raw=np.concatenate([[item_raw[0]], item_raw]),
+            item_text=text,
         )
 
 
@@ -136,8 +155,15 @@ class LogSource:
 
     kind = "log"
 
-    def __init__(self, log: EventLog, split: str = "train", *, max_session_len: int = 5,
-                 session_gap_s: int = 1800, min_history: int = 1):
+    def __init__(
+        self,
+        log: EventLog,
+        split: str = "train",
+        *,
+        max_session_len: int = 5,
+        session_gap_s: int = 1800,
+        min_history: int = 1,
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
         self.log, self.split = log, split
@@ -187,17 +213,29 @@ class LogSource:
         """Ragged raw requests of examples `indices` (layout in `schema.build_batch`)."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"example index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
+            raise IndexError(
+                f"example index out of range [0, {len(self)}): {idx.min()}..{idx.max()}"
+            )
         log = self.log
         u, t0, t1 = self.user[idx], self.target_start[idx], self.target_end[idx]
         h0 = log.offsets[u] if max_events is None else np.maximum(log.offsets[u], t0 - max_events)
         hist = schema.ranges(h0, t0 - h0)
         tgt = schema.ranges(t0, t1 - t0)
-        cols = {"item": log.item, "author": log.author, "tag": log.tag, "ts": log.ts,
-                "play_ms": log.play_ms, "dur_ms": log.dur_ms, "flags": log.flags}
+        cols = {
+            "item": log.item,
+            "author": log.author,
+            "tag": log.tag,
+            "ts": log.ts,
+            "play_ms": log.play_ms,
+            "dur_ms": log.dur_ms,
+            "flags": log.flags,
+        }
         out: dict[str, Any] = {
-            "user_id": u, "request_ts": log.ts[t0], "static": log.static[u],
-            "hist_offsets": schema.offsets_of(t0 - h0), "target_offsets": schema.offsets_of(t1 - t0),
+            "user_id": u,
+            "request_ts": log.ts[t0],
+            "static": log.static[u],
+            "hist_offsets": schema.offsets_of(t0 - h0),
+            "target_offsets": schema.offsets_of(t1 - t0),
         }
         out.update({f"hist_{f}": c[hist] for f, c in cols.items()})
         out.update({f"target_{f}": cols[f][tgt] for f in schema.TARGET_FIELDS})

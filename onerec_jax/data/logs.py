@@ -28,8 +28,13 @@ from onerec_jax.data.events import EventLog
 
 REQUIRED = ("user_id", "item_id", "timestamp")
 NUMERIC = ("play_time_ms", "duration_ms")
-FLAGS = {"like": schema.LIKE, "follow": schema.FOLLOW, "comment": schema.COMMENT,
-         "share": schema.SHARE, "dislike": schema.DISLIKE}
+FLAGS = {
+    "like": schema.LIKE,
+    "follow": schema.FOLLOW,
+    "comment": schema.COMMENT,
+    "share": schema.SHARE,
+    "dislike": schema.DISLIKE,
+}
 IDS = ("author_id", "tag")
 
 
@@ -55,7 +60,9 @@ def read_table(path: os.PathLike) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         if p.stat().st_size == 0:
             raise _fail(p, "empty file (no header, no rows)") from e
-        raise _fail(p, f"cannot read as {'CSV' if p.suffix.lower() == '.csv' else 'Parquet'}: {e}") from e
+        raise _fail(
+            p, f"cannot read as {'CSV' if p.suffix.lower() == '.csv' else 'Parquet'}: {e}"
+        ) from e
     return table
 
 
@@ -69,15 +76,24 @@ def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = Fal
     if optional and pa.types.is_null(col.type):  # an all-empty CSV column
         return np.full(len(col), np.nan)
     if optional and col.null_count:
-        v = _numbers(path, pa.table({name: pc.fill_null(col, pa.scalar(0).cast(col.type))}), name).copy()
+        v = _numbers(
+            path, pa.table({name: pc.fill_null(col, pa.scalar(0).cast(col.type))}), name
+        ).copy()
         v[np.asarray(col.is_null())] = np.nan
         return v
     if col.null_count:
-        raise _fail(path, f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
-                    "missing value")
+        raise _fail(
+            path,
+            f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
+            "missing value",
+        )
     if pa.types.is_timestamp(col.type):
         return np.array(pc.cast(col, pa.timestamp("s")).cast(pa.int64()), np.float64)
-    if pa.types.is_boolean(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+    if (
+        pa.types.is_boolean(col.type)
+        or pa.types.is_integer(col.type)
+        or pa.types.is_floating(col.type)
+    ):
         out = np.array(col.cast(pa.float64()), np.float64)
     else:
         values = col.to_pylist()
@@ -109,8 +125,11 @@ def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) 
         filled = pc.fill_null(col, pa.scalar(0 if pa.types.is_integer(col.type) else "", col.type))
         return np.ma.masked_array(_ids(path, pa.table({name: filled}), name), mask=nulls)
     if col.null_count:
-        raise _fail(path, f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
-                    "missing value")
+        raise _fail(
+            path,
+            f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
+            "missing value",
+        )
     if pa.types.is_integer(col.type):
         return np.asarray(col.cast(pa.int64()))
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -129,7 +148,9 @@ def load(path: os.PathLike) -> EventLog:
     cols = {"user": _ids(path, table, "user_id"), "item": _ids(path, table, "item_id")}
     ts = _numbers(path, table, "timestamp")
     if (ts < 0).any():
-        raise _fail(path, f"column 'timestamp' row {int(np.argmax(ts < 0))}: negative time {ts[ts < 0][0]}")
+        raise _fail(
+            path, f"column 'timestamp' row {int(np.argmax(ts < 0))}: negative time {ts[ts < 0][0]}"
+        )
     extra = {}
     for name, key in (("play_time_ms", "play_ms"), ("duration_ms", "dur_ms")):
         if name in table.column_names:
@@ -149,19 +170,28 @@ def load(path: os.PathLike) -> EventLog:
             flags |= (v.astype(np.uint8) * bit).astype(np.uint8)
     for name in IDS:
         if name in table.column_names:
-            extra["author" if name == "author_id" else "tag"] = _ids(path, table, name, optional=True)
+            extra["author" if name == "author_id" else "tag"] = _ids(
+                path, table, name, optional=True
+            )
     return EventLog.from_columns(
-        pathlib.Path(path).name, user=cols["user"], item=cols["item"],
-        ts=np.floor(ts).astype(np.int64), flags=flags, **extra,
+        pathlib.Path(path).name,
+        user=cols["user"],
+        item=cols["item"],
+        ts=np.floor(ts).astype(np.int64),
+        flags=flags,
+        **extra,
     )
 
 
 def write(path: os.PathLike, log: EventLog) -> None:
-    """Write a log back in the documented column schema (Parquet, or CSV by suffix), raw ids kept."""
+    """Write a log in the documented column schema (Parquet, or CSV by suffix), raw ids kept."""
     user = log.user_of_event()
     cols: dict[str, np.ndarray] = {
-        "user_id": log.user_raw[user], "item_id": log.item_raw[log.item], "timestamp": log.ts,
-        "play_time_ms": log.play_ms, "duration_ms": log.dur_ms,
+        "user_id": log.user_raw[user],
+        "item_id": log.item_raw[log.item],
+        "timestamp": log.ts,
+        "play_time_ms": log.play_ms,
+        "duration_ms": log.dur_ms,
     }
     for name, bit in FLAGS.items():
         cols[name] = ((log.flags & bit) != 0).astype(np.int8)

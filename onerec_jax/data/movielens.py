@@ -57,8 +57,11 @@ def _static(users: dict) -> dict[int, tuple[int, int, int, int]]:
     occupations = sorted(set(users["occupation"].to_pylist()))
     out = {}
     for uid, age, gender, occ, zipc in zip(
-        users["user_id"].to_pylist(), users["age"].to_pylist(), users["gender"].to_pylist(),
-        users["occupation"].to_pylist(), [str(z) for z in users["zip_code"].to_pylist()],
+        users["user_id"].to_pylist(),
+        users["age"].to_pylist(),
+        users["gender"].to_pylist(),
+        users["occupation"].to_pylist(),
+        [str(z) for z in users["zip_code"].to_pylist()],
         strict=True,
     ):
         age_b = 1 + int(np.searchsorted(_AGE_EDGES, int(age), side="right"))
@@ -79,8 +82,13 @@ def load() -> EventLog:
     genre_of = dict(zip(item_ids.tolist(), [g[0] if g else "unknown" for g in genres], strict=True))
     text = {
         int(i): f"{t} ({y}) | {' '.join(g)}"
-        for i, t, y, g in zip(item_ids.tolist(), items["movie_title"].to_pylist(),
-                              items["release_year"].to_pylist(), genres, strict=True)
+        for i, t, y, g in zip(
+            item_ids.tolist(),
+            items["movie_title"].to_pylist(),
+            items["release_year"].to_pylist(),
+            genres,
+            strict=True,
+        )
     }
     ev_item = np.asarray(inter["item_id"].cast(pa.int64()))
     log = EventLog.from_columns(
@@ -95,6 +103,8 @@ def load() -> EventLog:
         item_text_by_raw=text,
     )
     if (log.n_events, log.n_users, log.n_items) != (N_RATINGS, N_USERS, N_ITEMS):
-        raise ValueError(f"{d}: expected {N_RATINGS} ratings, {N_USERS} users, {N_ITEMS} items; "
-                         f"got {log.n_events}, {log.n_users}, {log.n_items}")
+        raise ValueError(
+            f"{d}: expected {N_RATINGS} ratings, {N_USERS} users, {N_ITEMS} items; "
+            f"got {log.n_events}, {log.n_users}, {log.n_items}"
+        )
     return log

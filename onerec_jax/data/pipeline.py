@@ -4,8 +4,8 @@
       -> batch indices -> build the batch (pathways strictly before the target, pad/truncate)
       -> IterDataset -> multiprocessing workers
 
-Batching happens on the indices, before the build, so a batch is a fixed set of examples whatever the
-number of workers: each worker builds whole batches and grain interleaves them in order, which makes
+Batching happens on the indices, before the build, so a batch is a fixed set of examples whatever
+the number of workers: each worker builds whole batches and grain interleaves them in order, so
 workers=0 and workers=N yield identical batches. The world's example indices are already random
 draws (example i is a hash of i), so it is not shuffled; its split is effectively infinite.
 """
@@ -60,8 +60,14 @@ class BuildBatch(grain.transforms.Map):
         return schema.build_batch(raw, self.spec)
 
 
-def make_dataset(source: Source, spec: schema.SchemaSpec, config: PipelineConfig, *,
-                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+def make_dataset(
+    source: Source,
+    spec: schema.SchemaSpec,
+    config: PipelineConfig,
+    *,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
     """The batched, sharded, checkpointable dataset of one split.
 
     Args:
@@ -93,11 +99,16 @@ def make_dataset(source: Source, spec: schema.SchemaSpec, config: PipelineConfig
         # grain's workers read absl flags; a library caller may never have parsed any.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.workers, per_worker_buffer_size=config.worker_buffer))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.workers, per_worker_buffer_size=config.worker_buffer
+            )
+        )
     return it
 
 
-def batch_shapes(spec: schema.SchemaSpec, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_shapes(
+    spec: schema.SchemaSpec, batch_size: int
+) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Field -> (shape, dtype) of a batch, for building models without reading data."""
     return {k: ((batch_size, *s), dt) for k, (s, dt) in spec.shapes().items()}

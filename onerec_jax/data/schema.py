@@ -1,9 +1,9 @@
 """The training example: one user request, as in the OneRec technical report.
 
-Every source (the session world, MovieLens-100k, user logs) first produces a `RawRequest`: the user's
-static features, the user's time-ordered history strictly before the request, and the target session.
-`build_example` turns it into fixed-shape arrays with padding masks. Keeping that step in one place is
-what makes "no leakage" a property of the pipeline rather than of each source.
+Every source (the session world, MovieLens-100k, user logs) first produces ragged raw requests:
+each user's static features, time-ordered history strictly before the request, and target session.
+`build_batch` turns them into fixed-shape arrays with padding masks. Keeping that step in one
+place is what makes "no leakage" a property of the pipeline rather than of each source.
 
 Conventions (the README has the full field table):
   * id 0 is padding in every id field; real ids are 1..n.
@@ -87,7 +87,9 @@ class SchemaSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"SchemaSpec.{name} must be >= 1, got {getattr(self, name)}")
         if self.life_mode not in ("recent", "stride"):
-            raise ValueError(f"SchemaSpec.life_mode must be 'recent' or 'stride', got {self.life_mode!r}")
+            raise ValueError(
+                f"SchemaSpec.life_mode must be 'recent' or 'stride', got {self.life_mode!r}"
+            )
 
     @property
     def history_window(self) -> int | None:
@@ -135,7 +137,9 @@ def time_bucket_ms(ms: np.ndarray) -> np.ndarray:
     return log_bucket(np.asarray(ms, np.float64) / 1000.0, 1.0, per_octave=2)
 
 
-def is_positive(flags: np.ndarray, play_ms: np.ndarray, dur_ms: np.ndarray, spec: SchemaSpec) -> np.ndarray:
+def is_positive(
+    flags: np.ndarray, play_ms: np.ndarray, dur_ms: np.ndarray, spec: SchemaSpec
+) -> np.ndarray:
     """Strong positive feedback: an engagement action, or a near-complete play; never a dislike."""
     flags = np.asarray(flags)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -167,14 +171,16 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
     """Turn B raw requests (ragged) into fixed-shape arrays with a leading B axis.
 
     `raw` holds user_id [B], request_ts [B], static [B, 4] (age, gender, region, segment), the
-    histories concatenated as hist_<field> (RAW_EVENT_FIELDS; each user's events time-ascending) with
+    histories concatenated as hist_<field> (RAW_EVENT_FIELDS; each user's events in time order) with
     hist_offsets [B + 1], and the target sessions as target_<field> (TARGET_FIELDS) with
     target_offsets [B + 1]. History events must not be later than the request; this is checked here,
     for every source, so a source bug cannot leak the target into the context.
     """
     # One zero event appended: padded slots gather from it, so empty histories need no branch.
-    hist = {f: np.append(np.asarray(raw[f"hist_{f}"], dt), np.zeros(1, dt))
-            for f, dt in RAW_EVENT_FIELDS.items()}
+    hist = {
+        f: np.append(np.asarray(raw[f"hist_{f}"], dt), np.zeros(1, dt))
+        for f, dt in RAW_EVENT_FIELDS.items()
+    }
     user_id = np.asarray(raw["user_id"], np.int64)
     request_ts = np.asarray(raw["request_ts"], np.int64)
     off = np.asarray(raw["hist_offsets"], np.int64)
@@ -188,18 +194,22 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
             f"ts={request_ts[seg[e]]}; sources must only pass earlier events"
         )
     # Per-event columns in the example's dtypes, buckets computed once per event (not per slot).
-    cols = {f: hist[f].astype(EVENT_FIELDS[f], copy=False) for f in ("item", "author", "tag", "flags")}
+    cols = {
+        f: hist[f].astype(EVENT_FIELDS[f], copy=False) for f in ("item", "author", "tag", "flags")
+    }
     cols["tdelta"] = tdelta_bucket(request_ts[seg] - hist["ts"][:-1])
     cols["play"] = time_bucket_ms(hist["play_ms"][:-1])
     cols["dur"] = time_bucket_ms(hist["dur_ms"][:-1])
     for f in ("tdelta", "play", "dur"):
         cols[f] = np.append(cols[f], np.zeros(1, np.uint8))  # the padding row
-    buckets = (1 + hash_u64(user_id.astype(np.uint64), 0x75B) % np.uint64(spec.user_buckets))
+    buckets = 1 + hash_u64(user_id.astype(np.uint64), 0x75B) % np.uint64(spec.user_buckets)
     out: dict[str, np.ndarray] = {
         "user_id": user_id,
         "request_ts": request_ts,
-        "static": np.concatenate([buckets[:, None].astype(np.int32),
-                                  np.asarray(raw["static"], np.int32).reshape(B, -1)], axis=1),
+        "static": np.concatenate(
+            [buckets[:, None].astype(np.int32), np.asarray(raw["static"], np.int32).reshape(B, -1)],
+            axis=1,
+        ),
     }
     last = off[1:, None] - 1  # global index of each user's most recent event
 
@@ -223,7 +233,9 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
         # Evenly spaced over the whole history, most recent first; dense histories keep them all.
         L = spec.life_len
         step = np.where(n > L, (n - 1) / max(L - 1, 1), 1.0)[:, None]
-        life = off[:-1, None] + np.where(n[:, None] > L, np.round((L - 1 - j) * step), n[:, None] - 1 - j)
+        life = off[:-1, None] + np.where(
+            n[:, None] > L, np.round((L - 1 - j) * step), n[:, None] - 1 - j
+        )
         _gather(out, "life", cols, life.astype(np.int64), j < n[:, None])
     else:
         _gather(out, "life", cols, last - j, j < n[:, None])

@@ -1,8 +1,8 @@
 """Open a data source from one string, as the CLI and experiment configs name them.
 
-  movielens-100k      the recbole copy of MovieLens-100k
-  world:PRESET        the session world (tiny | small | large)
-  parquet:PATH        a user log (.parquet, or .csv/.tsv by suffix); csv:PATH is the same
+movielens-100k      the recbole copy of MovieLens-100k
+world:PRESET        the session world (tiny | small | large)
+parquet:PATH        a user log (.parquet, or .csv/.tsv by suffix); csv:PATH is the same
 """
 
 from __future__ import annotations
@@ -47,5 +47,6 @@ def open_source(name: str, *, seed: int = 0, split: str = "train", **log_options
     if kind in ("parquet", "csv") and arg:
         return LogSource(_load_log(arg), split, **log_options)
     raise ValueError(
-        f"unknown source {name!r}: use movielens-100k, world:PRESET (tiny|small|large) or parquet:PATH"
+        f"unknown source {name!r}: use movielens-100k, world:PRESET (tiny|small|large) "
+        "or parquet:PATH"
     )

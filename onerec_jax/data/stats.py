@@ -8,6 +8,7 @@ arguments print byte-identical JSON in a new process.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ def _round(x: Any) -> Any:
 
 
 def length_histogram(lengths: np.ndarray) -> dict[str, int]:
-    labels = [f"{a}-{b - 1}" if b - 1 > a else str(a) for a, b in zip(_EDGES[:-1], _EDGES[1:], strict=True)]
+    labels = [f"{a}-{b - 1}" if b - 1 > a else str(a) for a, b in itertools.pairwise(_EDGES)]
     labels.append(f"{_EDGES[-1]}+")
     counts = np.bincount(np.searchsorted(_EDGES, lengths, side="right") - 1, minlength=len(_EDGES))
     return dict(zip(labels, counts.tolist(), strict=True))
@@ -53,43 +54,62 @@ def popularity_slope(items: np.ndarray, min_count: int = 5) -> float:
     return float(-np.polyfit(x, np.log(counts), 1)[0])
 
 
-def _event_stats(items: np.ndarray, flags: np.ndarray, play: np.ndarray, dur: np.ndarray,
-                 spec: schema.SchemaSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {"popularity_slope": popularity_slope(items),
-                           "positive_rate": float(schema.is_positive(flags, play, dur, spec).mean())}
-    out["flag_rates"] = {n: float(((flags & (1 << i)) != 0).mean()) for i, n in enumerate(schema.FLAG_NAMES)}
+def _event_stats(
+    items: np.ndarray, flags: np.ndarray, play: np.ndarray, dur: np.ndarray, spec: schema.SchemaSpec
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "popularity_slope": popularity_slope(items),
+        "positive_rate": float(schema.is_positive(flags, play, dur, spec).mean()),
+    }
+    out["flag_rates"] = {
+        n: float(((flags & (1 << i)) != 0).mean()) for i, n in enumerate(schema.FLAG_NAMES)
+    }
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = play.astype(np.float64) / dur
     out["mean_play_fraction"] = float(np.nanmean(frac)) if np.isfinite(frac).any() else None
     return out
 
 
-def source_stats(name: str, *, seed: int = 0, max_examples: int = 2000,
-                 spec: schema.SchemaSpec | None = None) -> dict[str, Any]:
+def source_stats(
+    name: str, *, seed: int = 0, max_examples: int = 2000, spec: schema.SchemaSpec | None = None
+) -> dict[str, Any]:
     """Statistics of source `name` (see `sources.open_source`)."""
     spec = spec or schema.SchemaSpec()
     splits = {sp: open_source(name, seed=seed, split=sp) for sp in ("train", "validation", "test")}
     train: Source = splits["train"]
     out: dict[str, Any] = {
-        "source": name, "seed": seed, "kind": train.kind,
-        "n_users": train.n_users, "n_items": train.n_items, "n_authors": train.n_authors,
-        "n_tags": train.n_tags, "n_examples": {sp: len(s) for sp, s in splits.items()},
+        "source": name,
+        "seed": seed,
+        "kind": train.kind,
+        "n_users": train.n_users,
+        "n_items": train.n_items,
+        "n_authors": train.n_authors,
+        "n_tags": train.n_tags,
+        "n_examples": {sp: len(s) for sp, s in splits.items()},
     }
     n = min(max_examples, len(train))
     idx = np.unique(np.linspace(0, len(train) - 1, n).astype(np.int64))
     out["sampled_examples"] = len(idx)
     batch = schema.build_batch(train.raw_batch(idx, spec.history_window), spec)
-    out["pathway_length_hist"] = {p: length_histogram(batch[f"{p}_mask"].sum(1)) for p in schema.PATHWAYS}
-    out["pathway_mean_length"] = {p: float(batch[f"{p}_mask"].sum(1).mean()) for p in schema.PATHWAYS}
-    out["target_length_hist"] = np.bincount(batch["target_mask"].sum(1),
-                                            minlength=spec.max_targets + 1).tolist()
+    out["pathway_length_hist"] = {
+        p: length_histogram(batch[f"{p}_mask"].sum(1)) for p in schema.PATHWAYS
+    }
+    out["pathway_mean_length"] = {
+        p: float(batch[f"{p}_mask"].sum(1).mean()) for p in schema.PATHWAYS
+    }
+    out["target_length_hist"] = np.bincount(
+        batch["target_mask"].sum(1), minlength=spec.max_targets + 1
+    ).tolist()
     if isinstance(train, LogSource):
         log = train.log
         out["n_interactions"] = log.n_events
         out.update(_event_stats(log.item, log.flags, log.play_ms, log.dur_ms, spec))
         span = np.diff(log.offsets)[1:]
-        out["events_per_user"] = {"min": int(span.min()), "median": float(np.median(span)),
-                                  "max": int(span.max())}
+        out["events_per_user"] = {
+            "min": int(span.min()),
+            "median": float(np.median(span)),
+            "max": int(span.max()),
+        }
     else:
         assert isinstance(train, World)
         cfg = train.config
@@ -97,9 +117,15 @@ def source_stats(name: str, *, seed: int = 0, max_examples: int = 2000,
         out["n_interactions"] = cfg.n_users * cfg.max_sessions * (cfg.max_session_len + 1) // 2
         out["n_interactions_note"] = "analytic: every user's first max_sessions sessions"
         items = np.concatenate([raw["hist_item"], raw["target_item"]])
-        out.update(_event_stats(items, np.concatenate([raw["hist_flags"], raw["target_flags"]]),
-                                np.concatenate([raw["hist_play_ms"], raw["target_play_ms"]]),
-                                np.concatenate([raw["hist_dur_ms"], raw["target_dur_ms"]]), spec))
+        out.update(
+            _event_stats(
+                items,
+                np.concatenate([raw["hist_flags"], raw["target_flags"]]),
+                np.concatenate([raw["hist_play_ms"], raw["target_play_ms"]]),
+                np.concatenate([raw["hist_dur_ms"], raw["target_dur_ms"]]),
+                spec,
+            )
+        )
         out["zipf_alpha"] = cfg.zipf_alpha
         h, se = train.entropy_floor(4096)
         out["entropy_floor_nats"] = {"mean": h, "stderr": se, "n": 4096}

@@ -6,10 +6,10 @@ Why a generator: a logged data set can say neither how good a recommendation *wo
 The model of the world (all randomness is hashed from keys, see `hashing.py`):
   * Items 1..n_items, popularity weight w_i = i^-alpha (Zipf; item ids are popularity ranks). Each
     item has a primary and a secondary topic, an author and a tag tied to the primary topic, a
-    log-normal duration and a latent quality; `item_content` gives a noisy 64-d view of these for the
-    tokenizer. The only per-item state is this table: O(n_items) numbers, no per-user table.
+    log-normal duration and a latent quality; `item_content` gives a noisy 64-d view of these for
+    the tokenizer. The only per-item state is this table: O(n_items) numbers, no per-user table.
   * User u has K interest topics c_k with logits b_k + drift·g_k·s/100 at session s (interests drift
-    linearly in logit space with the session count), a session gap, a start time and static features.
+    linearly in logit space with the session count), a session gap, a start time, static features.
   * Session s of user u starts at t0_u + (s + 0.05 + 0.75·U)·gap_u and shows 1..5 items.
   * Logging policy: topic c ~ pi_log = (1 - explore)·softmax(logits) over c_k + explore·uniform(T);
     item ~ w_i within the topic. Hence the entropy of the next exposure given (u, s) is exactly
@@ -46,10 +46,21 @@ ENGAGEMENT = {
     "dislike": (-3.0, -3.0, -0.5, 0.0),
 }
 # The scalar true reward: a weighted sum of expected engagement (documented in the README).
-REWARD_WEIGHTS = {"play_frac": 1.0, "like": 2.0, "follow": 4.0, "comment": 2.0, "share": 3.0,
-                  "dislike": -5.0}
-_FLAG_BIT = {"like": schema.LIKE, "follow": schema.FOLLOW, "comment": schema.COMMENT,
-             "share": schema.SHARE, "dislike": schema.DISLIKE}
+REWARD_WEIGHTS = {
+    "play_frac": 1.0,
+    "like": 2.0,
+    "follow": 4.0,
+    "comment": 2.0,
+    "share": 3.0,
+    "dislike": -5.0,
+}
+_FLAG_BIT = {
+    "like": schema.LIKE,
+    "follow": schema.FOLLOW,
+    "comment": schema.COMMENT,
+    "share": schema.SHARE,
+    "dislike": schema.DISLIKE,
+}
 _MIN_GAP_S, _MAX_GAP_S = 6 * 3600.0, 7 * 86400.0
 
 
@@ -74,8 +85,17 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.n_topics > self.n_items:
             raise ValueError(f"WorldConfig: n_topics ({self.n_topics}) > n_items ({self.n_items})")
-        for f in ("n_users", "n_items", "n_topics", "interests_per_user", "authors_per_topic",
-                  "tags_per_topic", "max_sessions", "max_session_len", "content_dim"):
+        for f in (
+            "n_users",
+            "n_items",
+            "n_topics",
+            "interests_per_user",
+            "authors_per_topic",
+            "tags_per_topic",
+            "max_sessions",
+            "max_session_len",
+            "content_dim",
+        ):
             if getattr(self, f) < 1:
                 raise ValueError(f"WorldConfig.{f} must be >= 1, got {getattr(self, f)}")
         if not 0.0 <= self.explore <= 1.0:
@@ -86,11 +106,23 @@ PRESETS: dict[str, WorldConfig] = {
     # Unit tests: compiles and runs in milliseconds.
     "tiny": WorldConfig(n_users=1000, n_items=500, n_topics=16, max_sessions=200),
     # CPU scaling sweeps: enough items for 3 x 256-code semantic ids, long histories.
-    "small": WorldConfig(n_users=1_000_000, n_items=20_000, n_topics=64, authors_per_topic=32,
-                         tags_per_topic=4, max_sessions=2000),
+    "small": WorldConfig(
+        n_users=1_000_000,
+        n_items=20_000,
+        n_topics=64,
+        authors_per_topic=32,
+        tags_per_topic=4,
+        max_sessions=2000,
+    ),
     # Kuaishou-like: 100M users, millions of items (the item table is ~100 MB).
-    "large": WorldConfig(n_users=100_000_000, n_items=4_000_000, n_topics=1024,
-                         authors_per_topic=256, tags_per_topic=8, max_sessions=4000),
+    "large": WorldConfig(
+        n_users=100_000_000,
+        n_items=4_000_000,
+        n_topics=1024,
+        authors_per_topic=256,
+        tags_per_topic=8,
+        max_sessions=4000,
+    ),
 }
 
 
@@ -128,11 +160,17 @@ class World:
         topic = (hs.stream(hi, 0) % np.uint64(c.n_topics)).astype(np.int32)
         counts = np.bincount(topic, minlength=c.n_topics)
         if (counts == 0).any():
-            raise ValueError(f"world seed {seed}: topic {int(np.argmin(counts))} has no items; "
-                             "use fewer topics or more items")
+            raise ValueError(
+                f"world seed {seed}: topic {int(np.argmin(counts))} has no items; "
+                "use fewer topics or more items"
+            )
         self.topic = np.concatenate([[0], topic]).astype(np.int32)  # row 0 = padding
-        self.topic2 = np.concatenate([[0], hs.stream(hi, 1) % np.uint64(c.n_topics)]).astype(np.int32)
-        author = topic * c.authors_per_topic + (hs.stream(hi, 2) % np.uint64(c.authors_per_topic)) + 1
+        self.topic2 = np.concatenate([[0], hs.stream(hi, 1) % np.uint64(c.n_topics)]).astype(
+            np.int32
+        )
+        author = (
+            topic * c.authors_per_topic + (hs.stream(hi, 2) % np.uint64(c.authors_per_topic)) + 1
+        )
         tag = topic * c.tags_per_topic + (hs.stream(hi, 3) % np.uint64(c.tags_per_topic)) + 1
         self.author = np.concatenate([[0], author]).astype(np.int32)
         self.tag = np.concatenate([[0], tag]).astype(np.int32)
@@ -184,27 +222,38 @@ class World:
         k = np.arange(c.interests_per_user)
         hu = hs.hash_u64(self.seed, _USER, np.asarray(u)[..., None], k)  # [..., K]
         h0 = hs.hash_u64(self.seed, _USER, u)
-        gap = np.exp(np.log(_MIN_GAP_S) + hs.unit53(hs.stream(h0, 0))
-                     * np.log(_MAX_GAP_S / _MIN_GAP_S))
+        gap = np.exp(
+            np.log(_MIN_GAP_S) + hs.unit53(hs.stream(h0, 0)) * np.log(_MAX_GAP_S / _MIN_GAP_S)
+        )
         return {
             "topics": (hs.stream(hu, 0) % np.uint64(c.n_topics)).astype(np.int64),
             "base": hs.normal(hs.stream(hu, 1)),
             "slope": hs.normal(hs.stream(hu, 2)),
             "gap": gap,
             "t0": 1_500_000_000 + (hs.stream(h0, 1) % np.uint64(30_000_000)).astype(np.int64),
-            "static": np.stack([
-                1 + (hs.stream(h0, 2) % np.uint64(7)).astype(np.int32),  # age bucket
-                1 + (hs.stream(h0, 3) % np.uint64(2)).astype(np.int32),  # gender
-                1 + (hs.stream(h0, 4) % np.uint64(20)).astype(np.int32),  # region
-                # activity segment: quartile of the session gap (frequent users first)
-                1 + np.minimum((4 * np.log(gap / _MIN_GAP_S) / np.log(_MAX_GAP_S / _MIN_GAP_S))
-                               .astype(np.int32), 3),
-            ], axis=-1),
+            "static": np.stack(
+                [
+                    1 + (hs.stream(h0, 2) % np.uint64(7)).astype(np.int32),  # age bucket
+                    1 + (hs.stream(h0, 3) % np.uint64(2)).astype(np.int32),  # gender
+                    1 + (hs.stream(h0, 4) % np.uint64(20)).astype(np.int32),  # region
+                    # activity segment: quartile of the session gap (frequent users first)
+                    1
+                    + np.minimum(
+                        (4 * np.log(gap / _MIN_GAP_S) / np.log(_MAX_GAP_S / _MIN_GAP_S)).astype(
+                            np.int32
+                        ),
+                        3,
+                    ),
+                ],
+                axis=-1,
+            ),
         }
 
     def _interest(self, user: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray:
         """softmax over the K interests at session(s) s: [..., K]."""
-        logits = user["base"] + self.config.drift * user["slope"] * (np.asarray(s)[..., None] / 100.0)
+        logits = user["base"] + self.config.drift * user["slope"] * (
+            np.asarray(s)[..., None] / 100.0
+        )
         logits = logits - logits.max(-1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(-1, keepdims=True)
@@ -226,7 +275,12 @@ class World:
         """(user [B], session [B]) of examples `indices` in this split."""
         h = hs.hash_u64(self.seed, _REQ, _SPLIT_SALT[self.split], np.asarray(indices, np.int64))
         u = 1 + (hs.stream(h, 0) % np.uint64(self.config.n_users)).astype(np.int64)
-        s = np.floor((self.config.max_sessions + 1.0) ** hs.unit53(hs.stream(h, 1))).astype(np.int64) - 1
+        s = (
+            np.floor((self.config.max_sessions + 1.0) ** hs.unit53(hs.stream(h, 1))).astype(
+                np.int64
+            )
+            - 1
+        )
         return u, np.minimum(s, self.config.max_sessions - 1)
 
     # --------------------------------------------------------------- events
@@ -238,14 +292,13 @@ class World:
         rows = np.arange(len(out))[:, None]
         # add.at, not fancy assignment: two interests may share a topic and must accumulate.
         np.add.at(out, (rows, topics), (1 - c.explore) * pi.reshape(len(out), -1))
-        return out.reshape(pi.shape[:-1] + (c.n_topics,))
+        return out.reshape((*pi.shape[:-1], c.n_topics))
 
     def _probs(self, user: dict, pi: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
         """Exact engagement expectations for items [..., N] given interests pi [..., K]."""
         t = user["topics"]  # [..., K]
         ti, t2 = self.topic[items][..., None], self.topic2[items][..., None]
-        aff = ((pi[..., None, :] * ((t[..., None, :] == ti) + 0.5 * (t[..., None, :] == t2)))
-               .sum(-1))
+        aff = (pi[..., None, :] * ((t[..., None, :] == ti) + 0.5 * (t[..., None, :] == t2))).sum(-1)
         q = self.quality[items].astype(np.float64)
         ldur = np.log(self.dur_ms[items].astype(np.float64) / 30_000.0)
         out = {}
@@ -253,8 +306,15 @@ class World:
             out[name] = _sigmoid(b + wa * aff + wq * q + wd * ldur)
         return out
 
-    def _events(self, u: np.ndarray, topics: np.ndarray, pi: np.ndarray, start: np.ndarray,
-                s: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
+    def _events(
+        self,
+        u: np.ndarray,
+        topics: np.ndarray,
+        pi: np.ndarray,
+        start: np.ndarray,
+        s: np.ndarray,
+        k: np.ndarray,
+    ) -> dict[str, np.ndarray]:
         """Realise exposure k of session s of user u; every argument is per event.
 
         topics, pi: the user's interest topics and their weights at session s, [n, K]; start: the
@@ -264,8 +324,11 @@ class World:
         h = hs.hash_u64(self.seed, _EVT, u, s * 8 + k)
         explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
         pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
-        topic = np.where(explore_u < c.explore, np.floor(pick_u * c.n_topics).astype(np.int64),
-                         np.take_along_axis(topics, pick[:, None], -1)[:, 0])
+        topic = np.where(
+            explore_u < c.explore,
+            np.floor(pick_u * c.n_topics).astype(np.int64),
+            np.take_along_axis(topics, pick[:, None], -1)[:, 0],
+        )
         idx = np.searchsorted(self._cdf, topic + hs.unit53(hs.stream(h, 1)), side="right")
         item = self._order[np.minimum(idx, self._seg_end[topic] - 1)]
         p = {n: v[:, 0] for n, v in self._probs({"topics": topics}, pi, item[:, None]).items()}
@@ -275,8 +338,13 @@ class World:
         flags = np.zeros(len(item), np.uint8)
         u3a, u3b = hs.unit32_pair(hs.stream(h, 3))
         u4a, u4b = hs.unit32_pair(hs.stream(h, 4))
-        for name, r in (("like", like_u), ("follow", u3a), ("comment", u3b), ("share", u4a),
-                        ("dislike", u4b)):
+        for name, r in (
+            ("like", like_u),
+            ("follow", u3a),
+            ("comment", u3b),
+            ("share", u4a),
+            ("dislike", u4b),
+        ):
             flags |= np.where(r < p[name], _FLAG_BIT[name], 0).astype(np.uint8)
         # Within a session an exposure starts when the previous one ended, plus 2 s.
         watched = np.ceil(play_ms / 1000.0).astype(np.int64) + 2
@@ -284,12 +352,20 @@ class World:
         first = k == 0
         seg_base = np.maximum.accumulate(np.where(first, cs - watched, 0)) if len(k) else cs
         ts = start + (cs - watched - seg_base)
-        return {"item": item.astype(np.int32), "author": self.author[item], "tag": self.tag[item],
-                "ts": ts, "play_ms": play_ms, "dur_ms": dur, "flags": flags}
+        return {
+            "item": item.astype(np.int32),
+            "author": self.author[item],
+            "tag": self.tag[item],
+            "ts": ts,
+            "play_ms": play_ms,
+            "dur_ms": dur,
+            "flags": flags,
+        }
 
-    def _expand(self, b: np.ndarray, u: np.ndarray, user: dict, sessions: np.ndarray,
-                lens: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Events of the given (example b, session) pairs, in order: (example of each event, fields)."""
+    def _expand(
+        self, b: np.ndarray, u: np.ndarray, user: dict, sessions: np.ndarray, lens: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Events of the (example b, session) pairs, in order: (example of each event, fields)."""
         # Session-level quantities once per session, then repeated to its events.
         us = {key: v[b] for key, v in user.items() if key != "static"}
         pi = self._interest(us, sessions)
@@ -317,7 +393,9 @@ class World:
         """
         idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"example index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
+            raise IndexError(
+                f"example index out of range [0, {len(self)}): {idx.min()}..{idx.max()}"
+            )
         B = len(idx)
         u, s = self.requests(idx)
         user = self._user(u)
@@ -342,8 +420,11 @@ class World:
         tl = self._session_len(u, s)
         _, tgt = self._expand(np.arange(B), u, user, s, tl)
         out: dict[str, Any] = {
-            "user_id": u, "request_ts": self._session_start(u, user, s), "static": user["static"],
-            "hist_offsets": schema.offsets_of(counts), "target_offsets": schema.offsets_of(tl),
+            "user_id": u,
+            "request_ts": self._session_start(u, user, s),
+            "static": user["static"],
+            "hist_offsets": schema.offsets_of(counts),
+            "target_offsets": schema.offsets_of(tl),
         }
         out.update({f"hist_{f}": v for f, v in hist.items()})
         out.update({f"target_{f}": tgt[f] for f in schema.TARGET_FIELDS})
@@ -354,8 +435,9 @@ class World:
         return self.raw_batch(np.asarray([index]), max_events)
 
     # ------------------------------------------------------ what logs cannot
-    def true_engagement(self, user_ids: np.ndarray, request_ts: np.ndarray,
-                        item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def true_engagement(
+        self, user_ids: np.ndarray, request_ts: np.ndarray, item_ids: np.ndarray
+    ) -> dict[str, np.ndarray]:
         """Expected engagement of recommending `item_ids` [B, N] to the requests (user_ids [B],
         request_ts [B]): probabilities of each action, expected play fraction, and `reward`."""
         user_ids, request_ts = np.asarray(user_ids), np.asarray(request_ts)
@@ -374,12 +456,16 @@ class World:
         pi = self._interest(user, self.session_of(user_ids, request_ts))
         return self._logging_policy(user, pi)
 
-    def logging_logprob(self, user_ids: np.ndarray, request_ts: np.ndarray,
-                        item_ids: np.ndarray) -> np.ndarray:
+    def logging_logprob(
+        self, user_ids: np.ndarray, request_ts: np.ndarray, item_ids: np.ndarray
+    ) -> np.ndarray:
         """log p(item | request) under the logging policy, [B, N] (nats)."""
         items = np.asarray(item_ids)
         pt = self.logging_distribution(user_ids, request_ts)
-        return np.log(np.take_along_axis(pt, self.topic[items].astype(np.int64), -1)) + self._log_q[items]
+        return (
+            np.log(np.take_along_axis(pt, self.topic[items].astype(np.int64), -1))
+            + self._log_q[items]
+        )
 
     def next_item_entropy(self, user_ids: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
         """Exact entropy (nats) of the next exposure given the requests' latent state, [B]."""
@@ -403,8 +489,13 @@ class World:
         items = np.asarray(item_ids, np.int64)
         d = self.config.content_dim
         h = hs.hash_u64(self.seed, _CONTENT, items[:, None], np.arange(d))
-        ha = hs.hash_u64(self.seed, _CONTENT, -self.author[items][:, None].astype(np.int64), np.arange(d))
-        x = (self._topic_basis[self.topic[items]] + 0.5 * self._topic_basis[self.topic2[items]]
-             + 0.2 * hs.normal(ha) / np.sqrt(d) + 0.3 * hs.normal(h) / np.sqrt(d))
+        ha = hs.hash_u64(
+            self.seed, _CONTENT, -self.author[items][:, None].astype(np.int64), np.arange(d)
+        )
+        x = (
+            self._topic_basis[self.topic[items]]
+            + 0.5 * self._topic_basis[self.topic2[items]]
+            + 0.2 * hs.normal(ha) / np.sqrt(d)
+            + 0.3 * hs.normal(h) / np.sqrt(d)
+        )
         return x.astype(np.float32)
-
