@@ -111,3 +111,33 @@ def test_workers_give_the_same_batches_and_state():
     assert all(_equal(a, b) for a, b in zip(serial[:3], parallel, strict=True))
     resumed = _take(ds, 3, state)
     assert all(_equal(a, b) for a, b in zip(serial[3:], resumed, strict=True))
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(tmp_path):
+    # The way training will save it: model state and data iterator in one CheckpointManager step.
+    import grain
+    import orbax.checkpoint as ocp
+
+    ds = _ds(sources.open_source("movielens-100k", split="test"), seed=5)
+    with contextlib.closing(iter(ds)) as it:
+        for _ in range(5):
+            next(it)
+        mngr = ocp.CheckpointManager(tmp_path, item_names=("params", "data"))
+        save = ocp.args.Composite(
+            params=ocp.args.StandardSave({"w": np.arange(3.0)}),
+            data=grain.checkpoint.CheckpointSave(it),
+        )
+        mngr.save(5, args=save)
+        mngr.wait_until_finished()
+        want = next(it)
+    with contextlib.closing(iter(ds)) as fresh:
+        restore = ocp.args.Composite(
+            params=ocp.args.StandardRestore({"w": np.zeros(3)}),
+            data=grain.checkpoint.CheckpointRestore(fresh),
+        )
+        restored = ocp.CheckpointManager(tmp_path, item_names=("params", "data")).restore(
+            5, args=restore
+        )
+        got = next(fresh)
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(3.0))
+    assert _equal(want, got)
