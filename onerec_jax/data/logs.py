@@ -70,6 +70,12 @@ def _first_bad(values: list, ok) -> int:
     return next(i for i, v in enumerate(values) if not ok(v))
 
 
+def _require_values(path: os.PathLike, col: pa.ChunkedArray, name: str) -> None:
+    if col.null_count:
+        row = _first_bad(col.to_pylist(), lambda v: v is not None)
+        raise _fail(path, f"column {name!r} row {row}: missing value")
+
+
 def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) -> np.ndarray:
     """Column as float64 (nulls of an optional column -> NaN); names the first bad row."""
     col = table.column(name)
@@ -81,12 +87,7 @@ def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = Fal
         ).copy()
         v[np.asarray(col.is_null())] = np.nan
         return v
-    if col.null_count:
-        raise _fail(
-            path,
-            f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
-            "missing value",
-        )
+    _require_values(path, col, name)
     if pa.types.is_timestamp(col.type):
         return np.array(pc.cast(col, pa.timestamp("s")).cast(pa.int64()), np.float64)
     if (
@@ -124,12 +125,7 @@ def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) 
         nulls = np.asarray(col.is_null())
         filled = pc.fill_null(col, pa.scalar(0 if pa.types.is_integer(col.type) else "", col.type))
         return np.ma.masked_array(_ids(path, pa.table({name: filled}), name), mask=nulls)
-    if col.null_count:
-        raise _fail(
-            path,
-            f"column {name!r} row {_first_bad(col.to_pylist(), lambda v: v is not None)}: "
-            "missing value",
-        )
+    _require_values(path, col, name)
     if pa.types.is_integer(col.type):
         return np.asarray(col.cast(pa.int64()))
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
