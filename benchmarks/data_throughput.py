@@ -81,6 +81,7 @@ def main() -> None:
             f"grain, {workers} workers: {rate:,.0f} examples/s = {rate / cores:,.0f} per core "
             f"({rate / one:.1f}x per-example build; goal {GOAL_PER_CORE:,.0f}/core)"
         )
+    pipeline.settle()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -78,5 +78,6 @@ def run(logdir: str = "runs/demo", batches: int = 40, workers: int = 2) -> dict[
             "world-small", world, spec, batches, 64, workers, writer
         )
         rates["movielens-100k"] = time_pipeline("movielens", ml, spec, batches, 64, workers, writer)
+    pipeline.settle()
     print(f"\nTensorBoard logs in {logdir}")
     return rates

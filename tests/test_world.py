@@ -169,3 +169,13 @@ def test_bad_config_is_named():
     with pytest.raises(ValueError, match="split"):
         World("tiny", split="dev")
     assert set(PRESETS) == {"tiny", "small", "large"}
+
+
+@pytest.mark.slow
+def test_large_preset_builds_and_serves_full_pathways():
+    # 100M users, 4M items: only the item table is stored.
+    w = World("large")
+    spec = schema.SchemaSpec()
+    b = schema.build_batch(w.raw_batch(np.arange(64), spec.history_window), spec)
+    assert b["life_mask"].sum(1).max() == spec.life_len
+    assert b["short_item"].max() <= w.n_items and b["user_id"].max() <= w.n_users

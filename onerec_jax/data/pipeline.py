@@ -13,6 +13,8 @@ draws (example i is a hash of i), so it is not shuffled; its split is effectivel
 from __future__ import annotations
 
 import dataclasses
+import gc
+import time
 from typing import Any
 
 import grain
@@ -105,6 +107,17 @@ def make_dataset(
             )
         )
     return it
+
+
+def settle(seconds: float = 0.3) -> None:
+    """Call before exiting a program that used workers, once its iterators are out of scope.
+
+    grain unlinks the workers' shared-memory batches from a background thread when they are
+    garbage-collected; exiting before it runs makes Python's resource tracker report them as
+    leaked. Collecting and then giving the thread a moment avoids that.
+    """
+    gc.collect()
+    time.sleep(seconds)
 
 
 def batch_shapes(
