@@ -141,3 +141,22 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(tmp_path):
         got = next(fresh)
     np.testing.assert_array_equal(restored["params"]["w"], np.arange(3.0))
     assert _equal(want, got)
+
+
+def test_default_shard_is_this_jax_process():
+    import jax
+
+    src = sources.open_source("movielens-100k", split="test")
+    cfg = pipeline.PipelineConfig(batch_size=4, seed=1)
+    implicit = _take(pipeline.make_dataset(src, SPEC, cfg), 2)
+    explicit = _take(
+        _ds(
+            src,
+            batch_size=4,
+            seed=1,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        ),
+        2,
+    )
+    assert all(_equal(a, b) for a, b in zip(implicit, explicit, strict=True))
