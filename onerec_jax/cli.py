@@ -12,7 +12,7 @@ def _data_stats(args: argparse.Namespace) -> int:
 
     stats = source_stats(args.source, seed=args.seed, max_examples=args.max_examples)
     if args.json:
-        print(json.dumps(stats, sort_keys=True))
+        print(json.dumps(stats, sort_keys=True, allow_nan=False))
     else:
         for k, v in stats.items():
             print(f"{k:24s} {json.dumps(v, sort_keys=True)}")

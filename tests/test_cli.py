@@ -67,3 +67,24 @@ def test_metric_writer_reads_back(tmp_path):
     assert [e.step for e in events] == [0, 1, 2]
     np.testing.assert_allclose([e.tensor_proto.float_val[0] for e in events], [0.0, 10.0, 20.0])
     assert json.loads((tmp_path / "hparams.json").read_text()) == {"lr": 0.1}
+
+
+def test_stats_of_a_tiny_log_is_strict_json(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "few.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [1] * 4 + [2] * 3,
+                "item_id": [1, 2, 3, 4, 1, 2, 3],
+                "timestamp": [0, 10, 20, 30, 0, 10, 20],
+            }
+        ),
+        path,
+    )
+    assert cli.main(["data", "stats", "--source", f"parquet:{path}", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out, parse_constant=lambda c: 1 / 0)  # rejects NaN
+    assert s["n_examples"] == {"train": 0, "validation": 2, "test": 2}
+    assert s["popularity_slope"] is None

@@ -91,3 +91,20 @@ def test_empty_files(tmp_path):
     junk.write_bytes(b"not parquet")
     with pytest.raises(logs.LogFormatError, match="cannot read as Parquet"):
         logs.load(junk)
+
+
+def test_arrow_timestamps_uint64_ids_and_float_ids_with_nulls(tmp_path):
+    ts = pa.array([1_500_000_000_500, 1_500_000_001_000], pa.timestamp("ms"))
+    big = pa.array([2**63 + 5, 2**63 + 7], pa.uint64())
+    log = logs.load(_write(tmp_path / "t.parquet", user_id=big, item_id=[1, 2], timestamp=ts))
+    np.testing.assert_array_equal(log.ts, [1_500_000_000, 1_500_000_001])  # floored to seconds
+    assert log.user_raw[1] == 2**63 + 5
+    p = _write(
+        tmp_path / "f.parquet",
+        user_id=[1, 1],
+        item_id=[1, 2],
+        timestamp=[1, 2],
+        author_id=pa.array([1.0, None]),
+    )
+    with pytest.raises(logs.LogFormatError, match="column 'author_id': expected integer or string"):
+        logs.load(p)

@@ -89,7 +89,7 @@ def test_shuffle_is_seeded_and_reshuffles_each_epoch():
     assert list(epochs[0]["user_id"]) != list(epochs[1]["user_id"])
 
 
-def test_process_shards_are_disjoint_and_cover_the_epoch():
+def test_process_shards_are_disjoint_equal_and_cover_the_epoch():
     src = sources.open_source("movielens-100k", split="test")
     seen = []
     for shard in range(3):
@@ -98,7 +98,10 @@ def test_process_shards_are_disjoint_and_cover_the_epoch():
         )
         with contextlib.closing(iter(ds)) as it:
             seen.append([int(b["user_id"][0]) for b in it])
-    assert sorted(u for shard in seen for u in shard) == list(range(1, 944))
+    # 943 = 3 * 314 + 1: each epoch drops the remainder so that shards stay equal.
+    assert [len(s) for s in seen] == [314, 314, 314]
+    users = [u for shard in seen for u in shard]
+    assert len(set(users)) == 942 and set(users) <= set(range(1, 944))
 
 
 def test_workers_give_the_same_batches_and_state():
@@ -160,3 +163,18 @@ def test_default_shard_is_this_jax_process():
         2,
     )
     assert all(_equal(a, b) for a, b in zip(implicit, explicit, strict=True))
+
+
+def test_shards_get_equal_batch_counts_and_both_arguments():
+    import pytest
+
+    src = sources.open_source("movielens-100k", split="test")  # 943 = 3 * 314 + 1 examples
+    counts = []
+    for shard in range(3):
+        ds = _ds(src, num_epochs=1, batch_size=157, shard_index=shard, shard_count=3)
+        with contextlib.closing(iter(ds)) as it:
+            counts.append(sum(1 for _ in it))
+    assert counts == [2, 2, 2]
+    cfg = pipeline.PipelineConfig(batch_size=4)
+    with pytest.raises(ValueError, match="both shard_index and shard_count"):
+        pipeline.make_dataset(src, SPEC, cfg, shard_index=1)

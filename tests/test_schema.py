@@ -87,3 +87,9 @@ def test_bad_spec():
         schema.SchemaSpec(life_mode="kmeans")
     with pytest.raises(ValueError, match="short_len"):
         schema.SchemaSpec(short_len=0)
+
+
+def test_stride_of_one_keeps_the_most_recent_event():
+    spec = schema.SchemaSpec(short_len=2, pos_len=2, life_len=1, life_mode="stride")
+    ex = schema.build_example(_raw([4, 5, 6], [1, 2, 3], [0, 0, 0], request_ts=9), spec)
+    np.testing.assert_array_equal(ex["life_item"], [6])

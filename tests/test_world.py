@@ -179,3 +179,10 @@ def test_large_preset_builds_and_serves_full_pathways():
     b = schema.build_batch(w.raw_batch(np.arange(64), spec.history_window), spec)
     assert b["life_mask"].sum(1).max() == spec.life_len
     assert b["short_item"].max() <= w.n_items and b["user_id"].max() <= w.n_users
+
+
+def test_session_length_bound():
+    with pytest.raises(ValueError, match="max_session_len"):
+        WorldConfig(max_session_len=9)
+    with pytest.raises(ValueError, match="seed"):
+        World("tiny", seed=-1)

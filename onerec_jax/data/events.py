@@ -87,7 +87,7 @@ class EventLog:
         n = len(item)
         user_raw, user_dense = np.unique(np.asarray(user), return_inverse=True)
         item_raw = np.unique(np.asarray(item if items_raw is None else items_raw))
-        item_dense = np.searchsorted(item_raw, np.asarray(item))
+        item_dense = np.minimum(np.searchsorted(item_raw, np.asarray(item)), len(item_raw) - 1)
         if items_raw is not None and not np.array_equal(item_raw[item_dense], np.asarray(item)):
             raise ValueError(f"{name}: events name items that are not in the item table")
 

@@ -60,9 +60,8 @@ def read_table(path: os.PathLike) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         if p.stat().st_size == 0:
             raise _fail(p, "empty file (no header, no rows)") from e
-        raise _fail(
-            p, f"cannot read as {'CSV' if p.suffix.lower() == '.csv' else 'Parquet'}: {e}"
-        ) from e
+        kind = "CSV" if p.suffix.lower() in (".csv", ".tsv") else "Parquet"
+        raise _fail(p, f"cannot read as {kind}: {e}") from e
     return table
 
 
@@ -89,7 +88,9 @@ def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = Fal
         return v
     _require_values(path, col, name)
     if pa.types.is_timestamp(col.type):
-        return np.array(pc.cast(col, pa.timestamp("s")).cast(pa.int64()), np.float64)
+        # Native unit to seconds; sub-second parts are kept as a fraction (floored on load).
+        per_s = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[col.type.unit]
+        return np.array(col.cast(pa.int64()), np.float64) / per_s
     if (
         pa.types.is_boolean(col.type)
         or pa.types.is_integer(col.type)
@@ -122,10 +123,18 @@ def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) 
     if optional and pa.types.is_null(col.type):
         return np.ma.masked_all(len(col), np.int64)
     if optional and col.null_count:
+        if not (
+            pa.types.is_integer(col.type)
+            or pa.types.is_string(col.type)
+            or pa.types.is_large_string(col.type)
+        ):
+            raise _fail(path, f"column {name!r}: expected integer or string ids, got {col.type}")
         nulls = np.asarray(col.is_null())
         filled = pc.fill_null(col, pa.scalar(0 if pa.types.is_integer(col.type) else "", col.type))
         return np.ma.masked_array(_ids(path, pa.table({name: filled}), name), mask=nulls)
     _require_values(path, col, name)
+    if pa.types.is_unsigned_integer(col.type):
+        return np.asarray(col.cast(pa.uint64()))
     if pa.types.is_integer(col.type):
         return np.asarray(col.cast(pa.int64()))
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -135,6 +144,13 @@ def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) 
 
 def load(path: os.PathLike) -> EventLog:
     """Validate and load a user log (see the module docstring for the columns)."""
+    try:
+        return _load(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise _fail(path, f"unreadable values: {e}") from e
+
+
+def _load(path: os.PathLike) -> EventLog:
     table = read_table(path)
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:

@@ -78,6 +78,8 @@ def make_dataset(
     """
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError("give both shard_index and shard_count, or neither (JAX process default)")
     if shard_index is None or shard_count is None:
         import jax  # only here: the data package itself does not need JAX
 
@@ -89,6 +91,11 @@ def make_dataset(
     ds = grain.MapDataset.range(len(source))
     if config.shuffle and source.kind != "world":
         ds = ds.shuffle(seed=config.seed)
+    # Every shard must get the same number of examples per epoch, or hosts of a multi-host run
+    # would take different numbers of steps and hang in a collective: drop the epoch's remainder.
+    ds = ds[: len(ds) - len(ds) % shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"{len(source)} examples cannot be split over {shard_count} shards")
     ds = ds.repeat(config.num_epochs)
     ds = ds[shard_index::shard_count]
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=_index_array)

@@ -96,7 +96,8 @@ class SchemaSpec:
         """Recent events a source must supply so every pathway can fill; None: all (stride mode)."""
         if self.life_mode == "stride":
             return None
-        # Four times the positive pathway: positive rates of 25 % or more fill it in practice.
+        # Four times the positive pathway: fills it when >= 25 % of recent events are positive;
+        # sparser positives give a shorter pathway (documented in the README).
         return max(self.short_len, self.life_len, 4 * self.pos_len)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -207,7 +208,10 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
         "user_id": user_id,
         "request_ts": request_ts,
         "static": np.concatenate(
-            [buckets[:, None].astype(np.int32), np.asarray(raw["static"], np.int32).reshape(B, -1)],
+            [
+                buckets[:, None].astype(np.int32),
+                np.asarray(raw["static"], np.int32).reshape(B, RAW_STATIC),
+            ],
             axis=1,
         ),
     }
@@ -232,10 +236,10 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
     if spec.life_mode == "stride":
         # Evenly spaced over the whole history, most recent first; dense histories keep them all.
         L = spec.life_len
-        step = np.where(n > L, (n - 1) / max(L - 1, 1), 1.0)[:, None]
-        life = off[:-1, None] + np.where(
-            n[:, None] > L, np.round((L - 1 - j) * step), n[:, None] - 1 - j
-        )
+        # Position (n - 1) - round(j * step): j = 0 is the newest event, j = L - 1 the oldest.
+        step = (n - 1) / max(L - 1, 1) if L > 1 else np.zeros(B)
+        back = np.where(n[:, None] > L, np.round(j * step[:, None]), j)
+        life = off[:-1, None] + n[:, None] - 1 - back
         _gather(out, "life", cols, life.astype(np.int64), j < n[:, None])
     else:
         _gather(out, "life", cols, last - j, j < n[:, None])

@@ -28,7 +28,7 @@ def _round(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_round(v) for v in x]
     if isinstance(x, float | np.floating):
-        return float(f"{float(x):.6g}")
+        return float(f"{float(x):.6g}") if np.isfinite(x) else None  # JSON has no NaN
     if isinstance(x, np.integer):
         return int(x)
     return x
@@ -90,16 +90,17 @@ def source_stats(
     n = min(max_examples, len(train))
     idx = np.unique(np.linspace(0, len(train) - 1, n).astype(np.int64))
     out["sampled_examples"] = len(idx)
-    batch = schema.build_batch(train.raw_batch(idx, spec.history_window), spec)
-    out["pathway_length_hist"] = {
-        p: length_histogram(batch[f"{p}_mask"].sum(1)) for p in schema.PATHWAYS
-    }
-    out["pathway_mean_length"] = {
-        p: float(batch[f"{p}_mask"].sum(1).mean()) for p in schema.PATHWAYS
-    }
-    out["target_length_hist"] = np.bincount(
-        batch["target_mask"].sum(1), minlength=spec.max_targets + 1
-    ).tolist()
+    if len(idx):  # a log can be too short to give a single training example
+        batch = schema.build_batch(train.raw_batch(idx, spec.history_window), spec)
+        out["pathway_length_hist"] = {
+            p: length_histogram(batch[f"{p}_mask"].sum(1)) for p in schema.PATHWAYS
+        }
+        out["pathway_mean_length"] = {
+            p: float(batch[f"{p}_mask"].sum(1).mean()) for p in schema.PATHWAYS
+        }
+        out["target_length_hist"] = np.bincount(
+            batch["target_mask"].sum(1), minlength=spec.max_targets + 1
+        ).tolist()
     if isinstance(train, LogSource):
         log = train.log
         out["n_interactions"] = log.n_events

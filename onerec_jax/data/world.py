@@ -98,6 +98,11 @@ class WorldConfig:
         ):
             if getattr(self, f) < 1:
                 raise ValueError(f"WorldConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.max_session_len > 8:
+            # Event k of session s is hashed from s * 8 + k (one array key is cheaper than two).
+            raise ValueError(
+                f"WorldConfig.max_session_len must be <= 8, got {self.max_session_len}"
+            )
         if not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"WorldConfig.explore must be in [0, 1], got {self.explore}")
 
@@ -140,6 +145,8 @@ class World:
             if config not in PRESETS:
                 raise ValueError(f"unknown world preset {config!r}; choose from {sorted(PRESETS)}")
             config = PRESETS[config]
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"world seed must be a non-negative integer, got {seed}")
         if split not in _SPLIT_SALT:
             raise ValueError(f"unknown split {split!r}; choose from {sorted(_SPLIT_SALT)}")
         self.config, self.seed, self.split = config, int(seed), split
