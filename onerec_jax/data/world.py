@@ -301,9 +301,9 @@ class World:
         np.add.at(out, (rows, topics), (1 - c.explore) * pi.reshape(len(out), -1))
         return out.reshape((*pi.shape[:-1], c.n_topics))
 
-    def _probs(self, user: dict, pi: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        """Exact engagement expectations for items [..., N] given interests pi [..., K]."""
-        t = user["topics"]  # [..., K]
+    def _probs(self, t: np.ndarray, pi: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Exact engagement expectations for items [..., N] given interest topics t and weights
+        pi [..., K]."""
         ti, t2 = self.topic[items][..., None], self.topic2[items][..., None]
         aff = (pi[..., None, :] * ((t[..., None, :] == ti) + 0.5 * (t[..., None, :] == t2))).sum(-1)
         q = self.quality[items].astype(np.float64)
@@ -338,7 +338,7 @@ class World:
         )
         idx = np.searchsorted(self._cdf, topic + hs.unit53(hs.stream(h, 1)), side="right")
         item = self._order[np.minimum(idx, self._seg_end[topic] - 1)]
-        p = {n: v[:, 0] for n, v in self._probs({"topics": topics}, pi, item[:, None]).items()}
+        p = {n: v[:, 0] for n, v in self._probs(topics, pi, item[:, None]).items()}
         play_u, like_u = hs.unit32_pair(hs.stream(h, 2))
         dur = self.dur_ms[item]
         play_ms = (play_u ** ((1.0 - p["play_frac"]) / p["play_frac"]) * dur).astype(np.float32)
@@ -453,7 +453,7 @@ class World:
             raise ValueError(f"item ids must be in [1, {self.n_items}]")
         user = self._user(user_ids)
         pi = self._interest(user, self.session_of(user_ids, request_ts))
-        p = self._probs(user, pi, items)
+        p = self._probs(user["topics"], pi, items)
         p["reward"] = sum(REWARD_WEIGHTS[n] * p[n] for n in REWARD_WEIGHTS)
         return p
 
