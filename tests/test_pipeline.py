@@ -178,3 +178,27 @@ def test_shards_get_equal_batch_counts_and_both_arguments():
     cfg = pipeline.PipelineConfig(batch_size=4)
     with pytest.raises(ValueError, match="both shard_index and shard_count"):
         pipeline.make_dataset(src, SPEC, cfg, shard_index=1)
+
+
+def test_sparse_positives_still_fill_the_positive_pathway():
+    # One user, 6000 events, a like every 20th: the 2000-event window holds only 100 positives.
+    n = 6000
+    like = (np.arange(n) % 20 == 0).astype(np.uint8)
+    log = EventLog.from_columns(
+        "sparse",
+        user=np.ones(n, int),
+        item=np.arange(n) % 50 + 1,
+        ts=np.arange(n) * 100,
+        flags=like,
+    )
+    src = LogSource(log, "test")
+    spec = schema.SchemaSpec()
+    ex = pipeline.BuildBatch(src, spec).map(np.array([0]))
+    assert ex["pos_mask"].sum() == 256
+    assert ex["life_mask"].sum() == 2000 and ex["short_mask"].sum() == 20
+    # The window without the reach-back: what a fixed 2000-event window would give.
+    narrow = schema.build_batch(src.raw_batch(np.array([0]), spec.history_window), spec)
+    assert narrow["pos_mask"].sum() == 100
+    full = schema.build_batch(src.raw_batch(np.array([0])), spec)
+    for k in ex:
+        np.testing.assert_array_equal(ex[k], full[k], err_msg=k)

@@ -189,6 +189,7 @@ class LogSource:
             t1 = np.append(pos[k[1:] - 1] + 1, pos[-1] + 1 if len(pos) else 0)[: len(k)]
         keep = t0 - log.offsets[u] >= min_history
         self.user, self.target_start, self.target_end = u[keep], t0[keep], t1[keep]
+        self._pos_cache: dict[float, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.user)
@@ -209,8 +210,28 @@ class LogSource:
     def n_users(self) -> int:
         return self.log.n_users
 
-    def raw_batch(self, indices: np.ndarray, max_events: int | None = None) -> dict[str, Any]:
-        """Ragged raw requests of examples `indices` (layout in `schema.build_batch`)."""
+    def _positives_before(self, spec: schema.SchemaSpec) -> np.ndarray:
+        """C[k] = strongly positive events among log events [0, k), cached per positive rule."""
+        key = spec.pos_play_frac
+        if key not in self._pos_cache:
+            log = self.log
+            pos = schema.is_positive(log.flags, log.play_ms, log.dur_ms, spec)
+            self._pos_cache[key] = np.concatenate([[0], np.cumsum(pos)])
+        return self._pos_cache[key]
+
+    def raw_batch(
+        self,
+        indices: np.ndarray,
+        max_events: int | None = None,
+        spec: schema.SchemaSpec | None = None,
+    ) -> dict[str, Any]:
+        """Ragged raw requests of examples `indices` (layout in `schema.build_batch`).
+
+        Args:
+          max_events: the history window: this many most recent events (None: all).
+          spec: when given, the window also reaches back to the user's `spec.pos_len`-th most
+            recent positive event, so sparse positives still fill the positive pathway.
+        """
         idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(
@@ -219,6 +240,11 @@ class LogSource:
         log = self.log
         u, t0, t1 = self.user[idx], self.target_start[idx], self.target_end[idx]
         h0 = log.offsets[u] if max_events is None else np.maximum(log.offsets[u], t0 - max_events)
+        if spec is not None and max_events is not None:
+            C = self._positives_before(spec)
+            # Latest h with at least pos_len positives in [h, t0): C[h] <= C[t0] - pos_len.
+            h_pos = np.searchsorted(C, C[t0] - spec.pos_len, side="right") - 1
+            h0 = np.maximum(log.offsets[u], np.minimum(h0, h_pos))
         hist = schema.ranges(h0, t0 - h0)
         tgt = schema.ranges(t0, t1 - t0)
         cols = {

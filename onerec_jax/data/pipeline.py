@@ -58,7 +58,7 @@ class BuildBatch(grain.transforms.Map):
         self.source, self.spec = source, spec
 
     def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        raw = self.source.raw_batch(np.asarray(indices), self.spec.history_window)
+        raw = self.source.raw_batch(np.asarray(indices), self.spec.history_window, self.spec)
         return schema.build_batch(raw, self.spec)
 
 

@@ -96,8 +96,8 @@ class SchemaSpec:
         """Recent events a source must supply so every pathway can fill; None: all (stride mode)."""
         if self.life_mode == "stride":
             return None
-        # Four times the positive pathway: fills it when >= 25 % of recent events are positive;
-        # sparser positives give a shorter pathway (documented in the README).
+        # Four times the positive pathway fills it when >= 25 % of recent events are positive;
+        # logged sources reach further back for sparser positives (LogSource.raw_batch).
         return max(self.short_len, self.life_len, 4 * self.pos_len)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:

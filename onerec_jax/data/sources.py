@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from onerec_jax.data import logs, movielens
+from onerec_jax.data import logs, movielens, schema
 from onerec_jax.data.events import LogSource
 from onerec_jax.data.world import World
 
@@ -29,7 +29,12 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def raw_batch(self, indices: np.ndarray, max_events: int | None = None) -> dict[str, Any]: ...
+    def raw_batch(
+        self,
+        indices: np.ndarray,
+        max_events: int | None = None,
+        spec: schema.SchemaSpec | None = None,
+    ) -> dict[str, Any]: ...
 
 
 @functools.lru_cache(maxsize=8)

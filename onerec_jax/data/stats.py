@@ -91,7 +91,7 @@ def source_stats(
     idx = np.unique(np.linspace(0, len(train) - 1, n).astype(np.int64))
     out["sampled_examples"] = len(idx)
     if len(idx):  # a log can be too short to give a single training example
-        batch = schema.build_batch(train.raw_batch(idx, spec.history_window), spec)
+        batch = schema.build_batch(train.raw_batch(idx, spec.history_window, spec), spec)
         out["pathway_length_hist"] = {
             p: length_histogram(batch[f"{p}_mask"].sum(1)) for p in schema.PATHWAYS
         }

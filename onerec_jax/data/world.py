@@ -391,12 +391,20 @@ class World:
         ev["session"] = np.repeat(sessions, lens)
         return ev
 
-    def raw_batch(self, indices: np.ndarray, max_events: int | None = None) -> dict[str, Any]:
+    def raw_batch(
+        self,
+        indices: np.ndarray,
+        max_events: int | None = None,
+        spec: schema.SchemaSpec | None = None,
+    ) -> dict[str, Any]:
         """Ragged raw requests of examples `indices` (see `schema.build_batch` for the layout).
 
         Args:
           indices: example indices in this split, each in [0, len).
           max_events: keep only this many most recent history events per example (None: all).
+          spec: accepted for the `Source` interface and not used: finding older positives would
+            mean generating the events before the window, and with positive rates of 40-50 % the
+            window of 4 x pos_len events already holds them (README).
         """
         idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
