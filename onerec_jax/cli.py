@@ -26,6 +26,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from onerec_jax import config
+    from onerec_jax.tokenizer import build
+
+    cfg = config.resolve(args.config, build.get_config, args.overrides)
+    report = build.tokenize(
+        args.source, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet
+    )
+    if args.json:
+        print(json.dumps(report, sort_keys=True, allow_nan=False))
+    else:
+        for k in (
+            "n_items",
+            "vocab",
+            "utilisation",
+            "recon_error",
+            "collision_rate_before_dedup",
+            "collision_rate_after_dedup",
+        ):
+            print(f"{k:28s} {json.dumps(report[k])}")
+        print(f"table and report written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,14 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batches", type=int, default=40, help="batches timed per pipeline")
     demo.add_argument("--workers", type=int, default=2, help="grain worker processes")
     demo.set_defaults(fn=_demo)
+
+    tok = sub.add_parser(
+        "tokenize",
+        help="item embeddings -> balanced RQ-KMeans -> semantic-id table",
+        epilog="Any config field can be set with --config.FIELD=VALUE, e.g. --config.rq.n_codes=64",
+    )
+    tok.add_argument("--source", required=True, help="movielens-100k | world:PRESET | parquet:PATH")
+    tok.add_argument("--out", required=True, help="output directory for the table and report")
+    tok.add_argument("--config", default=None, help="a Python file with get_config()")
+    tok.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    tok.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    tok.add_argument("--quiet", action="store_true", help="no progress bars")
+    tok.set_defaults(fn=_tokenize)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from onerec_jax.config import ConfigError, split_overrides
+
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"onerec: error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    if overrides and args.command != "tokenize":
+        print(f"onerec: error: {args.command} takes no --config.* overrides", file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, IndexError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IndexError) as e:
         # One clear line for bad input, not a traceback.
         print(f"onerec: error: {e}", file=sys.stderr)
         return 2

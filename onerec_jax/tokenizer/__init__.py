@@ -1,0 +1,1 @@
+"""Item tokenizers: content embeddings and semantic ids."""
