@@ -94,7 +94,7 @@ def main() -> None:
 
     iters = a.ours_iters or rq_kmeans.RQKMeansConfig().n_iters
     res: dict = {"n": a.n, "dim": a.dim, "levels": a.levels, "codes": a.codes}
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    res["machine"] = {"cpus": os.cpu_count(), "cpu": _cpu(), "platform": platform.platform()}
     res["faiss_version"] = faiss.__version__
     if not a.skip_faiss:
         res["faiss"] = run_faiss(x, a.levels, a.codes, a.faiss_iters, seed=1234)
@@ -109,6 +109,14 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def _line(r: dict) -> str:

@@ -40,6 +40,7 @@ class RQKMeansConfig:
     n_codes: int = 256  # codes per level (K)
     n_iters: int = 12  # Lloyd steps per level (mini-batch mode: batches per level)
     balanced: bool = True  # equal-size codes (else plain nearest centroid)
+    warm_iters: int = 0  # balanced: the first Lloyd steps assign to the nearest code (cheaper)
     candidates: int = 4  # codes per point the balanced assignment looks at before a refill
     train_per_code: int = 256  # Lloyd runs on at most this many sampled points per code
     init: str = "kmeans++"  # "kmeans++" | "random"
@@ -51,8 +52,10 @@ class RQKMeansConfig:
         for f in ("n_levels", "n_codes", "n_iters", "candidates", "train_per_code"):
             if getattr(self, f) < 1:
                 raise ValueError(f"RQKMeansConfig.{f} must be >= 1, got {getattr(self, f)}")
-        if self.init_per_code < 1 or self.batch_size < 0:
-            raise ValueError("RQKMeansConfig: init_per_code must be >= 1 and batch_size >= 0")
+        if self.init_per_code < 1 or self.batch_size < 0 or self.warm_iters < 0:
+            raise ValueError(
+                "RQKMeansConfig: init_per_code must be >= 1, batch_size and warm_iters >= 0"
+            )
         if self.init not in ("kmeans++", "random"):
             raise ValueError(f"RQKMeansConfig.init must be kmeans++ or random, got {self.init!r}")
 
@@ -230,8 +233,9 @@ def fit_level(
                 bar.update(1)
     else:
         xs = _sample(x, cfg.train_per_code * k, k_train)
-        for _ in range(cfg.n_iters):
-            c = _update(xs, c, _assign(xs, c, cfg), k=k)
+        for i in range(cfg.n_iters):
+            a = nearest(xs, c) if i < cfg.warm_iters else _assign(xs, c, cfg)
+            c = _update(xs, c, a, k=k)
             if bar is not None:
                 bar.update(1)
     return c
