@@ -200,10 +200,14 @@ def _kmeans_pp(x: jax.Array, key: jax.Array, *, k: int) -> jax.Array:
 
 
 def _sample(x: jax.Array, m: int, key: jax.Array) -> jax.Array:
+    """m distinct rows of x (all of x if m >= n), in row order for a cache-friendly gather."""
     n = x.shape[0]
     if m >= n:
         return x
-    return x[jax.random.choice(key, n, (m,), replace=False)]
+    # NumPy draws m of n without replacement in milliseconds; jax.random.choice sorts n keys.
+    seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
+    idx = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+    return x[jnp.asarray(idx)]
 
 
 def _assign(x: jax.Array, c: jax.Array, cfg: RQKMeansConfig) -> jax.Array:

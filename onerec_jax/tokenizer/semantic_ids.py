@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any
 
 import flax.struct
 import jax
@@ -313,13 +312,3 @@ class Trie:
         """Item ids [B] of full-depth nodes; 0 (padding) where the node is -1."""
         leaves = jnp.asarray(leaves, jnp.int32)
         return jnp.where(leaves >= 0, self.leaf_item[jnp.clip(leaves, 0)], 0)
-
-
-def describe(table: SemanticIds) -> dict[str, Any]:
-    """Small JSON-able summary of a table."""
-    return {
-        "n_items": table.n_items,
-        "vocab": list(table.vocab),
-        "dedup_level": table.dedup,
-        "format_version": FORMAT_VERSION,
-    }
