@@ -59,7 +59,7 @@ def test_balance_fixes_collapse_on_skewed_data(blobs):
     ideal = -(-len(blobs) // k) / (len(blobs) / k)
     assert mb["utilisation"] == [1.0, 1.0, 1.0]
     assert max(mb["max_load"]) <= ideal + 1e-9
-    assert mp["max_load"][0] > 2.0  # the big blobs swallow many rows per code without balance
+    assert mp["max_load"][0] > 1.5  # without balance, codes on the big blobs hold far more rows
     # Each level removes error, and the codes decode to the sum of the chosen centroids.
     assert mb["recon_error"][0] > mb["recon_error"][1] > mb["recon_error"][2]
     x_hat = sum(np.asarray(c)[bcodes[:, i]] for i, c in enumerate(bal.codebooks))
