@@ -45,8 +45,10 @@ def _parse(value: str, like: object, key: str) -> object:
         if like is None:
             return value
         raise ConfigError(f"--config.{key}={value}: not a {type(like).__name__}") from None
-    if isinstance(like, bool) and not isinstance(v, bool):
-        raise ConfigError(f"--config.{key}={value}: expected True or False")
+    if isinstance(like, bool) != isinstance(v, bool) and like is not None:
+        # bool is an int subclass: without this, --config.n=True would make a count of 1.
+        want = "True or False" if isinstance(like, bool) else type(like).__name__
+        raise ConfigError(f"--config.{key}={value}: expected {want}")
     if isinstance(like, float) and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
     if isinstance(like, tuple) and isinstance(v, list):

@@ -44,6 +44,23 @@ def test_balanced_assign_keeps_separated_equal_clusters():
     np.testing.assert_array_equal(np.asarray(rq.nearest(x, c)), lab)
 
 
+def test_contested_code_keeps_the_closest_rows():
+    # Row 0 sits on centroid 0 and rows 0, 1, 2 all prefer it; with room for two, the code must
+    # keep the two closest (0 and 1), not the ones farthest from the origin.
+    x = jnp.asarray([[1.0], [0.9], [5.4], [9.0]])
+    c = jnp.asarray([[1.0], [10.0]])
+    np.testing.assert_array_equal(np.asarray(rq.balanced_assign(x, c, t=1)), [0, 0, 1, 1])
+
+
+def test_balanced_assign_rejects_non_finite_rows():
+    x = np.random.default_rng(3).normal(size=(16, 2)).astype(np.float32)
+    x[5] = np.nan
+    with pytest.raises(ValueError, match="no finite distance"):
+        rq.balanced_assign(jnp.asarray(x), jnp.asarray(x[:4] + 0.0))
+    with pytest.raises(ValueError, match="t must be >= 1"):
+        rq.balanced_assign(jnp.asarray(x[:8]), jnp.asarray(x[:2]), t=0)
+
+
 def test_nearest_matches_numpy(blobs):
     c = blobs[:37]
     d = ((blobs[:, None, :] - c[None]) ** 2).sum(-1)

@@ -153,3 +153,35 @@ def test_newer_format_version_is_refused(tmp_path):
     np.savez(tmp_path / sid.FILE_NAME, **data)
     with pytest.raises(sid.SemanticIdError, match="format version 2"):
         sid.SemanticIds.load(tmp_path)
+
+
+def test_damaged_files_get_one_clear_error(tmp_path):
+    t = sid.SemanticIds.from_codes(np.array([[0, 1], [1, 0]]), (2, 2))
+    t.save(tmp_path)
+    path = tmp_path / sid.FILE_NAME
+    with np.load(path) as z:
+        good = dict(z)
+    bad_cases = {
+        "float codes": {"codes": good["codes"].astype(np.float64) + 0.5},
+        "wrapping codes": {"codes": good["codes"].astype(np.int64) + 2**32},
+        "float vocab": {"vocab": np.array([2.5, 2.0])},
+        "2-d vocab": {"vocab": np.array([[2, 2]])},
+        "bad meta": {"meta": np.asarray("{not json")},
+        "list meta": {"meta": np.asarray("[1, 2]")},
+        "array version": {"format_version": np.array([1, 1])},
+    }
+    for name, change in bad_cases.items():
+        np.savez(path, **{**good, **change})
+        with pytest.raises(sid.SemanticIdError, match=str(tmp_path)):
+            sid.SemanticIds.load(tmp_path)
+        assert name
+
+
+def test_float_codes_and_out_of_range_nodes():
+    t = sid.SemanticIds.from_codes(np.array([[0, 1], [1, 0]]), (2, 2))
+    with pytest.raises(sid.SemanticIdError, match="integers"):
+        t.items_of(np.array([[0.5, 1.7]]))
+    trie = t.trie()
+    # Node ids past the last node are dead: no valid codes, no child.
+    assert not np.asarray(trie.valid_mask(1, np.array([2, 99]))).any()
+    np.testing.assert_array_equal(np.asarray(trie.step(1, np.array([2]), np.array([0]))), [-1])

@@ -7,6 +7,7 @@ import pytest
 
 from onerec_jax import cli
 from onerec_jax import config as config_lib
+from onerec_jax.data import schema
 from onerec_jax.tokenizer import build, embed
 from onerec_jax.tokenizer import semantic_ids as sid
 
@@ -109,18 +110,25 @@ def test_config_file_and_overrides(tmp_path):
     assert (cfg.rq.n_codes, cfg.rq.n_iters, cfg.embed.holdout) == (16, 3, 0.2)
     with pytest.raises(config_lib.ConfigError, match="expected True or False"):
         config_lib.resolve(None, build.get_config, ["rq.balanced=1"])
+    with pytest.raises(config_lib.ConfigError, match="expected int"):
+        config_lib.resolve(None, build.get_config, ["rq.n_codes=True"])
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config field 'rq\.seed'"):
+        config_lib.resolve(None, build.get_config, ["rq.seed=3"])
 
 
 def test_pairs_use_training_events_only():
     from onerec_jax.data.events import EventLog, LogSource
 
-    # User a: items 1..5 in time order (4 is validation, 5 is test); user b: 6, 7 (train only).
+    # User a: items 1..5 in time order (4 is validation, 5 is test); user b: 6, 7, 8 with 8
+    # disliked (user b has too few events for held-out targets: all three are training events).
     log = EventLog.from_columns(
         "toy",
-        user=np.array(["a"] * 5 + ["b"] * 2),
-        item=np.array([1, 2, 3, 4, 5, 6, 7]),
-        ts=np.array([1, 2, 3, 4, 5, 1, 2]),
+        user=np.array(["a"] * 5 + ["b"] * 2 + ["c"]),
+        item=np.array([1, 2, 3, 4, 5, 6, 7, 8]),
+        ts=np.array([1, 2, 3, 4, 5, 1, 2, 3]),
+        flags=np.array([0, 0, 0, 0, 0, 0, 0, schema.DISLIKE]),
     )
-    pairs = embed.co_occurrence_pairs(LogSource(log, "train"), embed.EmbedConfig(window=3))
+    pairs, users = embed.co_occurrence_pairs(LogSource(log, "train"), embed.EmbedConfig(window=3))
     got = sorted(tuple(int(log.item_raw[v]) for v in p) for p in pairs.tolist())
     assert got == [(1, 2), (1, 3), (2, 3), (6, 7)]
+    assert sorted(users.tolist()) == [1, 1, 1, 2]

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -28,15 +29,28 @@ def get_config() -> ml_collections.ConfigDict:
     """Defaults of `onerec tokenize`; a config file returns a dict of the same shape."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # world seed and every random draw of the tokenizer
-    c.embed = ml_collections.ConfigDict(dataclasses.asdict(embed.EmbedConfig()))
-    rq = dataclasses.asdict(rq_kmeans.RQKMeansConfig())
-    rq["n_codes"] = 0  # 0: auto_codes(n_items); else codes per level
-    c.rq = ml_collections.ConfigDict(rq)
+    # The sub-configs are the dataclasses' fields (documented there), minus their seeds: every
+    # random draw follows the one `seed` above.
+    c.embed = ml_collections.ConfigDict(_fields(embed.EmbedConfig()))
+    c.rq = ml_collections.ConfigDict(_fields(rq_kmeans.RQKMeansConfig()))
+    c.rq.n_codes = 0  # 0: auto_codes(n_items); else codes per level
     c.compare_rq_vae = False  # also train an RQ-VAE on the same embeddings and report it
-    vae = dataclasses.asdict(rq_vae.RQVAEConfig())
-    vae["n_codes"] = 0  # 0: same as rq
-    c.rq_vae = ml_collections.ConfigDict(vae)
+    c.rq_vae = ml_collections.ConfigDict(_fields(rq_vae.RQVAEConfig()))
+    c.rq_vae.n_codes = 0  # 0: the same as rq
+    del c.rq_vae["n_levels"]  # always rq's
     return c
+
+
+def _fields(dc: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(dc)
+    d.pop("seed")
+    return d
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def auto_codes(n_items: int, n_levels: int = 3) -> int:
@@ -64,10 +78,28 @@ def tokenize(
             f"{out / semantic_ids.FILE_NAME} exists; pass --overwrite to replace it"
         )
     t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and (out / "tb").is_dir():
+        shutil.rmtree(out / "tb")  # else the old run's curves mix with the new one's
+    with MetricWriter(out / "tb") as writer:
+        report = _tokenize(source_name, cfg, writer, progress)
+    report["total_s"] = round(time.perf_counter() - t_start, 2)
+    resolved = cfg.to_dict()
+    resolved["rq"]["n_codes"] = report["n_codes"]
+    resolved["rq_vae"]["n_codes"] = report.get("rq_vae", {}).get("n_codes", 0)
+    # The table last but one, the report last: a reader that finds report.json finds its table.
+    report_path = out / "report.json"
+    report_path.unlink(missing_ok=True)
+    report["table"].save(out)
+    del report["table"]
+    _write_atomic(out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    _write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def _tokenize(source_name: str, cfg: Any, writer: MetricWriter, progress: bool) -> dict[str, Any]:
     source = open_source(source_name, seed=cfg.seed, split="train")
     n_items = source.n_items
-    out.mkdir(parents=True, exist_ok=True)
-    writer = MetricWriter(out / "tb")
     ecfg = embed.EmbedConfig(**{**cfg.embed.to_dict(), "seed": cfg.seed})
     emb, emb_report = embed.item_embeddings(source, ecfg, writer=writer, progress=progress)
     x = emb[1:]
@@ -119,18 +151,13 @@ def tokenize(
     if cfg.compare_rq_vae:
         vae = cfg.rq_vae.to_dict()
         vae["n_codes"] = vae["n_codes"] or rcfg.n_codes
-        vae["n_levels"] = rcfg.n_levels
         vae["hidden"] = tuple(vae["hidden"])
         t0 = time.perf_counter()
-        _, vcodes, vmetrics = rq_vae.fit(
-            x, rq_vae.RQVAEConfig(**{**vae, "seed": cfg.seed}), writer=writer, progress=progress
-        )
+        vcfg = rq_vae.RQVAEConfig(**{**vae, "n_levels": rcfg.n_levels, "seed": cfg.seed})
+        _, vcodes, vmetrics = rq_vae.fit(x, vcfg, writer=writer, progress=progress)
+        vmetrics["n_codes"] = vcfg.n_codes
         vmetrics["collision_rate_before_dedup"] = semantic_ids.collision_rate(vcodes)
         vmetrics["seconds"] = round(time.perf_counter() - t0, 2)
         report["rq_vae"] = vmetrics
-    report["total_s"] = round(time.perf_counter() - t_start, 2)
-    table.save(out)
-    (out / "config.json").write_text(cfg.to_json(indent=2, sort_keys=True) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    writer.close()
+    report["table"] = table
     return report

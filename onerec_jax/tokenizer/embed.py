@@ -7,10 +7,11 @@ Alignment (the technical report's item-to-item contrastive step): a small projec
 content, plus a free per-item vector that starts at zero (so items whose content says nothing
 about who watches them can still move), trained with a symmetric InfoNCE loss on pairs of items
 a user consumed within `window` positions of each other, in-batch negatives. Pairs come only
-from training events (never a user's validation/test targets), and a held-out share of them
-measures co-occurrence neighbour recall: for a held-out pair (a, b), is b among the `recall_k`
-nearest items of a by cosine? The fused embedding that the quantiser sees is
-[sqrt(w) * content, sqrt(1 - w) * aligned] with both unit-normalised, w = `content_weight`.
+from training events (never a user's validation/test targets; disliked items are not consumed),
+and the pairs of a held-out share of users measure co-occurrence neighbour recall: for a held-out
+pair (a, b), is b among the `recall_k` nearest items of a by cosine? The fused embedding that the
+quantiser sees is [sqrt(w) * content, sqrt(1 - w) * aligned], both unit-normalised,
+w = `content_weight`.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def content_features(source: Any, mode: str = "auto", progress: bool = True) -> 
     return np.concatenate([np.zeros((1, x.shape[1]), np.float32), _unit(x)])
 
 
-def co_occurrence_pairs(source: Any, cfg: EmbedConfig) -> np.ndarray:
-    """Item pairs [P, 2] consumed within `window` positions by one user, training events only."""
+def co_occurrence_pairs(source: Any, cfg: EmbedConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Item pairs [P, 2] consumed within `window` positions by one user, from training events
+    only, and the user [P] of each pair."""
     if source.kind == "world":
         n = min(cfg.world_examples, len(source))
         h = hashing.hash_u64(cfg.seed, 77, np.arange(n))
@@ -93,26 +95,35 @@ def co_occurrence_pairs(source: Any, cfg: EmbedConfig) -> np.ndarray:
         keep = schema.is_positive(
             raw["hist_flags"], raw["hist_play_ms"], raw["hist_dur_ms"], schema.SchemaSpec()
         )
-        items = raw["hist_item"]
-        seq = np.repeat(np.arange(n), np.diff(raw["hist_offsets"]))
-        items, seq = items[keep], seq[keep]
+        counts = np.diff(raw["hist_offsets"])
+        seq = np.repeat(np.arange(n), counts)  # one request's history is one sequence
+        user = np.repeat(np.asarray(raw["user_id"], np.int64), counts)
+        items, seq, user = raw["hist_item"][keep], seq[keep], user[keep]
     else:
         log = source.log
         n_ev = np.diff(log.offsets)[1:]
         held = np.where(n_ev >= 3, 2, 0)  # a user's last two events are validation and test
         starts = log.offsets[1:-1]
         pos = schema.ranges(starts, n_ev - held)
-        items = log.item[pos]
-        seq = np.repeat(np.arange(len(n_ev)), n_ev - held)
-    pairs = []
+        seq = np.repeat(np.arange(1, len(n_ev) + 1), n_ev - held)
+        liked = (log.flags[pos] & schema.DISLIKE) == 0  # a disliked item was not consumed
+        items, seq = log.item[pos][liked], seq[liked]
+        user = seq
+    pairs, users = [], []
     for j in range(1, cfg.window + 1):
-        same = seq[j:] == seq[:-j]
-        a, b = items[:-j][same], items[j:][same]
-        pairs.append(np.stack([a, b], 1)[a != b])
-    p = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+        same = (seq[j:] == seq[:-j]) & (items[:-j] != items[j:])
+        pairs.append(np.stack([items[:-j][same], items[j:][same]], 1))
+        users.append(user[j:][same])
+    p, u = np.concatenate(pairs), np.concatenate(users)
     if len(p) > cfg.max_pairs:
-        p = p[np.argsort(hashing.hash_u64(cfg.seed, 78, np.arange(len(p))))[: cfg.max_pairs]]
-    return p.astype(np.int32)
+        keep_rows = np.argsort(hashing.hash_u64(cfg.seed, 78, np.arange(len(p))))[: cfg.max_pairs]
+        p, u = p[keep_rows], u[keep_rows]
+    return p.astype(np.int32), u.astype(np.int64)
+
+
+def _pair_key(p: np.ndarray, n_items: int) -> np.ndarray:
+    lo, hi = np.minimum(p[:, 0], p[:, 1]), np.maximum(p[:, 0], p[:, 1])
+    return lo.astype(np.int64) * (n_items + 1) + hi
 
 
 class _Aligner(nn.Module):
@@ -137,10 +148,10 @@ class _Aligner(nn.Module):
         return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-12)
 
 
-def neighbour_recall(emb: np.ndarray, pairs: np.ndarray, k: int) -> float:
+def neighbour_recall(emb: np.ndarray, pairs: np.ndarray, k: int) -> float | None:
     """Share of pairs (a, b) with b among the k nearest items of a (cosine, a excluded)."""
     if len(pairs) == 0:
-        return float("nan")
+        return None  # JSON null: nothing held out to measure on
     if not np.all(np.isfinite(emb)):
         raise ValueError("neighbour_recall: embeddings are not finite")
     e = jnp.asarray(_unit(emb))
@@ -172,12 +183,24 @@ def item_embeddings(
         if content is None:
             raise ValueError("no content features and align=False: nothing to embed")
         return content, report
-    pairs = co_occurrence_pairs(source, cfg)
-    if len(pairs) < 2:
-        raise ValueError(f"{source.kind}: fewer than 2 co-occurring item pairs to align on")
-    h = hashing.unit53(hashing.hash_u64(cfg.seed, 79, np.arange(len(pairs))))
-    test, train = pairs[h < cfg.holdout][: cfg.eval_pairs], pairs[h >= cfg.holdout]
-    report.update(pairs_train=len(train), pairs_heldout=len(test))
+    pairs, users = co_occurrence_pairs(source, cfg)
+    # Hold out whole users: their pairs measure whether items that new users consume together
+    # end up close. Many of those item pairs were also seen in training (popular combinations
+    # recur); `unseen` restricts to pairs that never co-occur in training, which only
+    # generalisation through the content and through shared neighbours can place.
+    h = hashing.unit53(hashing.hash_u64(cfg.seed, 79, users))
+    train, test = pairs[h >= cfg.holdout], pairs[h < cfg.holdout]
+    if len(train) < 2:
+        raise ValueError(
+            f"{source.kind}: {len(train)} training item pairs after holding out "
+            f"{cfg.holdout:.0%} of users; alignment needs more co-occurrences "
+            "(or set embed.align=False)"
+        )
+    # A spread-out evaluation subset (all windows, all held-out users), not the first rows.
+    pick = np.argsort(hashing.hash_u64(cfg.seed, 80, np.arange(len(test))))[: cfg.eval_pairs]
+    test = test[np.sort(pick)]
+    unseen = test[~np.isin(_pair_key(test, source.n_items), _pair_key(train, source.n_items))]
+    report.update(pairs_train=len(train), pairs_heldout=len(test), pairs_unseen=len(unseen))
 
     model = _Aligner(source.n_items, cfg.align_dim, cfg.hidden, cfg.id_vectors, content is not None)
     c = None if content is None else jnp.asarray(content)
@@ -204,12 +227,18 @@ def item_embeddings(
                 za = model.apply(params, c, p[:, 0])
                 zb = model.apply(params, c, p[:, 1])
             logits = za @ zb.T / cfg.temperature
-            # The same item twice in a batch is not a negative of itself.
-            same = p[:, 1][None, :] == p[:, 1][:, None]
-            logits = jnp.where(same & ~jnp.eye(batch, dtype=bool), -1e9, logits)
+            # The same item twice in a batch is not a negative of itself: mask repeated b's in
+            # the a -> b direction and repeated a's in the b -> a direction.
+            eye = jnp.eye(batch, dtype=bool)
+            same_b = (p[:, 1][None, :] == p[:, 1][:, None]) & ~eye
+            same_a = (p[:, 0][None, :] == p[:, 0][:, None]) & ~eye
             labels = jnp.arange(batch)
-            l1 = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            l2 = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+            l1 = optax.softmax_cross_entropy_with_integer_labels(
+                jnp.where(same_b, -1e9, logits), labels
+            )
+            l2 = optax.softmax_cross_entropy_with_integer_labels(
+                jnp.where(same_a, -1e9, logits.T), labels
+            )
             return 0.5 * jnp.mean(l1 + l2)
 
         loss, g = jax.value_and_grad(loss_fn)(params)
@@ -244,5 +273,10 @@ def item_embeddings(
         neighbour_recall_content=None if content is None else neighbour_recall(content, test, k),
         neighbour_recall_aligned=neighbour_recall(aligned, test, k),
         neighbour_recall_fused=neighbour_recall(fused, test, k),
+        neighbour_recall_unseen_content=(
+            None if content is None else neighbour_recall(content, unseen, k)
+        ),
+        neighbour_recall_unseen_aligned=neighbour_recall(aligned, unseen, k),
+        neighbour_recall_unseen_fused=neighbour_recall(fused, unseen, k),
     )
     return fused.astype(np.float32), report

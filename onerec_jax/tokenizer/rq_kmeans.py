@@ -68,8 +68,12 @@ def _chunk_rows(n: int, k: int) -> int:
 def _candidates(
     x: jax.Array, c: jax.Array, closed: jax.Array, *, t: int, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
-    """The t best open codes of each row of x and their scores 2 x.c - |c|^2 (= |x|^2 - |x-c|^2),
-    best first; closed codes score -inf. Computed in row chunks so memory stays bounded."""
+    """The t best open codes of each row of x and their scores -|x - c|^2, best first; closed
+    codes score -inf. Computed in row chunks so memory stays bounded.
+
+    The score must be the distance itself, not 2 x.c - |c|^2 (which ranks the same per row):
+    `_rounds` compares scores across rows, and there |x|^2 would favour rows far from the origin.
+    """
     n, d = x.shape
     n_chunks = -(-n // chunk)
     xp = jnp.pad(x, ((0, n_chunks * chunk - n), (0, 0))).reshape(n_chunks, chunk, d)
@@ -78,7 +82,7 @@ def _candidates(
     def one(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
         s = 2.0 * jnp.dot(xb, c.T, preferred_element_type=jnp.float32) + bias[None, :]
         v, i = jax.lax.top_k(s, t)
-        return i.astype(jnp.int32), v
+        return i.astype(jnp.int32), v - jnp.sum(xb * xb, axis=1, keepdims=True)
 
     i, v = jax.lax.map(one, xp)
     return i.reshape(-1, t)[:n], v.reshape(-1, t)[:n]
@@ -130,11 +134,14 @@ def balanced_assign(x: jax.Array, c: jax.Array, *, t: int = 8) -> jax.Array:
     n, k = x.shape[0], c.shape[0]
     if n < k:
         raise ValueError(f"cannot balance {n} rows over {k} codes: need n >= K")
+    if t < 1:
+        raise ValueError(f"balanced_assign: t must be >= 1, got {t}")
     t = min(t, k)
     remaining = jnp.full(k, n // k, jnp.int32).at[: n % k].add(1)
     a = jnp.full(n, -1, jnp.int32)
     rows = np.arange(n)
     sub = x
+    n_left = -1
     while True:
         idx, score = _candidates(sub, c, remaining == 0, t=t, chunk=_chunk_rows(len(sub), k))
         a_sub, remaining = _rounds(idx, score, a[rows], remaining)
@@ -142,6 +149,10 @@ def balanced_assign(x: jax.Array, c: jax.Array, *, t: int = 8) -> jax.Array:
         left = np.flatnonzero(np.asarray(a) < 0)
         if len(left) == 0:
             return a
+        if len(left) == n_left:
+            # Only non-finite scores are never accepted (a NaN row, or an overflow).
+            raise ValueError(f"balanced_assign: {n_left} rows have no finite distance to any code")
+        n_left = len(left)
         # Pad the leftover rows to a power of two with copies of a row that is already placed:
         # they propose nothing (a >= 0), so the padding cannot take capacity.
         size = 1 << int(len(left) - 1).bit_length()

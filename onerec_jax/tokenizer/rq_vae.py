@@ -92,7 +92,11 @@ def fit(
     if cfg.kmeans_init:
         z = model.apply(params, x, method=RQVAE.encode)
         km = rq_kmeans.RQKMeansConfig(
-            n_levels=cfg.n_levels, n_codes=min(cfg.n_codes, n), n_iters=10, balanced=False
+            n_levels=cfg.n_levels,
+            n_codes=min(cfg.n_codes, n),
+            n_iters=10,
+            balanced=False,
+            seed=cfg.seed,
         )
         q, _ = rq_kmeans.fit(z, km, progress=False)
         books = jnp.stack(q.codebooks)

@@ -134,6 +134,8 @@ class SemanticIds:
     def items_of(self, codes: np.ndarray) -> np.ndarray:
         """Item ids [...] of code tuples [..., L]; a tuple that names no item raises."""
         codes = np.asarray(codes)
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise SemanticIdError(f"codes must be integers, got dtype {codes.dtype}")
         if codes.shape[-1:] != (self.n_levels,):
             raise SemanticIdError(f"code tuples must end in {self.n_levels}, got {codes.shape}")
         flat = codes.reshape(-1, self.n_levels)
@@ -167,6 +169,8 @@ class SemanticIds:
                     dedup=np.bool_(self.dedup),
                     meta=np.asarray(json.dumps(self.meta, sort_keys=True)),
                 )
+            # mkstemp makes the file owner-only; a table is meant to be shared like any output.
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             pathlib.Path(tmp).unlink(missing_ok=True)
@@ -189,18 +193,30 @@ class SemanticIds:
         missing = {"format_version", "codes", "vocab", "dedup", "meta"} - set(data)
         if missing:
             raise SemanticIdError(f"{p}: not a semantic-id table (missing {sorted(missing)})")
-        version = int(data["format_version"])
+        fv = data["format_version"]
+        if fv.shape != () or not np.issubdtype(fv.dtype, np.integer):
+            raise SemanticIdError(f"{p}: format_version must be an integer scalar")
+        version = int(fv)
         if version != FORMAT_VERSION:
             raise SemanticIdError(
                 f"{p}: format version {version}; this onerec_jax reads version {FORMAT_VERSION}"
             )
+        codes, vocab = data["codes"], data["vocab"]
+        # Check before any cast: float codes would truncate and int64 ones could wrap silently.
+        if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+            raise SemanticIdError(f"{p}: codes must be a 2-D integer array, got {codes.dtype}")
+        if vocab.ndim != 1 or not np.issubdtype(vocab.dtype, np.integer) or np.any(vocab < 1):
+            raise SemanticIdError(f"{p}: vocab must be a 1-D array of positive integers")
+        if np.any(codes > np.iinfo(np.int32).max) or np.any(codes < -1):
+            raise SemanticIdError(f"{p}: codes out of range")
         try:
-            return cls(
-                data["codes"],
-                tuple(data["vocab"].tolist()),
-                bool(data["dedup"]),
-                json.loads(str(data["meta"])),
-            )
+            meta = json.loads(str(data["meta"]))
+        except json.JSONDecodeError as e:
+            raise SemanticIdError(f"{p}: meta is not JSON ({e})") from e
+        if not isinstance(meta, dict) or data["dedup"].shape != ():
+            raise SemanticIdError(f"{p}: meta must be a JSON object and dedup a scalar")
+        try:
+            return cls(codes, tuple(vocab.tolist()), bool(data["dedup"]), meta)
         except SemanticIdError as e:
             raise SemanticIdError(f"{p}: {e}") from e
 
@@ -274,9 +290,11 @@ class Trie:
     def _window(self, level: int, nodes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Child codes [B, F], their validity and their positions, F = fan-out at `level`."""
         starts, codes = self.starts[level], self.codes[level]
-        nodes = jnp.clip(nodes, 0, starts.shape[0] - 2)
+        n_nodes = starts.shape[0] - 1
+        live = (nodes >= 0) & (nodes < n_nodes)  # ids past the last node are dead, not clamped
+        nodes = jnp.clip(nodes, 0, n_nodes - 1)
         lo = starts[nodes]
-        count = starts[nodes + 1] - lo
+        count = jnp.where(live, starts[nodes + 1] - lo, 0)
         j = jnp.arange(self.fanout[level])
         pos = jnp.clip(lo[:, None] + j[None, :], 0, codes.shape[0] - 1)
         return codes[pos], j[None, :] < count[:, None], pos
