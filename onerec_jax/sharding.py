@@ -11,6 +11,7 @@ Logical names (the shape glossary of STYLE.md in words):
   heads   attention heads H        kv      per-head width K
   vocab   codes per level V        expert  experts E
   feature embedding tables of user/item features (rows)
+  layers  the stacked layer axis of scanned blocks
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("feature", "tensor"),
+    ("layers", None),  # the stacked axis of nn.scan'ed blocks
 )
 _KNOWN = {name for name, _ in LOGICAL_RULES}
 

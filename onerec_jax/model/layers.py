@@ -71,3 +71,74 @@ class SwiGLU(nn.Module):
         g = Dense(self.d_ff, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
         u = Dense(self.d_ff, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
         return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="down")(jax.nn.silu(g) * u)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x [B, Lq, D] over a memory [B, Lk, D].
+
+    `mask` [B, Lq, Lk] (or [B, 1, Lk]) is True where a query may attend; scores and softmax are
+    float32, and a query with nothing to attend to gets zeros. `project_kv` gives the memory's
+    keys/values [B, Lk, H, K]; passing them back as `kv` skips the projection, which is how
+    generation computes cross-attention K/V once per user and how a KV cache is fed.
+    """
+
+    n_heads: int
+    d_model: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        d, h = self.d_model, self.n_heads
+        if d % h:
+            raise ValueError(f"model width {d} is not divisible by {h} heads")
+        hd = d // h
+
+        def w(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+            return self.param(name, nn.with_logical_partitioning(dense_init, axes), shape)
+
+        self.w_query = w("query", (d, h, hd), ("embed", "heads", "kv"))
+        self.w_key = w("key", (d, h, hd), ("embed", "heads", "kv"))
+        self.w_value = w("value", (d, h, hd), ("embed", "heads", "kv"))
+        self.w_out = w("out", (h, hd, d), ("heads", "kv", "embed"))
+
+    def _proj(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        y = jnp.einsum(
+            "bld,dhk->blhk",
+            x.astype(self.dtype),
+            w.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return y.astype(self.dtype)
+
+    def project_kv(self, mem_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self._proj(mem_BxSxD, self.w_key), self._proj(mem_BxSxD, self.w_value)
+
+    def __call__(
+        self,
+        x_BxQxD: jax.Array,
+        kv: jax.Array | tuple[jax.Array, jax.Array],
+        mask: jax.Array | None,
+    ) -> jax.Array:
+        q = self._proj(x_BxQxD, self.w_query)
+        k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
+        hd = self.d_model // self.n_heads
+        s = jnp.einsum(
+            "bqhk,bshk->bhqs", q, k.astype(self.dtype), preferred_element_type=jnp.float32
+        ) / jnp.sqrt(jnp.float32(hd))
+        if mask is not None:
+            s = jnp.where(mask[:, None, :, :], s, -1e30)
+        p = jax.nn.softmax(s, axis=-1)
+        if mask is not None:
+            p = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], p, 0.0)
+        o = jnp.einsum(
+            "bhqs,bshk->bqhk",
+            p.astype(self.dtype),
+            v.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        y = jnp.einsum(
+            "bqhk,hkd->bqd",
+            o.astype(self.dtype),
+            self.w_out.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return y.astype(self.dtype)

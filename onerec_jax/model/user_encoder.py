@@ -1,0 +1,161 @@
+"""V1 user encoder: four pathways -> 1 + P_short + P_pos + N_query tokens -> Transformer encoder.
+
+static    the 5 static ids, embedded, concatenated, Dense-LeakyReLU-Dense -> 1 token
+short     the 20 latest exposures: per event [item, author, tag, tdelta, play, dur, flags]
+pos       the 256 latest strongly positive events, same features
+life      up to 2000 events, projected the same way, then compressed by a QFormer: N_query
+          learnable queries cross-attend to them (blocks of cross-attention + FFN)
+
+Embedding tables are shared by the pathways (item width = d_model as in the report, author and
+the other features narrower); each pathway has its own projection. Learnable positions are added
+to the concatenated tokens, and padded events are masked out of every attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from onerec_jax.data import schema
+from onerec_jax.model.layers import Attention, Dense, RMSNorm, SwiGLU
+
+_EVENT_FIELDS = ("item", "author", "tag", "tdelta", "play", "dur", "flags")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    d_model: int = 128  # D
+    n_layers: int = 2  # encoder blocks over the concatenated tokens
+    n_heads: int = 4
+    d_ff: int = 256  # FFN width of encoder and QFormer blocks
+    n_queries: int = 128  # QFormer queries compressing the lifelong pathway
+    qformer_blocks: int = 1
+    author_dim: int = 64  # report: 512
+    feature_dim: int = 32  # tag / bucket / flag / static embedding width (report: 128)
+    n_items: int = 1000  # catalogue size (ids 1..n_items, 0 padding)
+    n_authors: int = 100
+    n_tags: int = 100
+    user_buckets: int = 1 << 16
+    static_vocab: int = 1024  # age/gender/region/segment ids are taken modulo this
+    short_len: int = 20
+    pos_len: int = 256
+    life_len: int = 2000
+
+    @property
+    def n_tokens(self) -> int:
+        return 1 + self.short_len + self.pos_len + self.n_queries
+
+
+def _embed(name: str, vocab: int, dim: int) -> nn.Embed:
+    return nn.Embed(
+        vocab,
+        dim,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("feature", "embed")
+        ),
+        name=name,
+    )
+
+
+class _Block(nn.Module):
+    """Pre-norm block: attention (self, or cross to `mem`) then SwiGLU FFN, both residual."""
+
+    cfg: EncoderConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mem: jax.Array | None, mask: jax.Array) -> jax.Array:
+        c = self.cfg
+        h = RMSNorm(dtype=self.dtype)(x)
+        kv = h if mem is None else mem
+        x = x + Attention(c.n_heads, c.d_model, dtype=self.dtype)(h, kv, mask)
+        x = x + SwiGLU(c.d_ff, dtype=self.dtype)(RMSNorm(dtype=self.dtype)(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class _ScanBlock(nn.Module):
+    """_Block in nn.scan's (carry, x) -> (carry, y) form: one compiled block for all layers."""
+
+    cfg: EncoderConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mem: jax.Array | None, mask: jax.Array) -> tuple:
+        return _Block(self.cfg, self.dtype, name="block")(x, mem, mask), None
+
+
+class UserEncoder(nn.Module):
+    """batch (schema field names) -> memory [B, n_tokens, D] and its key mask [B, n_tokens]."""
+
+    cfg: EncoderConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        c = self.cfg
+        d = c.d_model
+        tables = {
+            "item": _embed("item_embed", c.n_items + 1, d),
+            "author": _embed("author_embed", c.n_authors + 1, c.author_dim),
+            "tag": _embed("tag_embed", c.n_tags + 1, c.feature_dim),
+            "tdelta": _embed("tdelta_embed", schema.N_BUCKETS, c.feature_dim),
+            "play": _embed("play_embed", schema.N_BUCKETS, c.feature_dim),
+            "dur": _embed("dur_embed", schema.N_BUCKETS, c.feature_dim),
+            "flags": _embed("flags_embed", 256, c.feature_dim),
+        }
+
+        def events(p: str) -> tuple[jax.Array, jax.Array]:
+            feats = [tables[f](batch[f"{p}_{f}"].astype(jnp.int32)) for f in _EVENT_FIELDS]
+            x = jnp.concatenate(feats, axis=-1)
+            x = nn.leaky_relu(Dense(2 * d, ("feature", "mlp"), dtype=self.dtype, name=f"{p}_in")(x))
+            x = Dense(d, ("mlp", "embed"), dtype=self.dtype, name=f"{p}_out")(x)
+            return x.astype(self.dtype), batch[f"{p}_mask"]
+
+        static = batch["static"].astype(jnp.int32)
+        vocab = (c.user_buckets,) + (c.static_vocab,) * (static.shape[-1] - 1)
+        s = jnp.concatenate(
+            [
+                _embed(f"static{i}_embed", v, c.feature_dim)(static[:, i] % v)
+                for i, v in enumerate(vocab)
+            ],
+            axis=-1,
+        )
+        s = nn.leaky_relu(Dense(d, ("feature", "mlp"), dtype=self.dtype, name="static_in")(s))
+        s = Dense(d, ("mlp", "embed"), dtype=self.dtype, name="static_out")(s)[:, None, :]
+
+        short, short_mask = events("short")
+        pos, pos_mask = events("pos")
+        life, life_mask = events("life")
+        b = static.shape[0]
+        q = self.param(
+            "queries",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+            (c.n_queries, d),
+        )
+        q = jnp.broadcast_to(q.astype(self.dtype)[None], (b, c.n_queries, d))
+        for i in range(c.qformer_blocks):  # few (1-2) blocks; not a hot per-token loop
+            q = _Block(c, self.dtype, name=f"qformer{i}")(q, life, life_mask[:, None, :])
+
+        x = jnp.concatenate([s.astype(self.dtype), short, pos, q], axis=1)
+        mask = jnp.concatenate(
+            [jnp.ones((b, 1), bool), short_mask, pos_mask, jnp.ones((b, c.n_queries), bool)], 1
+        )
+        positions = self.param(
+            "positions",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+            (c.n_tokens, d),
+        )
+        x = x + positions.astype(self.dtype)[None]
+        blocks = nn.scan(
+            _ScanBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = blocks(c, self.dtype, name="encoder")(x, None, mask[:, None, :])
+        return RMSNorm(dtype=self.dtype, name="final_norm")(x), mask

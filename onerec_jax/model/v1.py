@@ -1,0 +1,176 @@
+"""OneRec V1: the user encoder plus a decoder over semantic ids, with an optional sparse-MoE FFN.
+
+Decoder input per target item is [BOS, s_1, ..., s_Q] (point-wise: each of the m target items
+of a request is its own sequence, all reading the same user memory). Session-wise mode
+(2502.18965) decodes the m items of a session as one sequence [BOS, s^1_1..s^1_Q, s^2_1, ...].
+Position p predicts the code at p + 1; token ids of level l live at offset(l) + code in one
+embedding table, and level l's logits are the slice [offset(l), offset(l) + V_l) of one head.
+
+Blocks (pre-norm, scanned over layers): causal self-attention -> cross-attention to the user
+memory -> SwiGLU FFN or MoE. Cross-attention K/V are projected once per user and repeated over
+its m targets. Loss: the sum over levels of the next-token cross-entropy (the report), or their
+mean; averaged over valid target items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from onerec_jax.model.layers import Attention, Dense, RMSNorm, SwiGLU
+from onerec_jax.model.moe import MoE, MoEConfig
+from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
+
+
+@dataclasses.dataclass(frozen=True)
+class V1Config:
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    dec_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    moe: MoEConfig | None = None  # None: dense SwiGLU FFN in every decoder block
+    vocab: tuple[int, ...] = (32, 32, 32)  # codes per level, from the tokenizer's table
+    max_targets: int = 5  # m
+    session_wise: bool = False
+    loss: str = "sum"  # "sum" | "mean" over the levels
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("sum", "mean"):
+            raise ValueError(f"V1Config.loss must be sum or mean, got {self.loss!r}")
+        if not self.vocab or min(self.vocab) < 1:
+            raise ValueError(f"V1Config.vocab must be positive sizes, got {self.vocab}")
+
+    @property
+    def d_model(self) -> int:
+        return self.encoder.d_model
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Start of each level's ids in the shared token table; BOS is the last id."""
+        return np.concatenate([[0], np.cumsum(self.vocab)[:-1]]).astype(np.int32)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(self.vocab)) + 1
+
+
+class _DecoderBlock(nn.Module):
+    cfg: V1Config
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mem: jax.Array, masks: tuple) -> tuple[jax.Array, Any]:
+        c = self.cfg
+        causal, cross = masks
+        h = RMSNorm(dtype=self.dtype)(x)
+        x = x + Attention(c.n_heads, c.d_model, dtype=self.dtype, name="self_attn")(h, h, causal)
+        h = RMSNorm(dtype=self.dtype)(x)
+        cross_attn = Attention(c.n_heads, c.d_model, dtype=self.dtype, name="cross_attn")
+        # Project the user memory once per user, then share it with the user's sequences.
+        groups = x.shape[0] // mem.shape[0]
+        k, v = cross_attn.project_kv(mem)
+        kv = (jnp.repeat(k, groups, axis=0), jnp.repeat(v, groups, axis=0))
+        x = x + cross_attn(h, kv, cross)
+        h = RMSNorm(dtype=self.dtype)(x)
+        if c.moe is None:
+            y, stats = SwiGLU(c.d_ff, dtype=self.dtype)(h), None
+        else:
+            y, stats = MoE(c.moe, dtype=self.dtype)(h)
+        x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+        return x, stats
+
+
+class OneRecV1(nn.Module):
+    cfg: V1Config
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.encoder = UserEncoder(c.encoder, dtype=self.dtype)
+        self.tokens = nn.Embed(
+            c.n_tokens,
+            c.d_model,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+        )
+        length = self._seq_len()
+        self.positions = self.param(
+            "dec_positions",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+            (length, c.d_model),
+        )
+        self.blocks = nn.scan(
+            _DecoderBlock,
+            variable_axes={"params": 0, "moe_bias": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.dec_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.dtype)
+        self.final_norm = RMSNorm(dtype=self.dtype)
+        self.head = Dense(c.n_tokens, ("embed", "vocab"), dtype=self.dtype)
+
+    def _seq_len(self) -> int:
+        q = len(self.cfg.vocab)
+        return (self.cfg.max_targets * q if self.cfg.session_wise else q) + 1
+
+    def __call__(
+        self, batch: dict[str, jax.Array], codes_BxMxQ: jax.Array
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Per-level log-likelihood terms: returns (nll [B, M, Q], moe stats per layer)."""
+        mem, mem_mask = self.encoder(batch)
+        return self.decode(mem, mem_mask, codes_BxMxQ)
+
+    def decode(
+        self, mem: jax.Array, mem_mask: jax.Array, codes_BxMxQ: jax.Array
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        c = self.cfg
+        b, m, q = codes_BxMxQ.shape
+        if q != len(c.vocab) or m != c.max_targets:
+            raise ValueError(
+                f"codes {codes_BxMxQ.shape}: expected [B, {c.max_targets}, "
+                f"{len(c.vocab)}] for vocab {c.vocab}"
+            )
+        offsets = jnp.asarray(c.offsets)
+        # Padding targets carry code -1 from the table; any in-range id will do (masked later).
+        ids = jnp.maximum(codes_BxMxQ, 0) + offsets[None, None, :]
+        groups = 1 if c.session_wise else m  # sequences per request
+        seq = ids.reshape(b * groups, -1)
+        bos = jnp.full((b * groups, 1), c.n_tokens - 1, jnp.int32)
+        inp = jnp.concatenate([bos, seq[:, :-1]], axis=1)  # teacher forcing: shift right
+        x = self.tokens(inp).astype(self.dtype) + self.positions[: inp.shape[1]].astype(self.dtype)
+        length = inp.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))[None]
+        causal = jnp.broadcast_to(causal, (b * groups, length, length))
+        cross = jnp.repeat(mem_mask[:, None, :], groups, axis=0)
+        x, stats = self.blocks(x, mem, (causal, cross))
+        logits = self.head(self.final_norm(x)).astype(jnp.float32)
+        # Level of each output position, and the slice of the head that belongs to it.
+        levels = np.arange(seq.shape[1]) % q
+        nll = []
+        for p in range(seq.shape[1]):  # <= m * Q static positions; each picks its level's slice
+            lv = levels[p]
+            lo, v = int(c.offsets[lv]), c.vocab[lv]
+            lg = logits[:, p, lo : lo + v]
+            nll.append(optax.softmax_cross_entropy_with_integer_labels(lg, seq[:, p] - lo))
+        nll = jnp.stack(nll, axis=1).reshape(b, m, q)
+        return nll, stats
+
+
+def loss_fn(
+    nll_BxMxQ: jax.Array, valid_BxM: jax.Array, mode: str = "sum"
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss over valid target items: per item, sum (or mean) of the level terms."""
+    per_item = jnp.sum(nll_BxMxQ, -1) if mode == "sum" else jnp.mean(nll_BxMxQ, -1)
+    w = valid_BxM.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    loss = jnp.sum(per_item * w) / n
+    per_level = jnp.sum(nll_BxMxQ * w[..., None], axis=(0, 1)) / n
+    return loss, {"loss": loss, "items": jnp.sum(w), "nll_per_level": per_level}
