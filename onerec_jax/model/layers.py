@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(self.dtype)
+        return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
 
 
 class Dense(nn.Module):
@@ -55,7 +55,7 @@ class Dense(nn.Module):
                 nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                 (self.features,),
             )
-            y = y + b
+            y = y + b.reshape((1,) * (y.ndim - 1) + (-1,))
         return y.astype(self.dtype)
 
 

@@ -145,7 +145,8 @@ class OneRecV1(nn.Module):
         seq = ids.reshape(b * groups, -1)
         bos = jnp.full((b * groups, 1), c.n_tokens - 1, jnp.int32)
         inp = jnp.concatenate([bos, seq[:, :-1]], axis=1)  # teacher forcing: shift right
-        x = self.tokens(inp).astype(self.dtype) + self.positions[: inp.shape[1]].astype(self.dtype)
+        pos = self.positions[: inp.shape[1]].astype(self.dtype)
+        x = self.tokens(inp).astype(self.dtype) + pos[None]
         length = inp.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))[None]
         causal = jnp.broadcast_to(causal, (b * groups, length, length))
