@@ -41,30 +41,49 @@ def _model(enc, **kw):
     return OneRecV1(V1Config(encoder=enc, vocab=VOCAB, d_ff=64, **kw))
 
 
+@pytest.fixture(scope="module")
+def dense(batch):
+    """The default dense model, initialised and compiled once for the tests that share it."""
+    enc, x, codes = batch
+    model = _model(enc)
+    return model, jax.jit(model.init)(jax.random.key(0), x, codes), jax.jit(model.apply)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [None, MoEConfig(n_experts=4, top_k=2, d_ff=32)])
-def test_shapes_finite_and_jit(batch, moe):
+def test_shapes_finite_with_and_without_jit(batch, moe):
     enc, x, codes = batch
     model = _model(enc, moe=moe)
-    v = model.init(jax.random.key(0), x, codes)
-    nll, stats = model.apply(v, x, codes)
+    v = jax.jit(model.init)(jax.random.key(0), x, codes)
+    nll, stats = model.apply(v, x, codes)  # op by op: slow to dispatch, so only here
     nll_j, _ = jax.jit(model.apply)(v, x, codes)
     assert nll.shape == (4, 5, 4) and bool(jnp.all(jnp.isfinite(nll)))
     np.testing.assert_allclose(np.asarray(nll), np.asarray(nll_j), rtol=1e-5, atol=1e-5)
     if moe is not None:
         assert stats["load"].shape == (2, 4)  # one row per decoder layer
         assert v["moe_bias"]["blocks"]["MoE_0"]["bias"].shape == (2, 4)
-    sharding.check_logical(v["params"])  # every parameter has a logical-axis rule
+
+
+def test_every_parameter_has_a_logical_rule(batch):
+    enc, x, codes = batch
+    model = _model(enc, moe=MoEConfig(n_experts=4, top_k=2, d_ff=32))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), x, codes)
+    sharding.check_logical(boxed["params"])
 
 
 @pytest.mark.parametrize("session_wise", [False, True])
-def test_decoder_is_causal(batch, session_wise):
+def test_decoder_is_causal(batch, dense, session_wise):
     enc, x, codes = batch
-    model = _model(enc, session_wise=session_wise)
-    v = model.init(jax.random.key(0), x, codes)
-    base, _ = model.apply(v, x, codes)
+    if session_wise:
+        model = _model(enc, session_wise=True)
+        v, apply = jax.jit(model.init)(jax.random.key(0), x, codes), jax.jit(model.apply)
+    else:
+        _, v, apply = dense
+    base, _ = apply(v, x, codes)
+    assert base.shape == (4, 5, 4) and bool(jnp.all(jnp.isfinite(base)))
     # Changing the last level of item 2 changes only what comes after it.
     changed = codes.at[:, 2, 3].set((codes[:, 2, 3] + 1) % 3)
-    nll, _ = model.apply(v, x, changed)
+    nll, _ = apply(v, x, changed)
     diff = np.abs(np.asarray(nll - base)) > 1e-6
     assert diff[:, 2, 3].all()
     assert not diff[:, :2].any() and not diff[:, 2, :3].any()
@@ -72,18 +91,17 @@ def test_decoder_is_causal(batch, session_wise):
     assert diff[:, 3:].any() == session_wise
 
 
-def test_padded_history_events_are_ignored(batch):
-    enc, x, codes = batch
-    model = _model(enc)
-    v = model.init(jax.random.key(0), x, codes)
-    base, _ = model.apply(v, x, codes)
+def test_padded_history_events_are_ignored(batch, dense):
+    _, x, codes = batch
+    _, v, apply = dense
+    base, _ = apply(v, x, codes)
     noisy = dict(x)
     for p in ("short", "pos", "life"):
         pad = ~x[f"{p}_mask"]
         assert bool(pad.any())  # the world's short histories leave padding to test
         noisy[f"{p}_item"] = jnp.where(pad, 17, x[f"{p}_item"])
         noisy[f"{p}_flags"] = jnp.where(pad, 3, x[f"{p}_flags"])
-    nll, _ = model.apply(v, noisy, codes)
+    nll, _ = apply(v, noisy, codes)
     np.testing.assert_allclose(np.asarray(nll), np.asarray(base), rtol=1e-5, atol=1e-5)
 
 
@@ -98,10 +116,9 @@ def test_loss_sum_and_mean_and_masking():
     assert float(loss_mean) == pytest.approx(items.mean() / 4)
 
 
-def test_learns_a_batch(batch):
-    enc, x, codes = batch
-    model = _model(enc, moe=MoEConfig(n_experts=4, top_k=2, d_ff=32))
-    v = model.init(jax.random.key(0), x, codes)
+def test_learns_a_batch(batch, dense):
+    _, x, codes = batch
+    model, v, _ = dense
     params, rest = v["params"], {k: val for k, val in v.items() if k != "params"}
     opt = optax.adam(3e-3)
     state = opt.init(params)
@@ -118,7 +135,7 @@ def test_learns_a_batch(batch):
         return optax.apply_updates(params, up), state, loss
 
     losses = []
-    for _ in range(60):
+    for _ in range(40):
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert losses[-1] < 0.2 * losses[0]
@@ -130,4 +147,4 @@ def test_config_and_input_errors(batch):
         V1Config(loss="max")
     model = _model(enc)
     with pytest.raises(ValueError, match="expected"):
-        model.init(jax.random.key(0), x, codes[:, :, :3])
+        jax.eval_shape(model.init, jax.random.key(0), x, codes[:, :, :3])
