@@ -1,0 +1,167 @@
+"""The pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
+
+AdamW with linear warmup + cosine decay and global-norm clipping; float32 parameters with an
+optional bf16 compute dtype (the model's `dtype`); gradient accumulation over `grad_accum`
+micro-batches with `lax.scan`, each weighted by its number of valid target items so the update
+equals the full-batch one. MoE loss-free balancing updates the per-expert bias from the
+measured load after the gradient step, outside the gradient.
+
+`batch` holds the schema fields (onerec_jax/data/schema.py) plus `target_codes` [B, M, Q] int32
+(the tokenizer's codes of target_item; -1 rows for padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from onerec_jax.model import moe as moe_lib
+from onerec_jax.model.v1 import loss_fn
+
+_NOT_MODEL_INPUTS = ("user_id", "request_ts", "target_codes")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-3  # peak, after warmup
+    warmup_steps: int = 100
+    total_steps: int = 10_000  # cosine decays to `final_fraction` * peak at this step
+    final_fraction: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0  # global gradient norm
+    grad_accum: int = 1  # micro-batches per step
+    aux_loss_weight: float = 0.01  # used when the MoE balances with the auxiliary loss
+
+
+def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        cfg.learning_rate,
+        max(cfg.warmup_steps, 1),
+        max(cfg.total_steps, cfg.warmup_steps + 1),
+        cfg.learning_rate * cfg.final_fraction,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    )
+    return tx, schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    moe_bias: Any  # the "moe_bias" collection ({} for dense models)
+
+
+def init_state(model: Any, tx: optax.GradientTransformation, batch: dict, key: jax.Array):
+    """A fresh state (unboxed float32 parameters) for `model` on inputs shaped like `batch`."""
+    from flax import linen as nn
+
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    # Jitted: op-by-op initialisation of a model this size takes seconds of dispatch.
+    variables = nn.unbox(jax.jit(model.init)(key, inputs, batch["target_codes"]))
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        moe_bias=variables.get("moe_bias", {}),
+    )
+
+
+def _micro_loss(params, moe_bias, model, batch, aux_weight):
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    nll, stats = model.apply(
+        {"params": params, "moe_bias": moe_bias}, inputs, batch["target_codes"]
+    )
+    valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
+    loss, metrics = loss_fn(nll, valid, model.cfg.loss)
+    total = loss
+    moe_cfg = getattr(model.cfg, "moe", None)
+    if stats is not None:
+        metrics["moe_load"] = stats["load"]  # [layers, E]
+        metrics["moe_dropped"] = jnp.mean(stats["dropped"])
+        metrics["moe_aux_loss"] = jnp.mean(stats["aux_loss"])
+        if moe_cfg is not None and moe_cfg.balance == "aux_loss":
+            total = total + aux_weight * metrics["moe_aux_loss"]
+    # Weighted by valid items so micro-batch gradients add up to the full-batch gradient.
+    return total * metrics["items"], metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    cfg: OptimConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    del rng  # the models have no dropout yet; kept in the signature for the loop's contract
+    a = cfg.grad_accum
+    b = batch["target_codes"].shape[0]
+    if b % a:
+        raise ValueError(f"batch size {b} is not divisible by grad_accum {a}")
+    micro = jax.tree.map(lambda x: x.reshape((a, b // a, *x.shape[1:])), batch)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def body(carry, mb):
+        (g_sum,) = carry
+        (_, m), g = grad_fn(state.params, state.moe_bias, model, mb, cfg.aux_loss_weight)
+        return (jax.tree.map(jnp.add, g_sum, g),), m
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (g_sum,), ms = jax.lax.scan(body, (zeros,), micro)
+    items = jnp.sum(ms["items"])
+    grads = jax.tree.map(lambda g: g / jnp.maximum(items, 1.0), g_sum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    w = ms["items"] / jnp.maximum(items, 1.0)
+    metrics = {
+        "train/loss": jnp.sum(ms["loss"] * w),
+        "train/items": items,
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/lr": schedule(state.step),
+    }
+    per_level = jnp.sum(ms["nll_per_level"] * w[:, None], axis=0)
+    for i in range(per_level.shape[0]):
+        metrics[f"train/nll_level{i}"] = per_level[i]
+    moe_bias = state.moe_bias
+    if "moe_load" in ms:
+        load = jnp.mean(ms["moe_load"], axis=0)  # [layers, E]
+        metrics["moe/max_load"] = jnp.max(load) * load.shape[-1]
+        metrics["moe/dropped"] = jnp.mean(ms["moe_dropped"])
+        metrics["moe/aux_loss"] = jnp.mean(ms["moe_aux_loss"])
+        if model.cfg.moe.balance == "loss_free":
+            rate = model.cfg.moe.bias_rate
+            moe_bias = _update_biases(moe_bias, load, rate)
+    state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias
+    )
+    return state, metrics
+
+
+def _update_biases(tree: Any, load_LxE: jax.Array, rate: float) -> Any:
+    """Apply the loss-free update to the (single, layer-stacked) bias leaf of the collection."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if len(leaves) != 1:
+        raise ValueError(f"expected one stacked MoE bias, found {len(leaves)} leaves")
+    return jax.tree.unflatten(treedef, [moe_lib.update_bias(leaves[0], load_LxE, rate)])
+
+
+def jit_train_step(model: Any, tx: optax.GradientTransformation, schedule, cfg: OptimConfig):
+    """train_step jitted with the state donated (its buffers are reused for the new state)."""
+    fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg)
+    return jax.jit(fn, donate_argnums=0)
