@@ -145,14 +145,7 @@ class OneRecV1(nn.Module):
         seq = ids.reshape(b * groups, -1)
         bos = jnp.full((b * groups, 1), c.n_tokens - 1, jnp.int32)
         inp = jnp.concatenate([bos, seq[:, :-1]], axis=1)  # teacher forcing: shift right
-        pos = self.positions[: inp.shape[1]].astype(self.dtype)
-        x = self.tokens(inp).astype(self.dtype) + pos[None]
-        length = inp.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), bool))[None]
-        causal = jnp.broadcast_to(causal, (b * groups, length, length))
-        cross = jnp.repeat(mem_mask[:, None, :], groups, axis=0)
-        x, stats = self.blocks(x, mem, (causal, cross))
-        logits = self.head(self.final_norm(x)).astype(jnp.float32)
+        logits, stats = self.logits(mem, mem_mask, inp)
         # Level of each output position, and the slice of the head that belongs to it.
         levels = np.arange(seq.shape[1]) % q
         nll = []
@@ -163,6 +156,24 @@ class OneRecV1(nn.Module):
             nll.append(optax.softmax_cross_entropy_with_integer_labels(lg, seq[:, p] - lo))
         nll = jnp.stack(nll, axis=1).reshape(b, m, q)
         return nll, stats
+
+    def encode(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """User memory [B, S, D] and its mask [B, S] (computed once per user in generation)."""
+        return self.encoder(batch)
+
+    def logits(
+        self, mem: jax.Array, mem_mask: jax.Array, tokens_NxT: jax.Array
+    ) -> tuple[jax.Array, Any]:
+        """Logits [N, T, n_tokens] of decoder inputs `tokens` (token-table ids, BOS first);
+        N = groups * B, rows of a user contiguous. Position t depends on tokens <= t only."""
+        n, length = tokens_NxT.shape
+        pos = self.positions[:length].astype(self.dtype)
+        x = self.tokens(tokens_NxT).astype(self.dtype) + pos[None]
+        causal = jnp.tril(jnp.ones((length, length), bool))[None]
+        causal = jnp.broadcast_to(causal, (n, length, length))
+        cross = jnp.repeat(mem_mask[:, None, :], n // mem.shape[0], axis=0)
+        x, stats = self.blocks(x, mem, (causal, cross))
+        return self.head(self.final_norm(x)).astype(jnp.float32), stats
 
 
 def loss_fn(
