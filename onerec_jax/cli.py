@@ -50,6 +50,18 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from onerec_jax import config
+    from onerec_jax.train import loop
+
+    if args.config is None:
+        raise ValueError("onerec train needs --config FILE (see experiments/)")
+    cfg = config.resolve(args.config, lambda: None, args.overrides)
+    summary = loop.train(cfg, args.workdir)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--json", action="store_true", help="print the report as one JSON object")
     tok.add_argument("--quiet", action="store_true", help="no progress bars")
     tok.set_defaults(fn=_tokenize)
+
+    tr = sub.add_parser(
+        "train",
+        help="train (or resume) a model in WORKDIR",
+        epilog="Any config field can be set with --config.FIELD=VALUE",
+    )
+    tr.add_argument("--config", required=True, help="an experiments/*.py file with get_config()")
+    tr.add_argument("--workdir", required=True, help="checkpoints, logs and summary go here")
+    tr.set_defaults(fn=_train)
     return parser
 
 
@@ -101,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser().parse_args(rest)
     args.overrides = overrides
-    if overrides and args.command != "tokenize":
+    if overrides and args.command not in ("tokenize", "train"):
         print(f"onerec: error: {args.command} takes no --config.* overrides", file=sys.stderr)
         return 2
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IndexError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IndexError, FloatingPointError) as e:
         # One clear line for bad input, not a traceback.
         print(f"onerec: error: {e}", file=sys.stderr)
         return 2

@@ -69,12 +69,14 @@ def make_dataset(
     *,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    transform: grain.transforms.Map | None = None,
 ) -> grain.IterDataset:
     """The batched, sharded, checkpointable dataset of one split.
 
     Args:
       shard_index, shard_count: this process's shard; default jax.process_index()/process_count(),
         so each host of a multi-host run reads a disjoint part of every epoch.
+      transform: applied to each built batch (in the workers), e.g. adding semantic-id codes.
     """
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
@@ -100,6 +102,8 @@ def make_dataset(
     ds = ds[shard_index::shard_count]
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=_index_array)
     ds = ds.map(BuildBatch(source, spec))
+    if transform is not None:
+        ds = ds.map(transform)
     # Threads would only contend for the GIL with the numpy build; workers give the parallelism.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     if config.workers > 0:

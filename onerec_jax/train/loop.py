@@ -1,0 +1,280 @@
+"""The training loop: resumable, preemptible, and honest about failures.
+
+`train(cfg, workdir)`:
+  - loads (or builds, into WORKDIR/tokenizer) the semantic-id table and checks its vocabulary
+    against the config's model;
+  - restores the newest checkpoint in WORKDIR/checkpoints if there is one (params, optimizer,
+    MoE biases and the grain iterator state, saved together by orbax), so a restarted run simply
+    continues;
+  - dispatches step N before reading step N-1's metrics (the host never waits on the device
+    except at logs and saves); a NaN/Inf loss stops the run with an error that names the step
+    and the last good checkpoint, and no checkpoint is written after it;
+  - SIGTERM (preemption) saves the current step and returns cleanly;
+  - writes TensorBoard scalars (train/, perf/, moe/), metrics.jsonl, and summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from onerec_jax.data import pipeline, schema
+from onerec_jax.data.sources import open_source
+from onerec_jax.model.moe import MoEConfig
+from onerec_jax.model.user_encoder import EncoderConfig
+from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.tokenizer.semantic_ids import SemanticIds
+from onerec_jax.train import step as step_lib
+from onerec_jax.train.logging import MetricWriter
+
+
+class AddCodes(grain.transforms.Map):
+    """Adds `target_codes` [B, M, Q] (the table's codes of target_item; -1 rows for padding)."""
+
+    def __init__(self, codes: np.ndarray):
+        self.codes = codes
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["target_codes"] = self.codes[batch["target_item"]]
+        return batch
+
+
+def _table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> SemanticIds:
+    path = pathlib.Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else workdir / "tokenizer"
+    if cfg.tokenizer_dir or (path / "semantic_ids.npz").exists():
+        return SemanticIds.load(path)
+    from onerec_jax.tokenizer import build
+
+    tcfg = build.get_config()
+    tcfg.seed = cfg.seed
+    tcfg.rq.n_codes = cfg.tokenizer_codes
+    build.tokenize(cfg.source, path, tcfg, progress=True)
+    return SemanticIds.load(path)
+
+
+def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, ...]) -> OneRecV1:
+    m = cfg.model
+    enc = EncoderConfig(
+        d_model=m.d_model,
+        n_layers=m.enc_layers,
+        n_heads=m.n_heads,
+        d_ff=m.d_ff,
+        n_queries=m.n_queries,
+        author_dim=m.author_dim,
+        feature_dim=m.feature_dim,
+        n_items=source.n_items,
+        n_authors=source.n_authors,
+        n_tags=source.n_tags,
+        short_len=cfg.data.short_len,
+        pos_len=cfg.data.pos_len,
+        life_len=cfg.data.life_len,
+    )
+    moe = None
+    if m.moe_experts:
+        moe = MoEConfig(n_experts=m.moe_experts, top_k=m.moe_top_k, d_ff=m.d_ff)
+    v1 = V1Config(
+        encoder=enc,
+        dec_layers=m.dec_layers,
+        n_heads=m.n_heads,
+        d_ff=m.d_ff,
+        moe=moe,
+        vocab=tuple(vocab),
+        max_targets=cfg.data.max_targets,
+        session_wise=m.session_wise,
+        loss=m.loss,
+    )
+    return OneRecV1(v1, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32)
+
+
+def _spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
+    d = cfg.data
+    return schema.SchemaSpec(
+        short_len=d.short_len, pos_len=d.pos_len, life_len=d.life_len, max_targets=d.max_targets
+    )
+
+
+def _zero_batch(spec: schema.SchemaSpec, b: int, q: int) -> dict[str, np.ndarray]:
+    out = {k: np.zeros((b, *shape), dt) for k, (shape, dt) in spec.shapes().items()}
+    out["target_codes"] = np.zeros((b, spec.max_targets, q), np.int32)
+    return out
+
+
+def _check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    path = workdir / "config.json"
+    text = cfg.to_json(indent=2, sort_keys=True) + "\n"
+    if path.exists():
+        old = json.loads(path.read_text())
+        new = json.loads(text)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # Only the step budget may change between a run and its resumption.
+        changed = [k for k in changed if k != "steps"]
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a run with a different config (fields {changed}); "
+                "use a new --workdir or the same config"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Run (or resume) training; returns the summary written to WORKDIR/summary.json."""
+    workdir = pathlib.Path(workdir)
+    _check_workdir_config(cfg, workdir)
+    source = open_source(cfg.source, seed=cfg.seed, split="train")
+    table = _table(cfg, workdir)
+    if table.n_items != source.n_items:
+        raise ValueError(
+            f"tokenizer table covers {table.n_items} items but {cfg.source} has {source.n_items}"
+        )
+    model = build_model(cfg, source, table.vocab)
+    spec = _spec(cfg)
+    ocfg = step_lib.OptimConfig(
+        learning_rate=cfg.optim.learning_rate,
+        warmup_steps=cfg.optim.warmup_steps,
+        total_steps=cfg.steps,
+        weight_decay=cfg.optim.weight_decay,
+        clip_norm=cfg.optim.clip_norm,
+        grad_accum=cfg.optim.grad_accum,
+    )
+    tx, schedule = step_lib.make_optimizer(ocfg)
+    q = table.n_levels
+    state = step_lib.init_state(
+        model, tx, jax.tree.map(jnp.asarray, _zero_batch(spec, 2, q)), jax.random.key(cfg.seed)
+    )
+    n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    ds = pipeline.make_dataset(
+        source,
+        spec,
+        pipeline.PipelineConfig(batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers),
+        transform=AddCodes(table.codes),
+    )
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
+    mngr = ocp.CheckpointManager(
+        workdir / "checkpoints", item_names=("state", "data"), options=options
+    )
+    it = iter(ds)
+    start = mngr.latest_step() or 0
+    if start:
+        restored = mngr.restore(
+            start,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(it)
+            ),
+        )
+        state = restored["state"]
+    metrics_path = workdir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    fn = step_lib.jit_train_step(model, tx, schedule, ocfg)
+
+    stop = {"signal": None}
+    old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    kill_at = int(os.environ.get("ONEREC_TEST_SIGKILL_AT_STEP", "0"))  # crash tests only
+    writer = MetricWriter(workdir / "tb")
+    if start == 0:
+        writer.hparams(cfg.to_dict() | {"params": n_params})
+    items_seen = 0.0
+    last_loss = float("nan")
+    pending: tuple[int, Any] | None = None
+    t0 = time.perf_counter()
+    status = "finished"
+
+    def save(step: int, state: Any) -> None:
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)
+            ),
+            force=True,
+        )
+        mngr.wait_until_finished()
+
+    def flush(step: int, metrics: Any) -> None:
+        nonlocal items_seen, last_loss
+        m = {k: np.asarray(v) for k, v in metrics.items()}
+        loss = float(m["train/loss"])
+        if not math.isfinite(loss):
+            good = mngr.latest_step()
+            raise FloatingPointError(
+                f"train loss is {loss} at step {step}; stopping. Last good checkpoint: "
+                f"{'none' if good is None else f'step {good}'} in {workdir / 'checkpoints'}"
+            )
+        items_seen += float(m["train/items"])
+        last_loss = loss
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+            dt = time.perf_counter() - t0
+            scalars["perf/steps_per_s"] = (step - start) / max(dt, 1e-9)
+            writer.scalars(step, scalars)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+
+    try:
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train")
+        for step in bar:
+            batch = jax.tree.map(jnp.asarray, next(it))
+            new_state, metrics = fn(
+                state, batch, jax.random.fold_in(jax.random.key(cfg.seed), step)
+            )
+            state = new_state
+            if pending is not None:
+                flush(*pending)  # step N-1's metrics, while step N runs
+            pending = (step + 1, metrics)
+            if kill_at and step + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                flush(*pending)  # never checkpoint a state whose loss was not finite
+                pending = None
+                save(step + 1, state)
+            if stop["signal"] is not None:
+                if pending is not None:
+                    flush(*pending)
+                    pending = None
+                save(step + 1, state)
+                status = "preempted"
+                break
+            bar.set_postfix(loss=f"{last_loss:.3f}")
+        if pending is not None:
+            flush(*pending)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        writer.close()
+        with contextlib.suppress(Exception):
+            mngr.close()
+    summary = {
+        "status": status,
+        "step": int(state.step),
+        "params_total": n_params,
+        "final_train_loss": last_loss,
+        "items_seen_this_run": items_seen,
+        "tokens_seen_this_run": items_seen * q,
+        "vocab": list(table.vocab),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drop lines logged after the checkpoint a resumed run starts from (a killed run may have
+    written them), so metrics.jsonl reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
