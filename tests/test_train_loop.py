@@ -1,0 +1,99 @@
+"""The training loop end to end: SIGKILL then resume equals an uninterrupted run; bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from onerec_jax import config as config_lib
+from onerec_jax.tokenizer.semantic_ids import SemanticIds
+from onerec_jax.train import loop
+
+CONFIG = "experiments/v1_world_tiny.py"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table(out, n_items, seed=0):
+    """A semantic-id table without the tokenizer's cost (its own tests cover the tokenizer)."""
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.integers(0, 16, n_items) for _ in range(3)], 1)
+    SemanticIds.from_codes(codes, (16, 16, 16)).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return _table(tmp_path_factory.mktemp("tok"), 500)  # world:tiny has 500 items
+
+
+def _train(workdir, tok, *extra, env=None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "onerec_jax.cli",
+        "train",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        f"--config.tokenizer_dir={tok}",
+        "--config.steps=12",
+        "--config.checkpoint_every=4",
+        "--config.log_every=1",
+        "--config.batch_size=8",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines)}
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = _train(a, tokenizer_dir)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _train(b, tokenizer_dir, env={"ONEREC_TEST_SIGKILL_AT_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+    resumed = _train(b, tokenizer_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    la, lb = _losses(a), _losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 13))
+    assert la == lb  # bit-identical: same state, same data order, same program
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["step"] == 12 and summary["status"] == "finished"
+
+
+def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):
+    base = config_lib.load_file(os.path.join(ROOT, CONFIG))
+    with pytest.raises(config_lib.ConfigError, match="unknown config field"):
+        config_lib.apply_overrides(base, ["model.d_modl=3"])
+    cfg = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, [])
+    # A table whose catalogue is not the source's.
+    cfg.tokenizer_dir = str(_table(tmp_path / "other_tok", 1682))
+    with pytest.raises(ValueError, match="covers 1682 items"):
+        loop.train(cfg, tmp_path / "run")
+    missing = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, [])
+    missing.tokenizer_dir = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no semantic-id table"):
+        loop.train(missing, tmp_path / "run2")
+    # A workdir holding another config's run is refused and left as it was.
+    changed = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, ["model.d_model=64"])
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match="different config"):
+        loop.train(changed, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_text() == before
