@@ -62,6 +62,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from onerec_jax.train.evaluation import evaluate_run
+
+    metrics = evaluate_run(args.workdir, args.split, beam=args.beam)
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:12s} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="an experiments/*.py file with get_config()")
     tr.add_argument("--workdir", required=True, help="checkpoints, logs and summary go here")
     tr.set_defaults(fn=_train)
+
+    evp = sub.add_parser("eval", help="Recall/NDCG@K of a run's newest checkpoint")
+    evp.add_argument("--workdir", required=True)
+    evp.add_argument("--split", choices=("validation", "test"), default="test")
+    evp.add_argument("--beam", type=int, default=128, help="beam width of the search")
+    evp.add_argument("--json", action="store_true", help="print one JSON object")
+    evp.set_defaults(fn=_eval)
     return parser
 
 
