@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import tiny_encoder
 
 from onerec_jax.data import schema, sources
 from onerec_jax.generate import beam_search
-from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 
@@ -24,17 +24,7 @@ def setup():
     # 40 items over a 5 x 4 x 3 code space: a sparse trie with uneven fan-out.
     codes = np.stack([rng.integers(0, k, N_ITEMS) for k in (5, 4, 3)], 1)
     table = SemanticIds.from_codes(codes, (5, 4, 3))
-    enc = EncoderConfig(
-        n_items=src.n_items,
-        n_authors=src.n_authors,
-        n_tags=src.n_tags,
-        pos_len=8,
-        life_len=16,
-        n_queries=4,
-        d_model=32,
-        d_ff=64,
-        n_layers=1,
-    )
+    enc = tiny_encoder(src, 8, 16)
     model = OneRecV1(V1Config(encoder=enc, vocab=table.vocab, d_ff=64, dec_layers=2, max_targets=1))
     dummy = jnp.zeros((3, 1, table.n_levels), jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), inputs, dummy)

@@ -11,7 +11,7 @@ import pytest
 
 from onerec_jax import config as config_lib
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
-from onerec_jax.train import loop
+from onerec_jax.train import evaluation, loop
 
 CONFIG = "experiments/v1_world_tiny.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +76,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
     assert la == lb  # bit-identical: same state, same data order, same program
     summary = json.loads((b / "summary.json").read_text())
     assert summary["step"] == 12 and summary["status"] == "finished"
+    # The resumed run evaluates through the CLI path's function: real items, metrics in range.
+    m = evaluation.evaluate_run(b, "test", beam=8, max_requests=8)
+    assert m["step"] == 12 and m["n_requests"] == 8
+    assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["recall@10"] <= m["recall@50"] <= 1.0
 
 
 def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):
@@ -97,3 +101,24 @@ def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="different config"):
         loop.train(changed, tmp_path / "run")
     assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tokenizer_dir):
+    overrides = [
+        f"tokenizer_dir={tokenizer_dir}",
+        "steps=8",
+        "checkpoint_every=2",
+        "log_every=1",
+        "batch_size=8",
+        "optim.learning_rate=1e30",  # diverges within a few steps
+        "optim.warmup_steps=1",
+        "optim.clip_norm=1e30",
+    ]
+    cfg = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, overrides)
+    with pytest.raises(FloatingPointError, match=r"at step (\d+); stopping\. Last good checkpoint"):
+        loop.train(cfg, tmp_path)
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    losses = _losses(tmp_path)
+    # Every checkpoint on disk was taken at a step whose loss was finite.
+    assert saved and all(np.isfinite(losses[s]) for s in saved)
+    assert not saved or max(saved) < 8

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import tiny_encoder
 
 from onerec_jax.data import schema, sources
 from onerec_jax.model.moe import MoEConfig
-from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
 from onerec_jax.train import step as step_lib
 
@@ -26,17 +26,7 @@ def setup():
     batch = {k: jnp.asarray(v) for k, v in b.items()}
     batch["target_codes"] = jnp.asarray(codes)
     assert not bool(batch["target_mask"].all())  # some padded targets, so weighting matters
-    enc = EncoderConfig(
-        n_items=src.n_items,
-        n_authors=src.n_authors,
-        n_tags=src.n_tags,
-        pos_len=8,
-        life_len=16,
-        n_queries=4,
-        d_model=32,
-        d_ff=64,
-        n_layers=1,
-    )
+    enc = tiny_encoder(src, 8, 16)
     return enc, batch
 
 

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _models import tiny_encoder
 
 from onerec_jax import sharding
 from onerec_jax.data import schema, sources
 from onerec_jax.model.moe import MoEConfig
-from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config, loss_fn
 
 SPEC = schema.SchemaSpec(pos_len=16, life_len=32)
@@ -21,17 +21,7 @@ def batch():
     src = sources.open_source("world:tiny")
     raw = src.raw_batch(np.arange(4), max_events=SPEC.history_window, spec=SPEC)
     b = schema.build_batch(raw, SPEC)
-    enc = EncoderConfig(
-        n_items=src.n_items,
-        n_authors=src.n_authors,
-        n_tags=src.n_tags,
-        pos_len=16,
-        life_len=32,
-        n_queries=4,
-        d_model=32,
-        d_ff=64,
-        n_heads=4,
-    )
+    enc = tiny_encoder(src, 16, 32, n_layers=2)
     codes = np.asarray(jax.random.randint(jax.random.key(7), (4, 5, 4), 0, 3))
     x = {k: jnp.asarray(v) for k, v in b.items() if k not in ("user_id", "request_ts")}
     return enc, x, jnp.asarray(codes)

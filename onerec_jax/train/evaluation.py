@@ -38,8 +38,14 @@ def _drop_seen(items_BxW: np.ndarray, raw: dict[str, Any], k: int) -> np.ndarray
 
 
 def evaluate_run(
-    workdir: str | pathlib.Path, split: str = "test", beam: int = 128, batch: int = 64
+    workdir: str | pathlib.Path,
+    split: str = "test",
+    beam: int = 128,
+    batch: int = 64,
+    max_requests: int | None = None,
 ) -> dict[str, Any]:
+    """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
+    `max_requests`, default 2048, of the world's unbounded splits)."""
     workdir = pathlib.Path(workdir)
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
@@ -64,6 +70,8 @@ def evaluate_run(
     trie = table.trie()
     src = open_source(cfg.source, seed=cfg.seed, split=split)
     n = len(src) if src.kind != "world" else 2048  # the world's splits are unbounded
+    n = min(n, max_requests or n)
+    batch = min(batch, n)
     ranked, targets, masks = [], [], []
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
