@@ -22,8 +22,8 @@ demo: install
 	$(BIN)/onerec demo
 
 test: install
-	$(BIN)/ruff check onerec_jax scaling tests benchmarks
-	$(BIN)/ruff format --check onerec_jax scaling tests benchmarks
+	$(BIN)/ruff check onerec_jax scaling tests benchmarks experiments
+	$(BIN)/ruff format --check onerec_jax scaling tests benchmarks experiments
 	$(BIN)/python -m pytest -q
 
 test-slow: install
