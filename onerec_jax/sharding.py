@@ -22,7 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -81,12 +81,3 @@ def shardings(boxed: Any, mesh: Mesh) -> Any:
     check_logical(boxed)
     specs = nn.get_partition_spec(boxed)
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
-
-
-def activation_spec(*names: str | None) -> PartitionSpec:
-    """Mesh PartitionSpec of an activation with these logical names."""
-    return nn.logical_to_mesh_axes(names, LOGICAL_RULES)
-
-
-def named(mesh: Mesh, *names: str | None) -> NamedSharding:
-    return NamedSharding(mesh, activation_spec(*names))

@@ -53,13 +53,12 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def auto_codes(n_items: int, n_levels: int = 3) -> int:
+def auto_codes(n_items: int) -> int:
     """Codes per level for a catalogue: the power of two nearest sqrt(n_items), in [2, 8192].
 
     sqrt(n) codes put ~sqrt(n) items in each first-level code and make the Q-level tuple space
     (n^{Q/2}) far larger than the catalogue, so collisions are rare; 8192 is the paper's size.
     """
-    del n_levels
     return int(min(8192, max(2, 2 ** round(math.log2(max(n_items, 4)) / 2))))
 
 
@@ -105,7 +104,7 @@ def _tokenize(source_name: str, cfg: Any, writer: MetricWriter, progress: bool) 
     x = emb[1:]
 
     rq = cfg.rq.to_dict()
-    rq["n_codes"] = rq["n_codes"] or auto_codes(n_items, rq["n_levels"])
+    rq["n_codes"] = rq["n_codes"] or auto_codes(n_items)
     if rq["n_codes"] > n_items:
         raise ValueError(f"rq.n_codes={rq['n_codes']} > {n_items} items: lower it")
     rcfg = rq_kmeans.RQKMeansConfig(**{**rq, "seed": cfg.seed})

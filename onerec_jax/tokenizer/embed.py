@@ -17,6 +17,7 @@ w = `content_weight`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -148,6 +149,14 @@ class _Aligner(nn.Module):
         return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-12)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def _hits(e: jax.Array, a: jax.Array, b: jax.Array, k: int) -> jax.Array:
+    """Whether b is among the k nearest rows of e to a (cosine; a itself and padding excluded)."""
+    rows = jnp.arange(a.shape[0])
+    s = (e[a] @ e.T).at[:, 0].set(-jnp.inf).at[rows, a].set(-jnp.inf)
+    return jnp.sum(s > s[rows, b][:, None], axis=1) < k
+
+
 def neighbour_recall(emb: np.ndarray, pairs: np.ndarray, k: int) -> float | None:
     """Share of pairs (a, b) with b among the k nearest items of a (cosine, a excluded)."""
     if len(pairs) == 0:
@@ -156,16 +165,9 @@ def neighbour_recall(emb: np.ndarray, pairs: np.ndarray, k: int) -> float | None
         raise ValueError("neighbour_recall: embeddings are not finite")
     e = jnp.asarray(_unit(emb))
     a, b = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
-
-    @jax.jit
-    def hits(a: jax.Array, b: jax.Array) -> jax.Array:
-        s = e[a] @ e.T
-        s = s.at[:, 0].set(-jnp.inf)  # padding row
-        s = s.at[jnp.arange(a.shape[0]), a].set(-jnp.inf)
-        target = s[jnp.arange(a.shape[0]), b]
-        return jnp.sum(s > target[:, None], axis=1) < k
-
-    out = [np.asarray(hits(a[i : i + 512], b[i : i + 512])) for i in range(0, len(pairs), 512)]
+    out = [
+        np.asarray(_hits(e, a[i : i + 512], b[i : i + 512], k)) for i in range(0, len(pairs), 512)
+    ]
     return float(np.concatenate(out).mean())
 
 

@@ -306,26 +306,30 @@ def fit(
     return RQKMeans(books), np.asarray(jnp.stack(codes, axis=1))
 
 
-def level_metrics(
-    x: np.ndarray, codes: np.ndarray, codebooks: list[Any], n_codes: list[int] | None = None
-) -> dict[str, list[float]]:
-    """Per level: utilisation, perplexity, largest load / ideal load, and the relative squared
-    reconstruction error sum |x - x_hat_l|^2 / sum |x|^2 after levels 0..l (float64)."""
-    x = np.asarray(x, np.float64)
+def code_usage(codes: np.ndarray, n_codes: int) -> dict[str, list[float]]:
+    """Per level: utilisation (share of codes used), perplexity, largest load / ideal load."""
     codes = np.asarray(codes)
-    n = len(x)
+    n = len(codes)
+    out: dict[str, list[float]] = {"utilisation": [], "perplexity": [], "max_load": []}
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=n_codes).astype(np.float64)
+        q = counts[counts > 0] / n
+        out["utilisation"].append(float(np.count_nonzero(counts) / n_codes))
+        out["perplexity"].append(float(math.exp(-np.sum(q * np.log(q)))))
+        out["max_load"].append(float(counts.max() / (n / n_codes)))
+    return out
+
+
+def level_metrics(x: np.ndarray, codes: np.ndarray, codebooks: list[Any]) -> dict[str, list[float]]:
+    """`code_usage` plus the relative squared reconstruction error sum |x - x_hat_l|^2 / sum |x|^2
+    after levels 0..l (float64)."""
+    x = np.asarray(x, np.float64)
+    out = code_usage(codes, len(codebooks[0]))
     total = float(np.sum(x * x))
     recon = np.zeros_like(x)
-    out: dict[str, list[float]] = {"utilisation": [], "perplexity": [], "max_load": []}
     out["recon_error"] = []
     for level, book in enumerate(codebooks):
-        k = len(book) if n_codes is None else n_codes[level]
-        counts = np.bincount(codes[:, level], minlength=k).astype(np.float64)
-        q = counts[counts > 0] / n
-        out["utilisation"].append(float(np.count_nonzero(counts) / k))
-        out["perplexity"].append(float(math.exp(-np.sum(q * np.log(q)))))
-        out["max_load"].append(float(counts.max() / (n / k)))
-        recon += np.asarray(book, np.float64)[codes[:, level]]
+        recon += np.asarray(book, np.float64)[np.asarray(codes)[:, level]]
         err = float(np.sum((x - recon) ** 2))
         out["recon_error"].append(err / total if total > 0 else 0.0)
     return out

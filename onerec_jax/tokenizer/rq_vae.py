@@ -138,7 +138,7 @@ def fit(
     codes = np.concatenate([np.asarray(o[1]) for o in outs])
     xs = np.asarray(x, np.float64)
     total = float(np.sum(xs * xs))
-    lm = rq_kmeans.level_metrics(xs, codes, [np.zeros((cfg.n_codes, 1))] * cfg.n_levels)
+    lm = rq_kmeans.code_usage(codes, cfg.n_codes)
     metrics = {
         "utilisation": lm["utilisation"],
         "perplexity": lm["perplexity"],

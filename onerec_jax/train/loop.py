@@ -100,14 +100,14 @@ def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, .
     return OneRecV1(v1, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32)
 
 
-def _spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
+def schema_spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
     d = cfg.data
     return schema.SchemaSpec(
         short_len=d.short_len, pos_len=d.pos_len, life_len=d.life_len, max_targets=d.max_targets
     )
 
 
-def _zero_batch(spec: schema.SchemaSpec, b: int, q: int) -> dict[str, np.ndarray]:
+def zero_batch(spec: schema.SchemaSpec, b: int, q: int) -> dict[str, np.ndarray]:
     out = {k: np.zeros((b, *shape), dt) for k, (shape, dt) in spec.shapes().items()}
     out["target_codes"] = np.zeros((b, spec.max_targets, q), np.int32)
     return out
@@ -144,7 +144,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             f"tokenizer table covers {table.n_items} items but {cfg.source} has {source.n_items}"
         )
     model = build_model(cfg, source, table.vocab)
-    spec = _spec(cfg)
+    spec = schema_spec(cfg)
     ocfg = step_lib.OptimConfig(
         learning_rate=cfg.optim.learning_rate,
         warmup_steps=cfg.optim.warmup_steps,
@@ -156,7 +156,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     tx, schedule = step_lib.make_optimizer(ocfg)
     q = table.n_levels
     state = step_lib.init_state(
-        model, tx, jax.tree.map(jnp.asarray, _zero_batch(spec, 2, q)), jax.random.key(cfg.seed)
+        model, tx, jax.tree.map(jnp.asarray, zero_batch(spec, 2, q)), jax.random.key(cfg.seed)
     )
     n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     ds = pipeline.make_dataset(

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,6 @@ class TrainState:
 
 def init_state(model: Any, tx: optax.GradientTransformation, batch: dict, key: jax.Array):
     """A fresh state (unboxed float32 parameters) for `model` on inputs shaped like `batch`."""
-    from flax import linen as nn
-
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     # Jitted: op-by-op initialisation of a model this size takes seconds of dispatch.
     variables = nn.unbox(jax.jit(model.init)(key, inputs, batch["target_codes"]))
