@@ -8,6 +8,7 @@ from _models import tiny_encoder
 
 from onerec_jax.data import schema, sources
 from onerec_jax.generate import beam_search
+from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 
@@ -74,3 +75,88 @@ def test_vocab_mismatch_is_an_error(setup):
     other = SemanticIds.from_codes(np.array([[0, 1], [1, 0]]), (2, 2))
     with pytest.raises(ValueError, match="vocab"):
         beam_search(model, variables, inputs, other.trie(), 4)
+
+
+def test_beam_512_on_a_smaller_catalogue(setup, exact):
+    """The widest beam the issue names: every item found once, the rest empty (-inf)."""
+    model, variables, inputs, table = setup
+    out = beam_search(model, variables, inputs, table.trie(), 512)
+    items, logp = np.asarray(out["items"]), np.asarray(out["logprob"])
+    n = table.n_items
+    assert items.shape == (3, 512)
+    for u in range(3):
+        assert sorted(items[u][:n].tolist()) == list(range(1, n + 1))
+        assert items[u][0] == np.argmax(exact[u]) + 1
+    assert (items[:, n:] == 0).all() and np.isneginf(logp[:, n:]).all()
+
+
+@pytest.mark.parametrize("session_wise", [False, True])
+def test_cached_step_equals_full_prefix_logits(setup, session_wise):
+    """One position at a time through the KV cache gives the logits of the whole prefix."""
+    _, _, inputs, table = setup
+    src = sources.open_source("world:tiny")
+    cfg = V1Config(
+        encoder=tiny_encoder(src, 8, 16),
+        vocab=table.vocab,
+        d_ff=64,
+        max_targets=2,
+        session_wise=session_wise,
+        moe=MoEConfig(n_experts=4, top_k=2, d_ff=32),
+    )
+    model = OneRecV1(cfg)
+    codes = jnp.asarray(table.codes[1:7].reshape(3, 2, table.n_levels))
+    variables = jax.jit(model.init)(jax.random.key(1), inputs, codes)
+    g = 1 if session_wise else 2
+    ids = (codes + jnp.asarray(cfg.offsets)[None, None, :]).reshape(3 * g, -1)
+    bos = jnp.full((3 * g, 1), cfg.n_tokens - 1, jnp.int32)
+    inp = jnp.concatenate([bos, ids[:, :-1]], axis=1)
+
+    @jax.jit
+    def both(variables):
+        mem, mask = model.apply(variables, inputs, method=OneRecV1.encode)
+        full, _ = model.apply(variables, mem, mask, inp, method=OneRecV1.logits)
+        cache = model.apply(variables, mem, mask, 3 * g, method=OneRecV1.init_cache)
+
+        def one(cache, p):
+            lg, cache = model.apply(variables, cache, inp[:, p], p, method=OneRecV1.step)
+            return cache, lg
+
+        _, steps = jax.lax.scan(one, cache, jnp.arange(inp.shape[1]))
+        return full, jnp.swapaxes(steps, 0, 1)
+
+    full, steps = both(variables)
+    np.testing.assert_allclose(np.asarray(steps), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def test_session_wise_search_finds_the_exact_top_sessions(setup):
+    """A session-wise model over 10 items, sessions of 2: beam 100 covers every ordered pair,
+    and its ranking equals exhaustive scoring of all 100 sessions."""
+    _, _, inputs, _ = setup
+    src = sources.open_source("world:tiny")
+    rng = np.random.default_rng(1)
+    codes = np.stack([rng.integers(0, k, 10) for k in (3, 2, 2)], 1)
+    table = SemanticIds.from_codes(codes, (3, 2, 2))
+    n, q = table.n_items, table.n_levels
+    cfg = V1Config(
+        encoder=tiny_encoder(src, 8, 16),
+        vocab=table.vocab,
+        d_ff=64,
+        max_targets=2,
+        session_wise=True,
+    )
+    model = OneRecV1(cfg)
+    pairs = np.array([(a, b) for a in range(1, n + 1) for b in range(1, n + 1)])
+    variables = jax.jit(model.init)(jax.random.key(2), inputs, jnp.zeros((3, 2, q), jnp.int32))
+    rows = jax.tree.map(lambda x: jnp.repeat(x, len(pairs), axis=0), inputs)
+    session_codes = jnp.asarray(np.tile(table.lookup(pairs), (3, 1, 1)))
+    nll, _ = jax.jit(model.apply)(variables, rows, session_codes)
+    exact = -np.asarray(nll).sum(axis=(1, 2)).reshape(3, len(pairs))
+    out = beam_search(model, variables, inputs, table.trie(), len(pairs))
+    sessions, logp = np.asarray(out["sessions"]), np.asarray(out["logprob"])
+    index = {tuple(p): i for i, p in enumerate(pairs.tolist())}
+    for u in range(3):
+        found = [index[tuple(s)] for s in sessions[u].tolist()]
+        assert sorted(found) == list(range(len(pairs)))
+        np.testing.assert_allclose(logp[u], exact[u][found], rtol=1e-4, atol=1e-4)
+        assert np.all(np.diff(logp[u]) <= 1e-5)
+    np.testing.assert_array_equal(np.asarray(out["items"]), sessions[:, :, 0])

@@ -7,8 +7,9 @@ Position p predicts the code at p + 1; token ids of level l live at offset(l) + 
 embedding table, and level l's logits are the slice [offset(l), offset(l) + V_l) of one head.
 
 Blocks (pre-norm, scanned over layers): causal self-attention -> cross-attention to the user
-memory -> SwiGLU FFN or MoE. Cross-attention K/V are projected once per user and repeated over
-its m targets. Loss: the sum over levels of the next-token cross-entropy (the report), or their
+memory -> SwiGLU FFN or MoE. Cross-attention K/V are projected once per user; the user's m
+target sequences (or W beams) are folded into the query axis instead of copying them.
+Generation uses `init_cache` + `step`: a self-attention KV cache, one position per call. Loss: the sum over levels of the next-token cross-entropy (the report), or their
 mean; averaged over valid target items.
 """
 
@@ -61,29 +62,57 @@ class V1Config:
 
 
 class _DecoderBlock(nn.Module):
+    """One decoder block in three modes, chosen by the (static) structure of its inputs:
+
+    train    x [N, T, D] whole sequences, `shared` = {mem, causal, cross}; `layer` = None.
+    project  `shared` = {mem, project: True}: returns this layer's cross-attention K/V of the
+             user memory (generation computes them once per user, never per beam).
+    step     x [N, 1, D] one new token per row, `layer` = {k, v (self-attention cache
+             [N, T_max, H, K]), ck, cv (cross K/V [B, S, H, K])}, `shared` = {cross, pos}.
+
+    The N = G * B rows of the G sequences of each user are folded into the query axis of the
+    cross-attention ([B, G * T, D] queries against that user's [B, S] memory), so user K/V are
+    never repeated per target item or per beam.
+    """
+
     cfg: V1Config
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, mem: jax.Array, masks: tuple) -> tuple[jax.Array, Any]:
+    def __call__(self, x: jax.Array, layer: Any, shared: dict[str, Any]) -> tuple[jax.Array, Any]:
         c = self.cfg
-        causal, cross = masks
-        h = RMSNorm(dtype=self.dtype)(x)
-        x = x + Attention(c.n_heads, c.d_model, dtype=self.dtype, name="self_attn")(h, h, causal)
-        h = RMSNorm(dtype=self.dtype)(x)
+        self_attn = Attention(c.n_heads, c.d_model, dtype=self.dtype, name="self_attn")
         cross_attn = Attention(c.n_heads, c.d_model, dtype=self.dtype, name="cross_attn")
-        # Project the user memory once per user, then share it with the user's sequences.
-        groups = x.shape[0] // mem.shape[0]
-        k, v = cross_attn.project_kv(mem)
-        kv = (jnp.repeat(k, groups, axis=0), jnp.repeat(v, groups, axis=0))
-        x = x + cross_attn(h, kv, cross)
+        if shared.get("project"):
+            return x, cross_attn.project_kv(shared["mem"])
+        n, t, d = x.shape
+        h = RMSNorm(dtype=self.dtype)(x)
+        cache = None
+        if layer is None:
+            x = x + self_attn(h, h, shared["causal"])
+            mem_kv = shared["mem"]
+        else:
+            k, v = self_attn.project_kv(h)  # the new token's K/V, written at position `pos`
+            pos = shared["pos"]
+            cache = (
+                jax.lax.dynamic_update_slice_in_dim(layer["k"], k, pos, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(layer["v"], v, pos, axis=1),
+            )
+            visible = jnp.arange(cache[0].shape[1]) <= pos
+            mask = jnp.broadcast_to(visible[None, None, :], (n, 1, visible.shape[0]))
+            x = x + self_attn(h, cache, mask)
+            mem_kv = (layer["ck"], layer["cv"])
+        h = RMSNorm(dtype=self.dtype)(x)
+        b = shared["cross"].shape[0]
+        folded = h.reshape(b, (n // b) * t, d)  # the user's G sequences share one memory
+        x = x + cross_attn(folded, mem_kv, shared["cross"]).reshape(n, t, d)
         h = RMSNorm(dtype=self.dtype)(x)
         if c.moe is None:
             y, stats = SwiGLU(c.d_ff, dtype=self.dtype)(h), None
         else:
             y, stats = MoE(c.moe, dtype=self.dtype)(h)
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
-        return x, stats
+        return x, (stats, cache)
 
 
 class OneRecV1(nn.Module):
@@ -110,7 +139,7 @@ class OneRecV1(nn.Module):
             _DecoderBlock,
             variable_axes={"params": 0, "moe_bias": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast),
             length=c.dec_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype)
@@ -171,9 +200,35 @@ class OneRecV1(nn.Module):
         x = self.tokens(tokens_NxT).astype(self.dtype) + pos[None]
         causal = jnp.tril(jnp.ones((length, length), bool))[None]
         causal = jnp.broadcast_to(causal, (n, length, length))
-        cross = jnp.repeat(mem_mask[:, None, :], n // mem.shape[0], axis=0)
-        x, stats = self.blocks(x, mem, (causal, cross))
+        shared = {"mem": mem, "causal": causal, "cross": mem_mask[:, None, :]}
+        x, (stats, _) = self.blocks(x, None, shared)
         return self.head(self.final_norm(x)).astype(jnp.float32), stats
+
+    def init_cache(self, mem: jax.Array, mem_mask: jax.Array, rows: int) -> dict[str, jax.Array]:
+        """Decoding state for `rows` = G * B sequences (G per user, contiguous): every layer's
+        cross-attention K/V of the memory (once per user) and an empty self-attention cache."""
+        c = self.cfg
+        dummy = jnp.zeros((1, 1, c.d_model), self.dtype)
+        _, (ck, cv) = self.blocks(dummy, None, {"mem": mem, "project": True})
+        hd = c.d_model // c.n_heads
+        shape = (c.dec_layers, rows, self._seq_len(), c.n_heads, hd)
+        zeros = jnp.zeros(shape, self.dtype)
+        return {"k": zeros, "v": zeros, "ck": ck, "cv": cv, "mem_mask": mem_mask}
+
+    def step(
+        self, cache: dict[str, jax.Array], tokens_N: jax.Array, pos: jax.Array | int
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits [N, n_tokens] of the next token after feeding `tokens` (token-table ids) at
+        position `pos`, and the cache with that position written. Equal to `logits` on the
+        whole prefix (tested), at the cost of one position instead of pos + 1."""
+        pos = jnp.asarray(pos, jnp.int32)
+        p = jax.lax.dynamic_slice_in_dim(self.positions, pos, 1, axis=0).astype(self.dtype)
+        x = self.tokens(tokens_N[:, None]).astype(self.dtype) + p[None]
+        layer = {k: cache[k] for k in ("k", "v", "ck", "cv")}
+        shared = {"cross": cache["mem_mask"][:, None, :], "pos": pos}
+        x, (_, (k, v)) = self.blocks(x, layer, shared)
+        logits = self.head(self.final_norm(x)).astype(jnp.float32)[:, 0]
+        return logits, {**cache, "k": k, "v": v}
 
 
 def loss_fn(

@@ -1,7 +1,8 @@
 """`onerec eval`: restore a run's newest checkpoint and rank a split with constrained beam search.
 
-Each request's beam (default 128 items) is filtered of the items the user interacted with before
-the target, then cut to K_max = 50 and scored with `onerec_jax.evaluate.rank_metrics` (the same
+Each request's beam (default 128 items; a session-wise model's sessions are read item by item,
+best session first) is filtered of the items the user interacted with before the target and of
+repeats, then cut to K_max = 50 and scored with `onerec_jax.evaluate.rank_metrics` (the same
 code that scores the popularity and item-kNN baselines).
 """
 
@@ -32,7 +33,13 @@ def _drop_seen(items_BxW: np.ndarray, raw: dict[str, Any], k: int) -> np.ndarray
     out = np.zeros((len(items_BxW), k), np.int64)
     for i, row in enumerate(items_BxW):  # host-side list filtering, B rows per batch
         seen = set(raw["hist_item"][off[i] : off[i + 1]].tolist())
-        keep = [x for x in row.tolist() if x > 0 and x not in seen][:k]
+        keep = []
+        for x in row.tolist():
+            if x > 0 and x not in seen:
+                keep.append(x)
+                seen.add(x)  # a session-wise beam can repeat an item: rank it once
+            if len(keep) == k:
+                break
         out[i, : len(keep)] = keep
     return out
 
@@ -84,7 +91,9 @@ def evaluate_run(
             if k not in ("user_id", "request_ts")
         }
         out = beam_search(model, variables, inputs, trie, beam)
-        items = np.asarray(out["items"])[: len(idx)]
+        # Session-wise models: the items of the sessions, best session first.
+        items = np.asarray(out["sessions" if "sessions" in out else "items"])[: len(idx)]
+        items = items.reshape(len(idx), -1)
         ranked.append(_drop_seen(items, raw, max(ev.KS)))
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
