@@ -9,6 +9,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # model init, world and shuffle seed
+    c.rung = ""  # a named size from scaling/ladder.py; sets model.* / data.* fields when set
     c.source = "world:tiny"  # data source (onerec_jax.data.sources.open_source)
     c.tokenizer_dir = ""  # semantic-id table dir; "" = WORKDIR/tokenizer, built if missing
     c.tokenizer_codes = 0  # codes per level when the table is built here (0: auto, ~sqrt(items))
@@ -17,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.workers = 0  # grain worker processes
     c.log_every = 10  # steps between TensorBoard/metrics.jsonl writes
     c.checkpoint_every = 50  # steps between checkpoints (and one at the end)
+    c.eval_every = 50  # steps between validation-loss evals (a multiple of log_every; 0: end only)
+    c.eval_batches = 4  # validation batches (of batch_size requests) per eval; 0: no eval loss
     c.keep_checkpoints = 3  # newest checkpoints kept on disk
     c.bf16 = False  # bf16 compute (parameters and optimizer stay float32)
 
@@ -30,13 +33,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.d_model = 32  # D
     c.model.n_heads = 4
     c.model.d_ff = 64  # FFN width
+    c.model.ffn = "swiglu"  # dense FFN: "swiglu" (3 matrices) | "mlp" (GELU, 2; the report's)
     c.model.enc_layers = 1
     c.model.dec_layers = 2
     c.model.n_queries = 8  # QFormer queries over the lifelong pathway (report: 128)
+    c.model.qformer_blocks = 1  # QFormer blocks (cross-attention + FFN each)
     c.model.author_dim = 16  # author embedding width (report: 512)
     c.model.feature_dim = 8  # other feature embedding widths (report: 128)
     c.model.moe_experts = 0  # 0: dense decoder FFN; else routed experts per decoder block
     c.model.moe_top_k = 2
+    c.model.moe_d_ff = 0  # expert hidden width; 0: model.d_ff
+    c.model.moe_shared = 0  # shared (always active) experts
+    c.model.moe_dispatch = "capacity"  # "capacity" (fast on CPU) | "dropless" (ragged_dot)
     c.model.session_wise = False  # decode the m target items as one sequence
     c.model.loss = "sum"  # "sum" (report) | "mean" over the semantic-id levels
 

@@ -74,12 +74,26 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
     la, lb = _losses(a), _losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, 13))
     assert la == lb  # bit-identical: same state, same data order, same program
-    summary = json.loads((b / "summary.json").read_text())
-    assert summary["step"] == 12 and summary["status"] == "finished"
-    # The resumed run evaluates through the CLI path's function: real items, metrics in range.
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert sb["step"] == 12 and sb["status"] == "finished"
+    # Counters survive the restart (they travel in the checkpoint), and the final validation
+    # loss of the resumed run is the uninterrupted run's.
+    for key in ("items_seen", "tokens_seen", "samples_seen", "flops_seen", "final_eval_loss"):
+        assert sb[key] == sa[key], key
+    assert sb["samples_seen"] == 12 * 8 and sb["flops_seen"] == 96 * sb["flops_per_sample"]
+    assert (
+        0 < sb["items_seen"] <= 96 * 5 and sb["tokens_seen"] == len(sb["vocab"]) * sb["items_seen"]
+    )
+    assert sb["params_total"] == sb["params_embedding"] + sb["params_non_embedding"]
+    assert np.isfinite(sb["final_eval_loss"]) and sb["final_eval_loss"] > 0
+    # The resumed run evaluates through the CLI path's function: real items, metrics in range,
+    # and the world's true engagement of what it recommends.
     m = evaluation.evaluate_run(b, "test", beam=8, max_requests=8)
     assert m["step"] == 12 and m["n_requests"] == 8
     assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["recall@10"] <= m["recall@50"] <= 1.0
+    for key in ("engagement@1", "engagement@5", "engagement@10", "engagement_logged"):
+        assert np.isfinite(m[key]), key
 
 
 def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):

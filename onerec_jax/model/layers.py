@@ -73,6 +73,35 @@ class SwiGLU(nn.Module):
         return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="down")(jax.nn.silu(g) * u)
 
 
+class Mlp(nn.Module):
+    """gelu(x W_up) W_down: D -> F -> D, the plain transformer FFN (two matrices, not three)."""
+
+    d_ff: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        u = Dense(self.d_ff, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
+        return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="down")(jax.nn.gelu(u))
+
+
+FFN_KINDS = ("swiglu", "mlp")
+
+
+def ffn(kind: str, d_ff: int, dtype: jnp.dtype, name: str | None = None) -> nn.Module:
+    """The dense FFN of a block: "swiglu" (3 matrices) or "mlp" (2 matrices, GELU)."""
+    if kind == "swiglu":
+        return SwiGLU(d_ff, dtype=dtype, name=name)
+    if kind == "mlp":
+        return Mlp(d_ff, dtype=dtype, name=name)
+    raise ValueError(f"unknown ffn kind {kind!r}; expected one of {FFN_KINDS}")
+
+
+def ffn_matrices(kind: str) -> int:
+    """Weight matrices of one dense FFN (its params are this * D * F)."""
+    return {"swiglu": 3, "mlp": 2}[kind]
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries x [B, Lq, D] over a memory [B, Lk, D].
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from onerec_jax.data import schema
-from onerec_jax.model.layers import Attention, Dense, RMSNorm, SwiGLU
+from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 
 _EVENT_FIELDS = ("item", "author", "tag", "tdelta", "play", "dur", "flags")
 
@@ -31,6 +31,7 @@ class EncoderConfig:
     n_layers: int = 2  # encoder blocks over the concatenated tokens
     n_heads: int = 4
     d_ff: int = 256  # FFN width of encoder and QFormer blocks
+    ffn: str = "swiglu"  # "swiglu" | "mlp" (GELU, two matrices)
     n_queries: int = 128  # QFormer queries compressing the lifelong pathway
     qformer_blocks: int = 1
     author_dim: int = 64  # report: 512
@@ -61,7 +62,7 @@ def _embed(name: str, vocab: int, dim: int) -> nn.Embed:
 
 
 class _Block(nn.Module):
-    """Pre-norm block: attention (self, or cross to `mem`) then SwiGLU FFN, both residual."""
+    """Pre-norm block: attention (self, or cross to `mem`) then the FFN, both residual."""
 
     cfg: EncoderConfig
     dtype: jnp.dtype
@@ -72,7 +73,7 @@ class _Block(nn.Module):
         h = RMSNorm(dtype=self.dtype)(x)
         kv = h if mem is None else mem
         x = x + Attention(c.n_heads, c.d_model, dtype=self.dtype)(h, kv, mask)
-        x = x + SwiGLU(c.d_ff, dtype=self.dtype)(RMSNorm(dtype=self.dtype)(x))
+        x = x + ffn(c.ffn, c.d_ff, self.dtype)(RMSNorm(dtype=self.dtype)(x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 

@@ -7,10 +7,11 @@ Position p predicts the code at p + 1; token ids of level l live at offset(l) + 
 embedding table, and level l's logits are the slice [offset(l), offset(l) + V_l) of one head.
 
 Blocks (pre-norm, scanned over layers): causal self-attention -> cross-attention to the user
-memory -> SwiGLU FFN or MoE. Cross-attention K/V are projected once per user; the user's m
-target sequences (or W beams) are folded into the query axis instead of copying them.
-Generation uses `init_cache` + `step`: a self-attention KV cache, one position per call. Loss: the sum over levels of the next-token cross-entropy (the report), or their
-mean; averaged over valid target items.
+memory -> dense FFN (SwiGLU or GELU MLP) or MoE. Cross-attention K/V are projected once per
+user; the user's m target sequences (or W beams) are folded into the query axis instead of
+copying the memory. Generation uses `init_cache` + `step`: a self-attention KV cache, one
+position per call. Loss: the sum over levels of the next-token cross-entropy (the report), or
+their mean; averaged over valid target items.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onerec_jax.model.layers import Attention, Dense, RMSNorm, SwiGLU
+from onerec_jax.model.layers import FFN_KINDS, Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
 
@@ -35,7 +36,8 @@ class V1Config:
     dec_layers: int = 2
     n_heads: int = 4
     d_ff: int = 256
-    moe: MoEConfig | None = None  # None: dense SwiGLU FFN in every decoder block
+    moe: MoEConfig | None = None  # None: a dense FFN in every decoder block
+    ffn: str = "swiglu"  # dense FFN kind: "swiglu" | "mlp" (GELU, two matrices)
     vocab: tuple[int, ...] = (32, 32, 32)  # codes per level, from the tokenizer's table
     max_targets: int = 5  # m
     session_wise: bool = False
@@ -44,6 +46,8 @@ class V1Config:
     def __post_init__(self) -> None:
         if self.loss not in ("sum", "mean"):
             raise ValueError(f"V1Config.loss must be sum or mean, got {self.loss!r}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"V1Config.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if not self.vocab or min(self.vocab) < 1:
             raise ValueError(f"V1Config.vocab must be positive sizes, got {self.vocab}")
 
@@ -108,7 +112,7 @@ class _DecoderBlock(nn.Module):
         x = x + cross_attn(folded, mem_kv, shared["cross"]).reshape(n, t, d)
         h = RMSNorm(dtype=self.dtype)(x)
         if c.moe is None:
-            y, stats = SwiGLU(c.d_ff, dtype=self.dtype)(h), None
+            y, stats = ffn(c.ffn, c.d_ff, self.dtype)(h), None
         else:
             y, stats = MoE(c.moe, dtype=self.dtype)(h)
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))

@@ -3,7 +3,9 @@
 Each request's beam (default 128 items; a session-wise model's sessions are read item by item,
 best session first) is filtered of the items the user interacted with before the target and of
 repeats, then cut to K_max = 50 and scored with `onerec_jax.evaluate.rank_metrics` (the same
-code that scores the popularity and item-kNN baselines).
+code that scores the popularity and item-kNN baselines). On the world, `engagement@K` is the
+true expected reward (the generator's engagement model) of the top K recommended items, next
+to `engagement_logged`, that of the items the logging policy actually served.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from onerec_jax.generate import beam_search
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 from onerec_jax.train import loop
 from onerec_jax.train import step as step_lib
+
+ENGAGEMENT_KS = (1, 5, 10)
 
 
 def _drop_seen(items_BxW: np.ndarray, raw: dict[str, Any], k: int) -> np.ndarray:
@@ -79,7 +83,7 @@ def evaluate_run(
     n = len(src) if src.kind != "world" else 2048  # the world's splits are unbounded
     n = min(n, max_requests or n)
     batch = min(batch, n)
-    ranked, targets, masks = [], [], []
+    ranked, targets, masks, reward, target_reward = [], [], [], [], []
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
         raw = src.raw_batch(idx, spec.history_window, spec)
@@ -94,12 +98,24 @@ def evaluate_run(
         # Session-wise models: the items of the sessions, best session first.
         items = np.asarray(out["sessions" if "sessions" in out else "items"])[: len(idx)]
         items = items.reshape(len(idx), -1)
-        ranked.append(_drop_seen(items, raw, max(ev.KS)))
+        top = _drop_seen(items, raw, max(ev.KS))
+        ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
+        if src.kind == "world":  # the generator knows the expected reward of any item
+            r = src.true_engagement(b["user_id"], b["request_ts"], np.maximum(top, 1))["reward"]
+            reward.append(np.where(top > 0, r, np.nan))
+            t = np.maximum(b["target_item"], 1)
+            r = src.true_engagement(b["user_id"], b["request_ts"], t)["reward"]
+            target_reward.append(np.where(b["target_mask"], r, np.nan))
     metrics = ev.rank_metrics(
         np.concatenate(ranked), np.concatenate(targets), np.concatenate(masks)
     )
+    if reward:
+        r = np.concatenate(reward)
+        for k in ENGAGEMENT_KS:
+            metrics[f"engagement@{k}"] = float(np.nanmean(r[:, :k]))
+        metrics["engagement_logged"] = float(np.nanmean(np.concatenate(target_reward)))
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam)
     (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

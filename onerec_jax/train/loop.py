@@ -10,12 +10,17 @@
     except at logs and saves); a NaN/Inf loss stops the run with an error that names the step
     and the last good checkpoint, and no checkpoint is written after it;
   - SIGTERM (preemption) saves the current step and returns cleanly;
-  - writes TensorBoard scalars (train/, perf/, moe/), metrics.jsonl, and summary.json.
+  - measures the teacher-forced loss on fixed validation batches every `eval_every` steps and
+    at the end (eval/loss);
+  - writes TensorBoard scalars (train/, eval/, perf/, moe/), metrics.jsonl, and summary.json
+    (parameters total/active/non-embedding, analytic FLOPs per sample and in total, samples
+    and tokens seen across restarts, final train and validation loss).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -32,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from onerec_jax import flops
 from onerec_jax.data import pipeline, schema
 from onerec_jax.data.sources import open_source
 from onerec_jax.model.moe import MoEConfig
@@ -74,6 +80,8 @@ def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, .
         n_heads=m.n_heads,
         d_ff=m.d_ff,
         n_queries=m.n_queries,
+        qformer_blocks=m.qformer_blocks,
+        ffn=m.ffn,
         author_dim=m.author_dim,
         feature_dim=m.feature_dim,
         n_items=source.n_items,
@@ -85,12 +93,19 @@ def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, .
     )
     moe = None
     if m.moe_experts:
-        moe = MoEConfig(n_experts=m.moe_experts, top_k=m.moe_top_k, d_ff=m.d_ff)
+        moe = MoEConfig(
+            n_experts=m.moe_experts,
+            top_k=m.moe_top_k,
+            d_ff=m.moe_d_ff or m.d_ff,
+            n_shared=m.moe_shared,
+            dispatch=m.moe_dispatch,
+        )
     v1 = V1Config(
         encoder=enc,
         dec_layers=m.dec_layers,
         n_heads=m.n_heads,
         d_ff=m.d_ff,
+        ffn=m.ffn,
         moe=moe,
         vocab=tuple(vocab),
         max_targets=cfg.data.max_targets,
@@ -110,6 +125,24 @@ def schema_spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
 def zero_batch(spec: schema.SchemaSpec, b: int, q: int) -> dict[str, np.ndarray]:
     out = {k: np.zeros((b, *shape), dt) for k, (shape, dt) in spec.shapes().items()}
     out["target_codes"] = np.zeros((b, spec.max_targets, q), np.int32)
+    return out
+
+
+def validation_batches(
+    cfg: ml_collections.ConfigDict, spec: schema.SchemaSpec, codes: np.ndarray
+) -> list[dict[str, jax.Array]]:
+    """The first `eval_batches` full batches of the validation split (fixed across evals)."""
+    src = open_source(cfg.source, seed=cfg.seed, split="validation")
+    b = cfg.batch_size
+    n = cfg.eval_batches * b
+    if src.kind != "world":  # logged sources have a finite split
+        n = min(n, len(src))
+    out = []
+    for start in range(0, n, b):
+        idx = np.arange(start, min(start + b, n))
+        batch = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
+        batch["target_codes"] = codes[batch["target_item"]]
+        out.append(jax.tree.map(jnp.asarray, batch))
     return out
 
 
@@ -136,6 +169,10 @@ def _check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path)
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) training; returns the summary written to WORKDIR/summary.json."""
     workdir = pathlib.Path(workdir)
+    if cfg.get("rung"):
+        from scaling import ladder
+
+        cfg = ladder.apply_rung(ml_collections.ConfigDict(cfg.to_dict()), cfg.rung)
     _check_workdir_config(cfg, workdir)
     source = open_source(cfg.source, seed=cfg.seed, split="train")
     table = _table(cfg, workdir)
@@ -158,7 +195,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     state = step_lib.init_state(
         model, tx, jax.tree.map(jnp.asarray, zero_batch(spec, 2, q)), jax.random.key(cfg.seed)
     )
-    n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    counts = flops.v1_counts(model)
+    val = validation_batches(cfg, spec, table.codes) if cfg.eval_batches else []
+    eval_fn = jax.jit(functools.partial(step_lib.eval_loss, model=model))
+
+    def run_eval() -> float:
+        sums = [eval_fn(state, vb) for vb in val]
+        items = sum(float(m["items"]) for m in sums)
+        return sum(float(m["loss_sum"]) for m in sums) / max(items, 1.0)
+
     ds = pipeline.make_dataset(
         source,
         spec,
@@ -167,18 +212,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     )
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
     mngr = ocp.CheckpointManager(
-        workdir / "checkpoints", item_names=("state", "data"), options=options
+        workdir / "checkpoints", item_names=("state", "data", "meta"), options=options
     )
     it = iter(ds)
     start = mngr.latest_step() or 0
+    # Run-level counters that must survive restarts (what summary.json reports).
+    meta: dict[str, Any] = {"items_seen": 0.0, "eval_loss": None}
     if start:
         restored = mngr.restore(
             start,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(it)
+                state=ocp.args.StandardRestore(state),
+                data=grain.checkpoint.CheckpointRestore(it),
+                meta=ocp.args.JsonRestore(),
             ),
         )
         state = restored["state"]
+        meta.update(restored["meta"])
     metrics_path = workdir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
     fn = step_lib.jit_train_step(model, tx, schedule, ocfg)
@@ -188,8 +238,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     kill_at = int(os.environ.get("ONEREC_TEST_SIGKILL_AT_STEP", "0"))  # crash tests only
     writer = MetricWriter(workdir / "tb")
     if start == 0:
-        writer.hparams(cfg.to_dict() | {"params": n_params})
-    items_seen = 0.0
+        writer.hparams(cfg.to_dict() | {"params": counts.params_total})
     last_loss = float("nan")
     pending: tuple[int, Any] | None = None
     t0 = time.perf_counter()
@@ -199,14 +248,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         mngr.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(it),
+                meta=ocp.args.JsonSave(dict(meta)),
             ),
             force=True,
         )
         mngr.wait_until_finished()
 
     def flush(step: int, metrics: Any) -> None:
-        nonlocal items_seen, last_loss
+        nonlocal last_loss
         m = {k: np.asarray(v) for k, v in metrics.items()}
         loss = float(m["train/loss"])
         if not math.isfinite(loss):
@@ -215,12 +266,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                 f"train loss is {loss} at step {step}; stopping. Last good checkpoint: "
                 f"{'none' if good is None else f'step {good}'} in {workdir / 'checkpoints'}"
             )
-        items_seen += float(m["train/items"])
+        meta["items_seen"] += float(m["train/items"])
         last_loss = loss
         if step % cfg.log_every == 0 or step == cfg.steps:
             scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
             dt = time.perf_counter() - t0
-            scalars["perf/steps_per_s"] = (step - start) / max(dt, 1e-9)
+            steps_per_s = (step - start) / max(dt, 1e-9)
+            scalars["perf/steps_per_s"] = steps_per_s
+            scalars["perf/requests_per_s"] = steps_per_s * cfg.batch_size
+            # Model FLOP/s by the analytic count (onerec_jax/flops.py), compile time included.
+            scalars["perf/gflops_per_s"] = steps_per_s * cfg.batch_size * counts.flops_train / 1e9
+            if val and cfg.eval_every and step % cfg.eval_every == 0:
+                meta["eval_loss"] = scalars["eval/loss"] = run_eval()
             writer.scalars(step, scalars)
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
@@ -241,6 +298,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 flush(*pending)  # never checkpoint a state whose loss was not finite
                 pending = None
+                if step + 1 == cfg.steps and val:
+                    meta["eval_loss"] = run_eval()
+                    writer.scalars(step + 1, {"eval/loss": meta["eval_loss"]})
                 save(step + 1, state)
             if stop["signal"] is not None:
                 if pending is not None:
@@ -257,15 +317,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         writer.close()
         with contextlib.suppress(Exception):
             mngr.close()
+    steps_done = int(state.step)
     summary = {
         "status": status,
-        "step": int(state.step),
-        "params_total": n_params,
+        "step": steps_done,
+        "rung": cfg.get("rung", ""),
+        **{k: v for k, v in counts.as_dict().items() if k.startswith("params_")},
+        "flops_per_sample": counts.flops_train,  # analytic, forward + backward, one request
+        "flops_forward_per_sample": counts.flops_forward,
+        "six_nd_per_sample": counts.six_nd,
+        "samples_seen": steps_done * cfg.batch_size,  # requests, padding targets included
+        "flops_seen": steps_done * cfg.batch_size * counts.flops_train,
+        "items_seen": meta["items_seen"],  # valid target items
+        "tokens_seen": meta["items_seen"] * q,  # semantic-id tokens with a loss
         "final_train_loss": last_loss,
-        "items_seen_this_run": items_seen,
-        "tokens_seen_this_run": items_seen * q,
+        "final_eval_loss": meta["eval_loss"],  # validation split, eval_batches batches
         "vocab": list(table.vocab),
-        "wall_s": round(time.perf_counter() - t0, 2),
+        "wall_s_this_run": round(time.perf_counter() - t0, 2),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

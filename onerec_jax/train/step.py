@@ -152,6 +152,19 @@ def train_step(
     return state, metrics
 
 
+def eval_loss(
+    state: TrainState, batch: dict[str, jax.Array], *, model: Any
+) -> dict[str, jax.Array]:
+    """Teacher-forced loss of a batch (no update): `loss_sum` (loss x valid items), `items`."""
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    nll, _ = model.apply(
+        {"params": state.params, "moe_bias": state.moe_bias}, inputs, batch["target_codes"]
+    )
+    valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
+    loss, m = loss_fn(nll, valid, model.cfg.loss)
+    return {"loss_sum": loss * m["items"], "items": m["items"]}
+
+
 def _update_biases(tree: Any, load_LxE: jax.Array, rate: float) -> Any:
     """Apply the loss-free update to the (single, layer-stacked) bias leaf of the collection."""
     leaves, treedef = jax.tree.flatten(tree)

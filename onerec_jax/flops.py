@@ -1,0 +1,144 @@
+"""Parameters and FLOPs per sample, counted the way the models actually compute.
+
+Parameters come from `jax.eval_shape` of the model's init (no allocation), split into
+
+  embedding   lookup tables (item/author/feature/static ids, semantic-id tokens): memory, not FLOPs
+  routed      the routed experts' weights; only top_k / E of them act on a token
+  active      everything a token touches: total - routed * (1 - top_k / E)
+
+FLOPs ("matmul" accounting). A sample is one request: the user's context plus its m target
+items of Q codes (m * Q decoder positions, teacher-forced). We count 2 * multiply-adds of
+every matmul the program runs, attention scores and mixing included, with the shapes it runs
+them at (full T x T scores even where a mask zeroes them; the output head over the whole token
+table at every position); element-wise work (norms, softmax, activations) is left out. Training
+costs 3x the forward pass (backward = 2x forward). `tests/test_flops.py` checks the forward
+count against XLA's `cost_analysis()` of the compiled program (with one layer per scanned
+stack: XLA counts the body of a scan's while loop once, whatever its trip count).
+
+This is not the "6 * params * tokens" rule: for an encoder-decoder that rule charges decoder
+weights for encoder tokens and counts lookups as matmuls (ANCHORS.md measured a ~1.9x
+overstatement at TIGER size); `six_nd` gives it for comparison, with the V2 paper's token
+count (context tokens + target tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onerec_jax.data import schema
+from onerec_jax.model.layers import ffn_matrices
+from onerec_jax.model.v1 import OneRecV1, V1Config
+
+_EMBED_SUFFIX = "_embed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    params_total: int
+    params_embedding: int
+    params_routed: int
+    params_active: int
+    params_non_embedding: int  # total - embedding: what a rung's name is compared with
+    flops_forward: float  # per sample
+    flops_train: float  # per sample, forward + backward
+    tokens_per_sample: int  # decoder positions with a loss (m * Q)
+    six_nd: float  # 6 * active non-embedding params * (context + target tokens), per sample
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["flops_per_sample"] = self.flops_train
+        return d
+
+
+def _dummy_inputs(cfg: V1Config, b: int = 1) -> tuple[dict[str, jax.Array], jax.Array]:
+    e = cfg.encoder
+    spec = schema.SchemaSpec(
+        short_len=e.short_len, pos_len=e.pos_len, life_len=e.life_len, max_targets=cfg.max_targets
+    )
+    inputs = {
+        k: jax.ShapeDtypeStruct((b, *shape), dt)
+        for k, (shape, dt) in spec.shapes().items()
+        if k not in ("user_id", "request_ts")
+    }
+    codes = jax.ShapeDtypeStruct((b, cfg.max_targets, len(cfg.vocab)), jnp.int32)
+    return inputs, codes
+
+
+def param_shapes(model: OneRecV1) -> Any:
+    """The model's parameter tree as ShapeDtypeStructs (no memory is allocated)."""
+    inputs, codes = _dummy_inputs(model.cfg)
+    return jax.eval_shape(model.init, jax.random.key(0), inputs, codes)["params"]
+
+
+def _split_params(params: Any) -> tuple[int, int, int]:
+    total = embedding = routed = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
+        names = [str(getattr(p, "key", p)) for p in path]
+        size = int(np.prod(leaf.shape))
+        total += size
+        if any(n.endswith(_EMBED_SUFFIX) or n == "tokens" for n in names):
+            embedding += size
+        if names[-1] in ("w_gate", "w_up", "w_down"):
+            routed += size
+    return total, embedding, routed
+
+
+def v1_forward_flops(cfg: V1Config) -> float:
+    """Matmul FLOPs of one forward pass of one request (module docstring)."""
+    e = cfg.encoder
+    d = e.d_model
+    # Encoder: static MLP, three event pathways, QFormer over the lifelong events, the stack.
+    n_static = schema.SchemaSpec().shapes()["static"][0][-1]
+    mac = n_static * e.feature_dim * d + d * d
+    event_in = d + e.author_dim + 5 * e.feature_dim
+    for length in (e.short_len, e.pos_len, e.life_len):
+        mac += length * (event_in * 2 * d + 2 * d * d)
+    nq, life = e.n_queries, e.life_len
+    qformer = 2 * nq * d * d + 2 * life * d * d + 2 * nq * life * d
+    qformer += ffn_matrices(e.ffn) * nq * d * e.d_ff
+    mac += e.qformer_blocks * qformer
+    t = e.n_tokens
+    enc_ffn = ffn_matrices(e.ffn)
+    mac += e.n_layers * (4 * t * d * d + 2 * t * t * d + enc_ffn * t * d * e.d_ff)
+    # Decoder: G rows of T positions per request (G * T = m * Q in both modes).
+    q, m = len(cfg.vocab), cfg.max_targets
+    g, tl = (1, m * q) if cfg.session_wise else (m, q)
+    n = g * tl
+    layer = 4 * n * d * d + 2 * g * tl * tl * d  # self-attention
+    layer += 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # cross-attention, K/V once per user
+    if cfg.moe is None:
+        layer += ffn_matrices(cfg.ffn) * n * d * cfg.d_ff
+    else:
+        mo = cfg.moe
+        layer += n * d * mo.n_experts + 3 * n * d * mo.d_ff * (mo.top_k + mo.n_shared)
+    mac += cfg.dec_layers * layer + n * d * cfg.n_tokens  # + the output head
+    return 2.0 * mac
+
+
+def v1_counts(model: OneRecV1) -> Counts:
+    cfg = model.cfg
+    total, embedding, routed = _split_params(param_shapes(model))
+    active = total
+    if cfg.moe is not None:
+        active = total - round(routed * (1 - cfg.moe.top_k / cfg.moe.n_experts))
+    fwd = v1_forward_flops(cfg)
+    e = cfg.encoder
+    target_tokens = cfg.max_targets * len(cfg.vocab)
+    context = 1 + e.short_len + e.pos_len + e.life_len
+    return Counts(
+        params_total=total,
+        params_embedding=embedding,
+        params_routed=routed,
+        params_active=active,
+        params_non_embedding=total - embedding,
+        flops_forward=fwd,
+        flops_train=3.0 * fwd,
+        tokens_per_sample=target_tokens,
+        six_nd=6.0 * (active - embedding) * (context + target_tokens),
+    )
