@@ -14,6 +14,21 @@ import jax.numpy as jnp
 dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+def matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x [..., K] @ w [K, N] in `dtype`, accumulating in float32.
+
+    The leading axes are flattened first: XLA:CPU runs the backward pass of a 2-D dot ~1.7x
+    faster than that of the same contraction written over [B, L, K] (the weight gradient then
+    contracts one axis, not two; measured at 64 x 117 x 128 -> 512). float32 inputs skip
+    `preferred_element_type`, which adds converts to the backward pass for nothing.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
+    pet = None if jnp.dtype(dtype) == jnp.float32 else jnp.float32
+    y = jnp.dot(x2, w.astype(dtype), preferred_element_type=pet)
+    return y.reshape(*lead, w.shape[-1])
+
+
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
@@ -43,12 +58,7 @@ class Dense(nn.Module):
             nn.with_logical_partitioning(dense_init, self.axes),
             (x.shape[-1], self.features),
         )
-        y = jnp.einsum(
-            "...d,df->...f",
-            x.astype(self.dtype),
-            w.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        y = matmul(x, w, self.dtype)
         if self.use_bias:
             b = self.param(
                 "bias",
@@ -130,13 +140,9 @@ class Attention(nn.Module):
         self.w_out = w("out", (h, hd, d), ("heads", "kv", "embed"))
 
     def _proj(self, x: jax.Array, w: jax.Array) -> jax.Array:
-        y = jnp.einsum(
-            "bld,dhk->blhk",
-            x.astype(self.dtype),
-            w.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return y.astype(self.dtype)
+        d, h, k = w.shape
+        y = matmul(x, w.reshape(d, h * k), self.dtype)
+        return y.reshape(*x.shape[:-1], h, k).astype(self.dtype)
 
     def project_kv(self, mem_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self._proj(mem_BxSxD, self.w_key), self._proj(mem_BxSxD, self.w_value)
@@ -150,24 +156,20 @@ class Attention(nn.Module):
         q = self._proj(x_BxQxD, self.w_query)
         k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
         hd = self.d_model // self.n_heads
-        s = jnp.einsum(
-            "bqhk,bshk->bhqs", q, k.astype(self.dtype), preferred_element_type=jnp.float32
-        ) / jnp.sqrt(jnp.float32(hd))
+        pet = None if jnp.dtype(self.dtype) == jnp.float32 else jnp.float32
+        # Heads-major [B, H, L, K] operands: batch axes lead, so XLA:CPU runs plain batched
+        # matmuls (3.5x faster forward than contracting the [B, L, H, K] layout in place,
+        # measured at B 64, L 117, 4 x 32 heads).
+        qt, kt, vt = (jnp.swapaxes(a.astype(self.dtype), 1, 2) for a in (q, k, v))
+        s = jnp.einsum("bhqk,bhsk->bhqs", qt, kt, preferred_element_type=pet)
+        s = s.astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
         if mask is not None:
             s = jnp.where(mask[:, None, :, :], s, -1e30)
         p = jax.nn.softmax(s, axis=-1)
         if mask is not None:
             p = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], p, 0.0)
-        o = jnp.einsum(
-            "bhqs,bshk->bqhk",
-            p.astype(self.dtype),
-            v.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        y = jnp.einsum(
-            "bqhk,hkd->bqd",
-            o.astype(self.dtype),
-            self.w_out.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        o = jnp.einsum("bhqs,bhsk->bhqk", p.astype(self.dtype), vt, preferred_element_type=pet)
+        o = jnp.swapaxes(o, 1, 2)
+        h, k, d = self.w_out.shape
+        y = matmul(o.reshape(*o.shape[:-2], h * k), self.w_out.reshape(h * k, d), self.dtype)
         return y.astype(self.dtype)
