@@ -1,12 +1,14 @@
 """Trie-constrained beam search over semantic ids: every returned tuple is a real item.
 
-The user memory is encoded once per request and each decoder layer's cross-attention K/V are
-projected from it once per user (`OneRecV1.init_cache`); the user's W beams are folded into the
-query axis, so nothing user-sized is ever copied per beam. Each generated code costs one
-decoder position (`OneRecV1.step`, self-attention KV cache). At level l all W beams of all B
-users are scored in one call, the codes the trie does not allow after each beam's prefix are
-masked, and one top-k over W * V_l per user keeps the W best extensions: no Python loop over
-beams. The self-attention cache rows follow their beams through that top-k.
+Works for V1 and V2 alike through their `encode` / `init_cache` / `step` methods. The user
+context is encoded once per request and each decoder layer's cross-attention K/V are computed
+from it once per user (`init_cache`; V2's context K/V come straight out of `encode`); the
+user's W beams are folded into the query axis, so nothing user-sized is ever copied per beam.
+Each generated code costs one decoder position (`step`, self-attention KV cache). At level l
+all W beams of all B users are scored in one call, the codes the trie does not allow after
+each beam's prefix are masked, and one top-k over W * V_l per user keeps the W best
+extensions: no Python loop over beams. The self-attention cache rows follow their beams
+through that top-k.
 
 Point-wise models generate one item (Q codes) per beam. Session-wise models (2502.18965)
 generate `max_targets` items per beam, the trie restarting at the root after each item; the
@@ -24,12 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from onerec_jax.model.v1 import OneRecV1
+from onerec_jax.model.v2 import OneRecV2
 from onerec_jax.tokenizer.semantic_ids import Trie
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam"))
 def beam_search(
-    model: OneRecV1,
+    model: OneRecV1 | OneRecV2,
     variables: Any,
     inputs: dict[str, jax.Array],
     trie: Trie,
@@ -47,10 +50,10 @@ def beam_search(
     if tuple(trie.vocab) != tuple(cfg.vocab):
         raise ValueError(f"trie vocab {trie.vocab} != model vocab {cfg.vocab}")
     n_items = cfg.max_targets if cfg.session_wise else 1
-    mem, mem_mask = model.apply(variables, inputs, method=OneRecV1.encode)
-    b, w = mem.shape[0], beam
+    mem, mem_mask = model.apply(variables, inputs, method="encode")
+    b, w = mem_mask.shape[0], beam
     n = b * w
-    cache = model.apply(variables, mem, mem_mask, n, method=OneRecV1.init_cache)
+    cache = model.apply(variables, mem, mem_mask, n, method="init_cache")
     # Only beam 0 of each user is alive at the start, so the first top-k does not pick the
     # same code W times.
     score = jnp.broadcast_to(jnp.where(jnp.arange(w)[None, :] == 0, 0.0, -jnp.inf), (b, w))
@@ -66,7 +69,7 @@ def beam_search(
         nodes = jnp.where(jnp.isfinite(carry["score"].reshape(-1)), 0, -1)  # back to the root
         for level in range(q):  # Q <= 4 levels, unrolled (see module docstring)
             logits, cache = model.apply(
-                variables, carry["cache"], carry["token"], j * q + level, method=OneRecV1.step
+                variables, carry["cache"], carry["token"], j * q + level, method="step"
             )
             lo, v = int(cfg.offsets[level]), cfg.vocab[level]
             logp = jax.nn.log_softmax(logits[:, lo : lo + v], axis=-1)
@@ -81,8 +84,8 @@ def beam_search(
             codes = jnp.take_along_axis(carry["codes"], parent[..., None, None], axis=1)
             items = jnp.take_along_axis(carry["items"], parent[..., None], axis=1)
             carry = {
-                # Self-attention cache rows follow their beams; per-user K/V stay put.
-                "cache": {**cache, "k": cache["k"][:, rows], "v": cache["v"][:, rows]},
+                # Self-attention cache rows (axis 1) follow their beams; per-user K/V stay put.
+                "cache": {**cache, "self": jax.tree.map(lambda x, r=rows: x[:, r], cache["self"])},
                 "token": code.reshape(-1) + lo,
                 "score": top,
                 "codes": codes.at[:, :, j, level].set(code),

@@ -117,7 +117,7 @@ def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):
     assert (tmp_path / "run" / "config.json").read_text() == before
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tokenizer_dir):
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tokenizer_dir, monkeypatch):
     overrides = [
         f"tokenizer_dir={tokenizer_dir}",
         "steps=8",
@@ -129,8 +129,10 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tokenizer_dir):
         "optim.clip_norm=1e30",
     ]
     cfg = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, overrides)
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as the README's commands use
     with pytest.raises(FloatingPointError, match=r"at step (\d+); stopping\. Last good checkpoint"):
-        loop.train(cfg, tmp_path)
+        loop.train(cfg, "run")
+    tmp_path = tmp_path / "run"
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     losses = _losses(tmp_path)
     # Every checkpoint on disk was taken at a step whose loss was finite.

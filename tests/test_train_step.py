@@ -95,3 +95,30 @@ def test_state_is_donated(setup):
     bad = step_lib.jit_train_step(model, tx, schedule, step_lib.OptimConfig(grad_accum=3))
     with pytest.raises(ValueError, match="divisible"):
         bad(new, batch, jax.random.key(2))
+
+
+def test_bf16_compute_keeps_f32_params_and_tracks_f32(setup):
+    """bf16 compute: parameters and optimizer state stay float32, and the loss and gradient
+    of the same parameters agree with float32 compute to bf16 precision."""
+    enc, batch = setup
+    cfg = V1Config(encoder=enc, vocab=(8, 8, 8), d_ff=64, dec_layers=1)
+    m32, m16 = OneRecV1(cfg), OneRecV1(cfg, dtype=jnp.bfloat16)
+    tx, _ = step_lib.make_optimizer(step_lib.OptimConfig())
+    state = step_lib.init_state(m32, tx, batch, jax.random.key(0))
+
+    @jax.jit
+    def loss_and_grad(params):
+        def f(model):
+            g = jax.grad(step_lib._micro_loss, has_aux=True)
+            grads, aux = g(params, state.moe_bias, model, batch, 0.0)
+            return aux["loss"], grads
+
+        return f(m32), f(m16)
+
+    (l32, g32), (l16, g16) = loss_and_grad(state.params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
+    assert abs(float(l16) - float(l32)) < 0.02 * float(l32)
+    n32 = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g32)))
+    pairs = zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True)
+    diff = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in pairs))
+    assert float(diff) < 0.05 * float(n32)

@@ -89,10 +89,15 @@ class _ScanBlock(nn.Module):
 
 
 class UserEncoder(nn.Module):
-    """batch (schema field names) -> memory [B, n_tokens, D] and its key mask [B, n_tokens]."""
+    """batch (schema field names) -> memory [B, n_tokens, D] and its key mask [B, n_tokens].
+
+    `stack=False` stops after the pathways and positions (no encoder blocks): OneRec-V2's
+    context processor reads the user's tokens this way.
+    """
 
     cfg: EncoderConfig
     dtype: jnp.dtype = jnp.float32
+    stack: bool = True
 
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -150,6 +155,8 @@ class UserEncoder(nn.Module):
             (c.n_tokens, d),
         )
         x = x + positions.astype(self.dtype)[None]
+        if not self.stack:
+            return x, mask
         blocks = nn.scan(
             _ScanBlock,
             variable_axes={"params": 0},

@@ -217,7 +217,8 @@ class OneRecV1(nn.Module):
         hd = c.d_model // c.n_heads
         shape = (c.dec_layers, rows, self._seq_len(), c.n_heads, hd)
         zeros = jnp.zeros(shape, self.dtype)
-        return {"k": zeros, "v": zeros, "ck": ck, "cv": cv, "mem_mask": mem_mask}
+        # "self": the per-beam part (rows on axis 1), which generation reorders with its beams.
+        return {"self": (zeros, zeros), "ck": ck, "cv": cv, "mem_mask": mem_mask}
 
     def step(
         self, cache: dict[str, jax.Array], tokens_N: jax.Array, pos: jax.Array | int
@@ -228,11 +229,12 @@ class OneRecV1(nn.Module):
         pos = jnp.asarray(pos, jnp.int32)
         p = jax.lax.dynamic_slice_in_dim(self.positions, pos, 1, axis=0).astype(self.dtype)
         x = self.tokens(tokens_N[:, None]).astype(self.dtype) + p[None]
-        layer = {k: cache[k] for k in ("k", "v", "ck", "cv")}
+        k, v = cache["self"]
+        layer = {"k": k, "v": v, "ck": cache["ck"], "cv": cache["cv"]}
         shared = {"cross": cache["mem_mask"][:, None, :], "pos": pos}
-        x, (_, (k, v)) = self.blocks(x, layer, shared)
+        x, (_, new) = self.blocks(x, layer, shared)
         logits = self.head(self.final_norm(x)).astype(jnp.float32)[:, 0]
-        return logits, {**cache, "k": k, "v": v}
+        return logits, {**cache, "self": new}
 
 
 def loss_fn(

@@ -57,7 +57,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
     `max_requests`, default 2048, of the world's unbounded splits)."""
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")

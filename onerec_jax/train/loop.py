@@ -168,7 +168,7 @@ def _check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path)
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) training; returns the summary written to WORKDIR/summary.json."""
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     if cfg.get("rung"):
         from scaling import ladder
 
