@@ -81,7 +81,7 @@ def bench_rung(name: str, batch: int, bf16: bool, steps: int) -> dict:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
-    counts = flops.v1_counts(model)
+    counts = flops.counts(model)
     achieved = counts.flops_train * batch / step_s
     return {
         "rung": name,

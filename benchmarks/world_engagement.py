@@ -22,7 +22,6 @@ import argparse
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
@@ -77,7 +76,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     workdir = pathlib.Path(a.workdir)
-    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    cfg = loop.load_run_config(workdir)
     if not cfg.source.startswith("world"):
         raise SystemExit(f"{workdir} trained on {cfg.source}; true engagement needs a world")
     spec = loop.schema_spec(cfg)

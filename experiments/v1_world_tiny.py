@@ -30,12 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_targets = 5  # m, target items per request
 
     c.model = ml_collections.ConfigDict()
+    c.model.family = "v1"  # "v1" encoder-decoder | "v2" lazy decoder-only
     c.model.d_model = 32  # D
     c.model.n_heads = 4
     c.model.d_ff = 64  # FFN width
     c.model.ffn = "swiglu"  # dense FFN: "swiglu" (3 matrices) | "mlp" (GELU, 2; the report's)
-    c.model.enc_layers = 1
-    c.model.dec_layers = 2
+    c.model.enc_layers = 1  # V1 encoder blocks (V2 has none)
+    c.model.dec_layers = 2  # decoder blocks
     c.model.n_queries = 8  # QFormer queries over the lifelong pathway (report: 128)
     c.model.qformer_blocks = 1  # QFormer blocks (cross-attention + FFN each)
     c.model.author_dim = 16  # author embedding width (report: 512)
@@ -45,7 +46,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe_d_ff = 0  # expert hidden width; 0: model.d_ff
     c.model.moe_shared = 0  # shared (always active) experts
     c.model.moe_dispatch = "capacity"  # "capacity" (fast on CPU) | "dropless" (ragged_dot)
-    c.model.session_wise = False  # decode the m target items as one sequence
+    c.model.session_wise = False  # V1: decode the m target items as one sequence
+    c.model.first_dense = 0  # V2 with MoE: the first blocks keep a dense FFN
+    c.model.context_dim = 0  # V2: width of the context pathways; 0 = d_model
+    c.model.context_heads = 0  # V2: QFormer heads of the context processor; 0 = n_heads
+    c.model.context_ff = 0  # V2: QFormer FFN width of the context processor; 0 = d_ff
+    c.model.l_kv = 1  # V2: sets of decoder layers with their own context K/V
+    c.model.s_kv = 1  # V2: 1 = one tensor is key and value, 2 = separate keys and values
+    c.model.g_kv = 0  # V2: key/value heads of the context (grouped-query); 0 = n_heads
     c.model.loss = "sum"  # "sum" (report) | "mean" over the semantic-id levels
 
     c.optim = ml_collections.ConfigDict()

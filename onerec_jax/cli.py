@@ -74,6 +74,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from scaling import ladder
+
+    if args.list:
+        print("\n".join(sorted(ladder.RUNGS)))
+        return 0
+    if not args.rung:
+        raise ValueError("onerec plan needs --rung NAME (--list shows them)")
+    row = ladder.plan(args.rung, n_items=args.items, context_len=args.context_len)
+    if args.json:
+        print(json.dumps(row, sort_keys=True))
+    else:
+        for k, v in row.items():
+            print(f"{k:28s} {v:,}" if isinstance(v, int) else f"{k:28s} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--max-requests", type=int, default=None, help="evaluate only the first N")
     evp.add_argument("--json", action="store_true", help="print one JSON object")
     evp.set_defaults(fn=_eval)
+
+    pl = sub.add_parser("plan", help="parameters and FLOPs of a named rung (nothing allocated)")
+    pl.add_argument("--rung", default=None, help="a rung of scaling/ladder.py")
+    pl.add_argument("--list", action="store_true", help="list the rungs")
+    pl.add_argument("--items", type=int, default=20_000, help="catalogue size for the id tables")
+    pl.add_argument(
+        "--context-len", type=int, default=512, help="context tokens in the paper's accounting"
+    )
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(fn=_plan)
     return parser
 
 

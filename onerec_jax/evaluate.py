@@ -56,7 +56,11 @@ def _history(raw: dict[str, Any]) -> sp.csr_matrix:
     off = raw["hist_offsets"]
     b = len(off) - 1
     rows = np.repeat(np.arange(b), np.diff(off))
-    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, raw["hist_item"])), shape=None)
+    # The row count is explicit: a trailing request with no history must still get its row.
+    width = int(raw["hist_item"].max(initial=0)) + 1
+    return sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows, raw["hist_item"])), shape=(b, width)
+    )
 
 
 class Popularity:

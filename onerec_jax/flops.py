@@ -33,7 +33,9 @@ import numpy as np
 
 from onerec_jax.data import schema
 from onerec_jax.model.layers import ffn_matrices
+from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Config
 
 _EMBED_SUFFIX = "_embed"
 
@@ -45,6 +47,8 @@ class Counts:
     params_routed: int
     params_active: int
     params_non_embedding: int  # total - embedding: what a rung's name is compared with
+    params_context: int  # non-embedding, V1 encoder / V2 context processor
+    params_decoder: int  # non-embedding, the rest (decoder blocks, output head)
     flops_forward: float  # per sample
     flops_train: float  # per sample, forward + backward
     tokens_per_sample: int  # decoder positions with a loss (m * Q)
@@ -56,8 +60,8 @@ class Counts:
         return d
 
 
-def _dummy_inputs(cfg: V1Config, b: int = 1) -> tuple[dict[str, jax.Array], jax.Array]:
-    e = cfg.encoder
+def _dummy_inputs(cfg: V1Config | V2Config, b: int = 1) -> tuple[dict[str, jax.Array], jax.Array]:
+    e = cfg.context if isinstance(cfg, V2Config) else cfg.encoder
     spec = schema.SchemaSpec(
         short_len=e.short_len, pos_len=e.pos_len, life_len=e.life_len, max_targets=cfg.max_targets
     )
@@ -70,30 +74,35 @@ def _dummy_inputs(cfg: V1Config, b: int = 1) -> tuple[dict[str, jax.Array], jax.
     return inputs, codes
 
 
-def param_shapes(model: OneRecV1) -> Any:
+def param_shapes(model: OneRecV1 | OneRecV2) -> Any:
     """The model's parameter tree as ShapeDtypeStructs (no memory is allocated)."""
     inputs, codes = _dummy_inputs(model.cfg)
     return jax.eval_shape(model.init, jax.random.key(0), inputs, codes)["params"]
 
 
-def _split_params(params: Any) -> tuple[int, int, int]:
-    total = embedding = routed = 0
+# Top-level parameter trees that process the user's context (V1 encoder, V2 context processor).
+_CONTEXT_TREES = ("encoder", "context", "kv", "kv_norm")
+
+
+def _split_params(params: Any) -> tuple[int, int, int, int]:
+    """Total, embedding, routed-expert and non-embedding context parameters."""
+    total = embedding = routed = context = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
         names = [str(getattr(p, "key", p)) for p in path]
         size = int(np.prod(leaf.shape))
         total += size
         if any(n.endswith(_EMBED_SUFFIX) or n == "tokens" for n in names):
             embedding += size
+        elif names[0] in _CONTEXT_TREES:
+            context += size
         if names[-1] in ("w_gate", "w_up", "w_down"):
             routed += size
-    return total, embedding, routed
+    return total, embedding, routed, context
 
 
-def v1_forward_flops(cfg: V1Config) -> float:
-    """Matmul FLOPs of one forward pass of one request (module docstring)."""
-    e = cfg.encoder
+def _pathways_mac(e: EncoderConfig) -> int:
+    """Static MLP, the three event pathways and the QFormer, at the context width."""
     d = e.d_model
-    # Encoder: static MLP, three event pathways, QFormer over the lifelong events, the stack.
     n_static = schema.SchemaSpec().shapes()["static"][0][-1]
     mac = n_static * e.feature_dim * d + d * d
     event_in = d + e.author_dim + 5 * e.feature_dim
@@ -102,33 +111,81 @@ def v1_forward_flops(cfg: V1Config) -> float:
     nq, life = e.n_queries, e.life_len
     qformer = 2 * nq * d * d + 2 * life * d * d + 2 * nq * life * d
     qformer += ffn_matrices(e.ffn) * nq * d * e.d_ff
-    mac += e.qformer_blocks * qformer
+    return mac + e.qformer_blocks * qformer
+
+
+def _ffn_mac(n: int, d: int, cfg: V1Config | V2Config, moe: bool) -> int:
+    if not moe:
+        return ffn_matrices(cfg.ffn) * n * d * cfg.d_ff
+    mo = cfg.moe
+    return n * d * mo.n_experts + 3 * n * d * mo.d_ff * (mo.top_k + mo.n_shared)
+
+
+def v1_forward_flops(cfg: V1Config) -> float:
+    """Matmul FLOPs of one forward pass of one request (module docstring)."""
+    e = cfg.encoder
+    d = e.d_model
     t = e.n_tokens
-    enc_ffn = ffn_matrices(e.ffn)
-    mac += e.n_layers * (4 * t * d * d + 2 * t * t * d + enc_ffn * t * d * e.d_ff)
+    mac = _pathways_mac(e)
+    mac += e.n_layers * (4 * t * d * d + 2 * t * t * d + ffn_matrices(e.ffn) * t * d * e.d_ff)
     # Decoder: G rows of T positions per request (G * T = m * Q in both modes).
     q, m = len(cfg.vocab), cfg.max_targets
     g, tl = (1, m * q) if cfg.session_wise else (m, q)
     n = g * tl
     layer = 4 * n * d * d + 2 * g * tl * tl * d  # self-attention
     layer += 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # cross-attention, K/V once per user
-    if cfg.moe is None:
-        layer += ffn_matrices(cfg.ffn) * n * d * cfg.d_ff
-    else:
-        mo = cfg.moe
-        layer += n * d * mo.n_experts + 3 * n * d * mo.d_ff * (mo.top_k + mo.n_shared)
+    layer += _ffn_mac(n, d, cfg, cfg.moe is not None)
     mac += cfg.dec_layers * layer + n * d * cfg.n_tokens  # + the output head
     return 2.0 * mac
 
 
-def v1_counts(model: OneRecV1) -> Counts:
+def v2_context_flops(cfg: V2Config) -> float:
+    """Forward FLOPs of V2's context processor for one request: pathways + the K/V sets."""
+    e = cfg.context
+    kv_out = cfg.l_kv * cfg.s_kv * cfg.kv_heads * cfg.head_dim
+    return 2.0 * (_pathways_mac(e) + e.n_tokens * e.d_model * kv_out)
+
+
+def v2_forward_flops(cfg: V2Config) -> float:
+    """Matmul FLOPs of one forward pass of one request: context processor + lazy decoder."""
+    d, s = cfg.d_model, cfg.context.n_tokens
+    q, m = len(cfg.vocab), cfg.max_targets
+    n = m * q
+    layer = 2 * n * d * d + 2 * n * s * d  # cross-attention: Q and output projections, scores
+    layer += 4 * n * d * d + 2 * m * q * q * d  # self-attention
+    mac = cfg.n_dense * (layer + _ffn_mac(n, d, cfg, False))
+    if cfg.moe is not None:
+        mac += (cfg.n_layers - cfg.n_dense) * (layer + _ffn_mac(n, d, cfg, True))
+    mac += n * d * cfg.n_tokens
+    return v2_context_flops(cfg) + 2.0 * mac
+
+
+def paper_flops_per_sample(
+    context_params: float,
+    decoder_params: float,
+    context_len: int,
+    target_tokens: int = 3,
+    impressions: int = 5,
+) -> dict[str, float]:
+    """The V2 paper's accounting: 6 * params * tokens for training, the context part shared by
+    the `impressions` items served from one request. An encoder-decoder's encoder and a lazy
+    decoder's context processor are the `context_params`."""
+    ctx = 6.0 * context_params * context_len / impressions
+    dec = 6.0 * decoder_params * target_tokens
+    return {"context": ctx, "decoder": dec, "total": ctx + dec, "context_share": ctx / (ctx + dec)}
+
+
+def counts(model: OneRecV1 | OneRecV2) -> Counts:
+    """Parameter and FLOP counts of either family (module docstring)."""
     cfg = model.cfg
-    total, embedding, routed = _split_params(param_shapes(model))
+    total, embedding, routed, context_params = _split_params(param_shapes(model))
     active = total
     if cfg.moe is not None:
         active = total - round(routed * (1 - cfg.moe.top_k / cfg.moe.n_experts))
-    fwd = v1_forward_flops(cfg)
-    e = cfg.encoder
+    if isinstance(model, OneRecV2):
+        fwd, e = v2_forward_flops(cfg), cfg.context
+    else:
+        fwd, e = v1_forward_flops(cfg), cfg.encoder
     target_tokens = cfg.max_targets * len(cfg.vocab)
     context = 1 + e.short_len + e.pos_len + e.life_len
     return Counts(
@@ -137,6 +194,8 @@ def v1_counts(model: OneRecV1) -> Counts:
         params_routed=routed,
         params_active=active,
         params_non_embedding=total - embedding,
+        params_context=context_params,
+        params_decoder=total - embedding - context_params,
         flops_forward=fwd,
         flops_train=3.0 * fwd,
         tokens_per_sample=target_tokens,

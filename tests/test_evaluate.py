@@ -38,6 +38,10 @@ def test_item_knn_recommends_co_consumed_items():
     knn = ev.ItemKNN(train, k=3)
     raw = {"hist_offsets": np.array([0, 1]), "hist_item": np.array([1])}
     assert ev.rank_unseen(knn.scores(raw), raw, 1)[0, 0] == 2
+    # A request with no history after one with history keeps its own (all-zero) row.
+    two = {"hist_offsets": np.array([0, 1, 1]), "hist_item": np.array([1])}
+    scores = knn.scores(two)
+    assert scores.shape[0] == 2 and not scores[1].any() and scores[0][2] > 0
     # The last two events of 4-event users are held out of the training matrix.
     assert train[1].toarray()[0].tolist() == [0, 1, 1, 0, 0, 0, 0]
 

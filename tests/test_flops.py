@@ -11,6 +11,7 @@ from onerec_jax import flops
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Config
 
 # One layer per scanned stack: XLA's cost_analysis counts a while-loop body once.
 ENC = EncoderConfig(
@@ -38,11 +39,34 @@ def test_forward_flops_match_xla_cost_analysis(case):
     assert 1.0 <= cost["flops"] / analytic < 1.05
 
 
+V2_CASES = {
+    "v2_dense": {"n_layers": 1},
+    "v2_sets_gqa": {"n_layers": 1, "s_kv": 2, "g_kv": 2},
+    "v2_moe": {
+        "n_layers": 2,
+        "first_dense": 1,  # one dense and one MoE stack, one layer each
+        "moe": MoEConfig(n_experts=8, top_k=2, d_ff=256, n_shared=1, dispatch="capacity"),
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(V2_CASES))
+def test_v2_forward_flops_match_xla_cost_analysis(case):
+    ctx = dataclasses.replace(ENC, d_model=64)
+    cfg = V2Config(context=ctx, d_model=128, d_ff=512, vocab=(256, 256, 256), **V2_CASES[case])
+    model = OneRecV2(cfg)
+    inputs, codes = flops._dummy_inputs(cfg, 8)
+    variables = jax.eval_shape(model.init, jax.random.key(0), inputs, codes)
+    cost = jax.jit(model.apply).lower(variables, inputs, codes).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert 1.0 <= cost["flops"] / (8 * flops.v2_forward_flops(cfg)) < 1.05
+
+
 def test_param_counts_equal_the_initialised_tree():
     moe = MoEConfig(n_experts=6, top_k=2, d_ff=64, n_shared=1)
     enc = EncoderConfig(d_model=32, n_layers=1, d_ff=64, n_queries=4, n_items=300, life_len=16)
     model = OneRecV1(V1Config(encoder=enc, dec_layers=2, d_ff=64, vocab=(16, 16), moe=moe))
-    counts = flops.v1_counts(model)
+    counts = flops.counts(model)
     inputs, codes = flops._dummy_inputs(model.cfg, 2)
     real = jax.jit(model.init)(
         jax.random.key(0),

@@ -18,7 +18,7 @@ class _Catalogue:
 
 def _counts(name):
     cfg = ladder.apply_rung(load_file(BASE), name)
-    return cfg, flops.v1_counts(loop.build_model(cfg, _Catalogue, (cfg.tokenizer_codes,) * 3))
+    return cfg, flops.counts(loop.build_model(cfg, _Catalogue, (cfg.tokenizer_codes,) * 3))
 
 
 @pytest.mark.parametrize("name,billions", [("v1-0.935b", 0.935), ("v1-2.633b", 2.633)])

@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
@@ -58,10 +57,7 @@ def evaluate_run(
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
     `max_requests`, default 2048, of the world's unbounded splits)."""
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
-    cfg_path = workdir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    cfg = loop.load_run_config(workdir)
     table_dir = pathlib.Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else workdir / "tokenizer"
     table = SemanticIds.load(table_dir)
     train_src = open_source(cfg.source, seed=cfg.seed, split="train")

@@ -43,6 +43,7 @@ from onerec_jax.data.sources import open_source
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 from onerec_jax.train import step as step_lib
 from onerec_jax.train.logging import MetricWriter
@@ -72,13 +73,21 @@ def _table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> SemanticIds
     return SemanticIds.load(path)
 
 
-def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, ...]) -> OneRecV1:
+def build_model(
+    cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, ...]
+) -> OneRecV1 | OneRecV2:
+    """The model a config names (`model.family` v1 | v2) for a source's catalogue and a table's
+    vocabulary."""
     m = cfg.model
+    if m.family not in ("v1", "v2"):
+        raise ValueError(f"model.family must be 'v1' or 'v2', got {m.family!r}")
+    v2 = m.family == "v2"
     enc = EncoderConfig(
-        d_model=m.d_model,
+        # V2's context processor may be narrower than its decoder.
+        d_model=(m.context_dim or m.d_model) if v2 else m.d_model,
         n_layers=m.enc_layers,
-        n_heads=m.n_heads,
-        d_ff=m.d_ff,
+        n_heads=(m.context_heads or m.n_heads) if v2 else m.n_heads,
+        d_ff=(m.context_ff or m.d_ff) if v2 else m.d_ff,
         n_queries=m.n_queries,
         qformer_blocks=m.qformer_blocks,
         ffn=m.ffn,
@@ -100,6 +109,25 @@ def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, .
             n_shared=m.moe_shared,
             dispatch=m.moe_dispatch,
         )
+    dtype = jnp.bfloat16 if cfg.bf16 else jnp.float32
+    if v2:
+        v2cfg = V2Config(
+            context=enc,
+            n_layers=m.dec_layers,
+            d_model=m.d_model,
+            n_heads=m.n_heads,
+            d_ff=m.d_ff,
+            ffn=m.ffn,
+            moe=moe,
+            first_dense=m.first_dense,
+            vocab=tuple(vocab),
+            max_targets=cfg.data.max_targets,
+            loss=m.loss,
+            l_kv=m.l_kv,
+            s_kv=m.s_kv,
+            g_kv=m.g_kv,
+        )
+        return OneRecV2(v2cfg, dtype=dtype)
     v1 = V1Config(
         encoder=enc,
         dec_layers=m.dec_layers,
@@ -112,7 +140,7 @@ def build_model(cfg: ml_collections.ConfigDict, source: Any, vocab: tuple[int, .
         session_wise=m.session_wise,
         loss=m.loss,
     )
-    return OneRecV1(v1, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32)
+    return OneRecV1(v1, dtype=dtype)
 
 
 def schema_spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
@@ -146,11 +174,54 @@ def validation_batches(
     return out
 
 
+# Config fields added after runs already existed, with the values that reproduce what those
+# runs did. A run's config.json that lacks one is read as if it held this value, so older
+# workdirs still evaluate and resume.
+ADDED_FIELDS: dict[str, Any] = {
+    "rung": "",
+    "eval_every": 0,
+    "eval_batches": 0,
+    "model.family": "v1",
+    "model.ffn": "swiglu",
+    "model.qformer_blocks": 1,
+    "model.moe_d_ff": 0,
+    "model.moe_shared": 0,
+    "model.moe_dispatch": "dropless",
+    "model.first_dense": 0,
+    "model.context_dim": 0,
+    "model.context_heads": 0,
+    "model.context_ff": 0,
+    "model.l_kv": 1,
+    "model.s_kv": 1,
+    "model.g_kv": 0,
+}
+
+
+def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with every field of `ADDED_FIELDS` it lacks filled in."""
+    out = json.loads(json.dumps(saved))
+    for dotted, value in ADDED_FIELDS.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node.setdefault(leaf, value)
+    return out
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run was started with (WORKDIR/config.json), upgraded to current fields."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")
+    return ml_collections.ConfigDict(upgrade_config(json.loads(path.read_text())))
+
+
 def _check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     path = workdir / "config.json"
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = upgrade_config(json.loads(path.read_text()))
         new = json.loads(text)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         # Only the step budget may change between a run and its resumption.
@@ -195,7 +266,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     state = step_lib.init_state(
         model, tx, jax.tree.map(jnp.asarray, zero_batch(spec, 2, q)), jax.random.key(cfg.seed)
     )
-    counts = flops.v1_counts(model)
+    counts = flops.counts(model)
     val = validation_batches(cfg, spec, table.codes) if cfg.eval_batches else []
     eval_fn = jax.jit(functools.partial(step_lib.eval_loss, model=model))
 
