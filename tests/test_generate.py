@@ -90,7 +90,8 @@ def test_beam_512_on_a_smaller_catalogue(setup, exact):
     assert (items[:, n:] == 0).all() and np.isneginf(logp[:, n:]).all()
 
 
-@pytest.mark.parametrize("session_wise", [False, True])
+# The session-wise case is also covered end to end by the exact-sessions test below.
+@pytest.mark.parametrize("session_wise", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cached_step_equals_full_prefix_logits(setup, session_wise):
     """One position at a time through the KV cache gives the logits of the whole prefix."""
     _, _, inputs, table = setup

@@ -49,7 +49,9 @@ LAZY = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(LAZY))
+@pytest.mark.parametrize(
+    "case", [pytest.param("default", marks=pytest.mark.slow), "grouped_sets", "moe"]
+)
 def test_cached_step_equals_full_logits_and_layers_read_their_set(data, case):
     src, inputs, table = data
     cfg = _cfg(src, table, **LAZY[case])
