@@ -24,7 +24,7 @@ demo: install
 test: install
 	$(BIN)/ruff check onerec_jax scaling tests benchmarks experiments
 	$(BIN)/ruff format --check onerec_jax scaling tests benchmarks experiments
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

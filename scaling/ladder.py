@@ -131,6 +131,17 @@ V2_RUNGS: dict[str, dict[str, Any]] = {
     },
 }
 
+# V2 CPU rung: the decoder of v1-cpu-s (2 blocks of width 64) with no encoder stack, reading
+# the same pathways (context width 64) — the pair experiments/v1_vs_v2.py compares.
+V2_RUNGS["v2-cpu-s"] = {
+    **{k: v for k, v in V1_RUNGS["v1-cpu-s"].items() if k != "model.enc_layers"},
+    "model.family": "v2",
+    "model.loss": "mean",
+    "model.context_dim": 64,
+    "model.context_heads": 4,
+    "model.context_ff": 128,
+}
+
 RUNGS = {**V1_RUNGS, **V2_RUNGS}
 
 
