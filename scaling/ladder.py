@@ -183,7 +183,9 @@ def plan(name: str, n_items: int = 20_000, context_len: int = 512) -> dict[str, 
     codes = cfg.tokenizer_codes or 128
     model = loop.build_model(cfg, _Catalogue(n_items), (codes,) * 3)
     c = flops.counts(model)
-    paper = flops.paper_flops_per_sample(c.params_context, c.params_decoder, context_len)
+    # Only active weights cost FLOPs: the routed experts a token skips are left out.
+    decoder_active = c.params_decoder - (c.params_total - c.params_active)
+    paper = flops.paper_flops_per_sample(c.params_context, decoder_active, context_len)
     return {
         "rung": name,
         "family": cfg.model.family,
