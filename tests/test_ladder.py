@@ -1,5 +1,6 @@
 """The rung ladder: names resolve to configs whose parameter counts match the paper's."""
 
+import json
 import pathlib
 
 import pytest
@@ -40,3 +41,47 @@ def test_dense_rungs_and_errors():
     assert 1e6 < small.params_non_embedding < 1e7  # see the ladder's docstring for 0.121B
     with pytest.raises(ValueError, match="unknown rung 'v1-9b'"):
         ladder.apply_rung(load_file(BASE), "v1-9b")
+
+
+V2_NAMES = {
+    "v2-0.1b": 0.1,
+    "v2-0.2b": 0.2,
+    "v2-0.5b": 0.5,
+    "v2-1b": 1.0,
+    "v2-2b": 2.0,
+    "v2-4b": 4.0,
+    "v2-8b": 8.0,
+}
+
+
+def test_v2_rungs_match_their_names_within_10_percent():
+    for name, billions in V2_NAMES.items():
+        row = ladder.plan(name)
+        assert row["family"] == "v2"
+        assert abs(row["params_non_embedding"] / (billions * 1e9) - 1) < 0.10, name
+    moe = ladder.plan("v2-4b-a0.5b")
+    assert abs(moe["params_non_embedding"] / 4e9 - 1) < 0.10
+    active_non_embedding = moe["params_active"] - moe["params_embedding"]
+    assert abs(active_non_embedding / 0.5e9 - 1) < 0.10
+
+
+def test_paper_accounting_reproduces_the_context_split():
+    # 0.5B + 0.5B encoder-decoder at context 512, k = 5 impressions, 3 target tokens.
+    enc_dec = flops.paper_flops_per_sample(0.5e9, 0.5e9, 512)
+    assert enc_dec["context"] == pytest.approx(307.2e9) and enc_dec["decoder"] == 9e9
+    assert 0.97 < enc_dec["context_share"] < 0.98  # the paper: 97.66 %
+    # A 1B lazy decoder spends ~18 GFLOPs on its targets; its context is a few percent.
+    row = ladder.plan("v2-1b")
+    lazy = flops.paper_flops_per_sample(row["params_context"], 1e9, 512)
+    assert 18e9 < lazy["total"] < 21e9 and lazy["total"] < 0.07 * enc_dec["total"]
+
+
+def test_onerec_plan_cli(capsys):
+    from onerec_jax import cli
+
+    assert cli.main(["plan", "--rung", "v2-0.1b", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert {"params_total", "params_active", "flops_per_sample"} <= set(row)
+    assert row["params_total"] >= row["params_active"] > 0
+    assert cli.main(["plan", "--rung", "nope", "--json"]) == 2
+    assert "unknown rung 'nope'" in capsys.readouterr().err
