@@ -22,16 +22,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from onerec_jax.model.layers import FFN_KINDS, Attention, Dense, RMSNorm, ffn
+from onerec_jax.model.common import TokenTable, cached_self_attention, level_nll
+from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
 
 
 @dataclasses.dataclass(frozen=True)
-class V1Config:
+class V1Config(TokenTable):
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     dec_layers: int = 2
     n_heads: int = 4
@@ -44,25 +43,11 @@ class V1Config:
     loss: str = "sum"  # "sum" | "mean" over the levels
 
     def __post_init__(self) -> None:
-        if self.loss not in ("sum", "mean"):
-            raise ValueError(f"V1Config.loss must be sum or mean, got {self.loss!r}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"V1Config.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        if not self.vocab or min(self.vocab) < 1:
-            raise ValueError(f"V1Config.vocab must be positive sizes, got {self.vocab}")
+        self.check_common()
 
     @property
     def d_model(self) -> int:
         return self.encoder.d_model
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Start of each level's ids in the shared token table; BOS is the last id."""
-        return np.concatenate([[0], np.cumsum(self.vocab)[:-1]]).astype(np.int32)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(self.vocab)) + 1
 
 
 class _DecoderBlock(nn.Module):
@@ -96,15 +81,8 @@ class _DecoderBlock(nn.Module):
             x = x + self_attn(h, h, shared["causal"])
             mem_kv = shared["mem"]
         else:
-            k, v = self_attn.project_kv(h)  # the new token's K/V, written at position `pos`
-            pos = shared["pos"]
-            cache = (
-                jax.lax.dynamic_update_slice_in_dim(layer["k"], k, pos, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(layer["v"], v, pos, axis=1),
-            )
-            visible = jnp.arange(cache[0].shape[1]) <= pos
-            mask = jnp.broadcast_to(visible[None, None, :], (n, 1, visible.shape[0]))
-            x = x + self_attn(h, cache, mask)
+            y, cache = cached_self_attention(self_attn, h, (layer["k"], layer["v"]), shared["pos"])
+            x = x + y
             mem_kv = (layer["ck"], layer["cv"])
         h = RMSNorm(dtype=self.dtype)(x)
         b = shared["cross"].shape[0]
@@ -179,15 +157,7 @@ class OneRecV1(nn.Module):
         bos = jnp.full((b * groups, 1), c.n_tokens - 1, jnp.int32)
         inp = jnp.concatenate([bos, seq[:, :-1]], axis=1)  # teacher forcing: shift right
         logits, stats = self.logits(mem, mem_mask, inp)
-        # Level of each output position, and the slice of the head that belongs to it.
-        levels = np.arange(seq.shape[1]) % q
-        nll = []
-        for p in range(seq.shape[1]):  # <= m * Q static positions; each picks its level's slice
-            lv = levels[p]
-            lo, v = int(c.offsets[lv]), c.vocab[lv]
-            lg = logits[:, p, lo : lo + v]
-            nll.append(optax.softmax_cross_entropy_with_integer_labels(lg, seq[:, p] - lo))
-        nll = jnp.stack(nll, axis=1).reshape(b, m, q)
+        nll = level_nll(logits, seq, c).reshape(b, m, q)
         return nll, stats
 
     def encode(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -26,16 +26,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from onerec_jax.model.layers import FFN_KINDS, Attention, Dense, RMSNorm, ffn
+from onerec_jax.model.common import TokenTable, cached_self_attention, level_nll
+from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
 
 
 @dataclasses.dataclass(frozen=True)
-class V2Config:
+class V2Config(TokenTable):
     context: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)  # pathways only
     n_layers: int = 2
     d_model: int = 128
@@ -65,12 +64,7 @@ class V2Config:
         n_dense = self.n_layers if self.moe is None else self.first_dense
         if not 0 <= n_dense <= self.n_layers:
             raise ValueError(f"V2Config: first_dense {self.first_dense} > n_layers")
-        if self.loss not in ("sum", "mean"):
-            raise ValueError(f"V2Config.loss must be sum or mean, got {self.loss!r}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"V2Config.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        if not self.vocab or min(self.vocab) < 1:
-            raise ValueError(f"V2Config.vocab must be positive sizes, got {self.vocab}")
+        self.check_common()
 
     @property
     def kv_heads(self) -> int:
@@ -83,14 +77,6 @@ class V2Config:
     @property
     def n_dense(self) -> int:
         return self.n_layers if self.moe is None else self.first_dense
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.vocab)[:-1]]).astype(np.int32)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(self.vocab)) + 1
 
     def kv_set(self, layer: int) -> int:
         """The context K/V set that decoder layer `layer` reads."""
@@ -125,15 +111,8 @@ class _Block(nn.Module):
         if cache_in is None:
             x = x + self_attn(h, h, shared["causal"])
         else:
-            pos = shared["pos"]
-            k_new, v_new = self_attn.project_kv(h)
-            cache = (
-                jax.lax.dynamic_update_slice_in_dim(cache_in[0], k_new, pos, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(cache_in[1], v_new, pos, axis=1),
-            )
-            visible = jnp.arange(cache[0].shape[1]) <= pos
-            mask = jnp.broadcast_to(visible[None, None, :], (n, 1, visible.shape[0]))
-            x = x + self_attn(h, cache, mask)
+            y, cache = cached_self_attention(self_attn, h, cache_in, shared["pos"])
+            x = x + y
         h = RMSNorm(dtype=self.dtype)(x)
         if self.use_moe:
             y, stats = MoE(c.moe, dtype=self.dtype)(h)
@@ -232,12 +211,7 @@ class OneRecV2(nn.Module):
         seq = (jnp.maximum(codes_BxMxQ, 0) + offsets[None, None, :]).reshape(b * m, q)
         bos = jnp.full((b * m, 1), c.n_tokens - 1, jnp.int32)
         logits, stats = self.logits(ctx, mask, jnp.concatenate([bos, seq[:, :-1]], axis=1))
-        nll = []
-        for lv in range(q):  # Q static levels, each with its slice of the head
-            lo, v = int(c.offsets[lv]), c.vocab[lv]
-            lg = logits[:, lv, lo : lo + v]
-            nll.append(optax.softmax_cross_entropy_with_integer_labels(lg, seq[:, lv] - lo))
-        return jnp.stack(nll, axis=1).reshape(b, m, q), stats
+        return level_nll(logits, seq, c).reshape(b, m, q), stats
 
     def logits(
         self, ctx: jax.Array, mask: jax.Array, tokens_NxT: jax.Array

@@ -1,0 +1,66 @@
+"""Pieces V1 and V2 share: the semantic-id token table, per-level losses, cached self-attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from onerec_jax.model.layers import FFN_KINDS, Attention
+
+
+class TokenTable:
+    """Mixin for model configs with `vocab` (codes per level), `loss` and `ffn` fields.
+
+    Token ids of level l live at offset(l) + code in one embedding table; BOS is the last id.
+    """
+
+    vocab: tuple[int, ...]
+    loss: str
+    ffn: str
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.vocab)[:-1]]).astype(np.int32)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(self.vocab)) + 1
+
+    def check_common(self) -> None:
+        name = type(self).__name__
+        if self.loss not in ("sum", "mean"):
+            raise ValueError(f"{name}.loss must be sum or mean, got {self.loss!r}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"{name}.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if not self.vocab or min(self.vocab) < 1:
+            raise ValueError(f"{name}.vocab must be positive sizes, got {self.vocab}")
+
+
+def level_nll(logits_NxTxV: jax.Array, ids_NxT: jax.Array, cfg: TokenTable) -> jax.Array:
+    """Next-token NLL [N, T] where position p holds a level-(p % Q) token id: each position is
+    scored against its level's slice of the head only (T <= m * Q static positions)."""
+    q = len(cfg.vocab)
+    out = []
+    for p in range(ids_NxT.shape[1]):
+        lo, v = int(cfg.offsets[p % q]), cfg.vocab[p % q]
+        lg = logits_NxTxV[:, p, lo : lo + v]
+        out.append(optax.softmax_cross_entropy_with_integer_labels(lg, ids_NxT[:, p] - lo))
+    return jnp.stack(out, axis=1)
+
+
+def cached_self_attention(
+    attn: Attention, h_Nx1xD: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Self-attention of one new position: its K/V are written into the cache at `pos`, and it
+    attends to positions <= pos. Returns (output, updated cache)."""
+    k, v = attn.project_kv(h_Nx1xD)
+    cache = (
+        jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos, axis=1),
+        jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos, axis=1),
+    )
+    n, length = h_Nx1xD.shape[0], cache[0].shape[1]
+    visible = jnp.arange(length) <= pos
+    mask = jnp.broadcast_to(visible[None, None, :], (n, 1, length))
+    return attn(h_Nx1xD, cache, mask), cache
