@@ -195,6 +195,10 @@ def plan(name: str, n_items: int = 20_000, context_len: int = 512) -> dict[str, 
         "flops_forward_per_sample": c.flops_forward,
         "paper_flops_per_sample": paper["total"],
         "paper_context_share": paper["context_share"],
+        # Training state on one device, nothing sharded: float32 params, gradients and AdamW's
+        # two moments (16 bytes per parameter); activations excluded. Per-device memory under a
+        # mesh comes with the sharding issue.
+        "train_state_bytes_unsharded": 16 * c.params_total,
     }
 
 

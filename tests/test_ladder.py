@@ -83,5 +83,6 @@ def test_onerec_plan_cli(capsys):
     row = json.loads(capsys.readouterr().out)
     assert {"params_total", "params_active", "flops_per_sample"} <= set(row)
     assert row["params_total"] >= row["params_active"] > 0
+    assert row["train_state_bytes_unsharded"] == 16 * row["params_total"]
     assert cli.main(["plan", "--rung", "nope", "--json"]) == 2
     assert "unknown rung 'nope'" in capsys.readouterr().err
