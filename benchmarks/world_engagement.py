@@ -55,8 +55,7 @@ def _score(src, test, spec, n: int, rank_fn) -> dict:
         raw = test.raw_batch(idx, spec.history_window, spec)
         b = schema.build_batch(raw, spec)
         top = rank_fn(raw, b)
-        r = test.true_engagement(b["user_id"], b["request_ts"], np.maximum(top, 1))["reward"]
-        rewards.append(np.where(top > 0, r, np.nan))
+        rewards.append(evaluation.true_reward(test, b, top))
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])

@@ -54,10 +54,9 @@ class Counts:
     tokens_per_sample: int  # decoder positions with a loss (m * Q)
     six_nd: float  # 6 * active non-embedding params * (context + target tokens), per sample
 
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["flops_per_sample"] = self.flops_train
-        return d
+    def params(self) -> dict[str, int]:
+        """The `params_*` fields, as summary.json and `onerec plan` report them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k.startswith("params_")}
 
 
 def _dummy_inputs(cfg: V1Config | V2Config, b: int = 1) -> tuple[dict[str, jax.Array], jax.Array]:

@@ -19,6 +19,7 @@ class TokenTable:
     vocab: tuple[int, ...]
     loss: str
     ffn: str
+    max_targets: int
 
     @property
     def offsets(self) -> np.ndarray:
@@ -36,6 +37,24 @@ class TokenTable:
             raise ValueError(f"{name}.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if not self.vocab or min(self.vocab) < 1:
             raise ValueError(f"{name}.vocab must be positive sizes, got {self.vocab}")
+
+
+def teacher_forcing(
+    codes_BxMxQ: jax.Array, cfg: TokenTable, groups: int
+) -> tuple[jax.Array, jax.Array]:
+    """Token-table ids of the target codes as `groups` sequences per request, [B * groups, T],
+    and the decoder inputs: the same shifted right behind BOS."""
+    b, m, q = codes_BxMxQ.shape
+    if q != len(cfg.vocab) or m != cfg.max_targets:
+        raise ValueError(
+            f"codes {codes_BxMxQ.shape}: expected [B, {cfg.max_targets}, {len(cfg.vocab)}] "
+            f"for vocab {cfg.vocab}"
+        )
+    # Padding targets carry code -1 from the table; any in-range id will do (masked later).
+    ids = jnp.maximum(codes_BxMxQ, 0) + jnp.asarray(cfg.offsets)[None, None, :]
+    seq = ids.reshape(b * groups, -1)
+    bos = jnp.full((b * groups, 1), cfg.n_tokens - 1, jnp.int32)
+    return seq, jnp.concatenate([bos, seq[:, :-1]], axis=1)
 
 
 def level_nll(logits_NxTxV: jax.Array, ids_NxT: jax.Array, cfg: TokenTable) -> jax.Array:

@@ -23,7 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from onerec_jax.model.common import TokenTable, cached_self_attention, level_nll
+from onerec_jax.model.common import (
+    TokenTable,
+    cached_self_attention,
+    level_nll,
+    teacher_forcing,
+)
 from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
@@ -144,18 +149,8 @@ class OneRecV1(nn.Module):
     ) -> tuple[jax.Array, dict[str, Any]]:
         c = self.cfg
         b, m, q = codes_BxMxQ.shape
-        if q != len(c.vocab) or m != c.max_targets:
-            raise ValueError(
-                f"codes {codes_BxMxQ.shape}: expected [B, {c.max_targets}, "
-                f"{len(c.vocab)}] for vocab {c.vocab}"
-            )
-        offsets = jnp.asarray(c.offsets)
-        # Padding targets carry code -1 from the table; any in-range id will do (masked later).
-        ids = jnp.maximum(codes_BxMxQ, 0) + offsets[None, None, :]
         groups = 1 if c.session_wise else m  # sequences per request
-        seq = ids.reshape(b * groups, -1)
-        bos = jnp.full((b * groups, 1), c.n_tokens - 1, jnp.int32)
-        inp = jnp.concatenate([bos, seq[:, :-1]], axis=1)  # teacher forcing: shift right
+        seq, inp = teacher_forcing(codes_BxMxQ, c, groups)
         logits, stats = self.logits(mem, mem_mask, inp)
         nll = level_nll(logits, seq, c).reshape(b, m, q)
         return nll, stats

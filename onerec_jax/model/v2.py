@@ -27,7 +27,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from onerec_jax.model.common import TokenTable, cached_self_attention, level_nll
+from onerec_jax.model.common import (
+    TokenTable,
+    cached_self_attention,
+    level_nll,
+    teacher_forcing,
+)
 from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
@@ -202,15 +207,8 @@ class OneRecV2(nn.Module):
         ctx, mask = self.encode(batch)
         c = self.cfg
         b, m, q = codes_BxMxQ.shape
-        if q != len(c.vocab) or m != c.max_targets:
-            raise ValueError(
-                f"codes {codes_BxMxQ.shape}: expected [B, {c.max_targets}, {len(c.vocab)}] "
-                f"for vocab {c.vocab}"
-            )
-        offsets = jnp.asarray(c.offsets)
-        seq = (jnp.maximum(codes_BxMxQ, 0) + offsets[None, None, :]).reshape(b * m, q)
-        bos = jnp.full((b * m, 1), c.n_tokens - 1, jnp.int32)
-        logits, stats = self.logits(ctx, mask, jnp.concatenate([bos, seq[:, :-1]], axis=1))
+        seq, inp = teacher_forcing(codes_BxMxQ, c, m)  # each target item its own sequence
+        logits, stats = self.logits(ctx, mask, inp)
         return level_nll(logits, seq, c).reshape(b, m, q), stats
 
     def logits(

@@ -31,6 +31,13 @@ from onerec_jax.train import step as step_lib
 ENGAGEMENT_KS = (1, 5, 10)
 
 
+def true_reward(src, batch: dict[str, np.ndarray], items_BxN: np.ndarray) -> np.ndarray:
+    """The world's expected reward of recommending `items` [B, N] to the batch's requests;
+    NaN where an item id is 0 (an empty slot or a padded target)."""
+    r = src.true_engagement(batch["user_id"], batch["request_ts"], np.maximum(items_BxN, 1))
+    return np.where(items_BxN > 0, r["reward"], np.nan)
+
+
 def _drop_seen(items_BxW: np.ndarray, raw: dict[str, Any], k: int) -> np.ndarray:
     off = raw["hist_offsets"]
     out = np.zeros((len(items_BxW), k), np.int64)
@@ -99,11 +106,10 @@ def evaluate_run(
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
         if src.kind == "world":  # the generator knows the expected reward of any item
-            r = src.true_engagement(b["user_id"], b["request_ts"], np.maximum(top, 1))["reward"]
-            reward.append(np.where(top > 0, r, np.nan))
-            t = np.maximum(b["target_item"], 1)
-            r = src.true_engagement(b["user_id"], b["request_ts"], t)["reward"]
-            target_reward.append(np.where(b["target_mask"], r, np.nan))
+            reward.append(true_reward(src, b, top))
+            target_reward.append(
+                true_reward(src, b, np.where(b["target_mask"], b["target_item"], 0))
+            )
     metrics = ev.rank_metrics(
         np.concatenate(ranked), np.concatenate(targets), np.concatenate(masks)
     )

@@ -165,12 +165,11 @@ def validation_batches(
     n = cfg.eval_batches * b
     if src.kind != "world":  # logged sources have a finite split
         n = min(n, len(src))
-    out = []
+    add_codes, out = AddCodes(codes), []
     for start in range(0, n, b):
         idx = np.arange(start, min(start + b, n))
         batch = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
-        batch["target_codes"] = codes[batch["target_item"]]
-        out.append(jax.tree.map(jnp.asarray, batch))
+        out.append(jax.tree.map(jnp.asarray, add_codes.map(batch)))
     return out
 
 
@@ -393,7 +392,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         "status": status,
         "step": steps_done,
         "rung": cfg.get("rung", ""),
-        **{k: v for k, v in counts.as_dict().items() if k.startswith("params_")},
+        **counts.params(),
         "flops_per_sample": counts.flops_train,  # analytic, forward + backward, one request
         "flops_forward_per_sample": counts.flops_forward,
         "six_nd_per_sample": counts.six_nd,
