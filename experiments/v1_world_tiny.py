@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 10  # steps between TensorBoard/metrics.jsonl writes
     c.checkpoint_every = 50  # steps between checkpoints (and one at the end)
     c.eval_every = 50  # steps between validation-loss evals (a multiple of log_every; 0: end only)
-    c.eval_batches = 4  # validation batches (of batch_size requests) per eval; 0: no eval loss
+    c.eval_requests = 256  # validation requests per eval (all of a smaller split); 0: no eval loss
     c.keep_checkpoints = 3  # newest checkpoints kept on disk
     c.bf16 = False  # bf16 compute (parameters and optimizer stay float32)
 

@@ -66,8 +66,9 @@ def run(logdir: str = "runs/demo", batches: int = 40, workers: int = 2) -> dict[
     world = sources.open_source("world:small")
     h, se = world.entropy_floor(4096)
     print(
-        f"world:small: {world.n_users:,} users, {world.n_items:,} items; next-item entropy floor "
-        f"{h:.3f} ± {se:.3f} nats"
+        f"world:small: {world.n_users:,} users, {world.n_items:,} items, "
+        f"{world.n_distinct:,} distinct training requests; next-item entropy floor of the "
+        f"training split {h:.3f} ± {se:.3f} nats"
     )
     ml = sources.open_source("movielens-100k")
     print(f"movielens-100k: {ml.n_users} users, {ml.n_items} items, {len(ml)} train examples")

@@ -142,3 +142,35 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tokenizer_dir, m
     # Every checkpoint on disk was taken at a step whose loss was finite.
     assert saved and all(np.isfinite(losses[s]) for s in saved)
     assert not saved or max(saved) < 8
+
+
+def test_eval_loss_at_step_s_is_that_of_the_state_after_s_steps(tmp_path, tokenizer_dir):
+    """With a checkpoint at every step the eval of step s cannot see a later state; without
+    checkpoints in between it must log the same numbers."""
+    common = [
+        f"tokenizer_dir={tokenizer_dir}",
+        "steps=4",
+        "log_every=1",
+        "eval_every=2",
+        "eval_requests=20",  # not a multiple of the batch: the padded batch carries no loss
+        "batch_size=8",
+    ]
+    evals = {}
+    for name, ckpt in (("every", 1), ("end", 100)):
+        cfg = config_lib.resolve(
+            os.path.join(ROOT, CONFIG), lambda: None, [*common, f"checkpoint_every={ckpt}"]
+        )
+        summary = loop.train(cfg, tmp_path / name)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        evals[name] = {
+            r["step"]: (r["eval/loss"], r["eval/loss_se"])
+            for r in map(json.loads, lines)
+            if "eval/loss" in r
+        }
+        assert summary["eval_requests"] == 20
+        assert summary["final_eval_loss"] == evals[name][4][0]
+        assert 0 < summary["final_eval_loss_se"] < 0.5 * summary["final_eval_loss"]
+        assert summary["distinct_train_requests"] == 160_000
+        assert summary["data_passes"] == 4 * 8 / 160_000
+    assert sorted(evals["every"]) == [2, 4]
+    assert evals["every"] == evals["end"]

@@ -186,3 +186,82 @@ def test_session_length_bound():
         WorldConfig(max_session_len=9)
     with pytest.raises(ValueError, match="seed"):
         World("tiny", seed=-1)
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def _example_digests(w: World, idx: np.ndarray) -> set[bytes]:
+    """One digest per example of everything the model and the loss see."""
+    b = schema.build_batch(w.raw_batch(idx, SPEC.history_window), SPEC)
+    rows = [
+        np.ascontiguousarray(v).reshape(len(idx), -1).view(np.uint8) for _, v in sorted(b.items())
+    ]
+    return {b"".join(r[i].tobytes() for r in rows) for i in range(len(idx))}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_splits_share_no_request_and_no_example(preset):
+    worlds = {sp: World(preset, seed=1, split=sp) for sp in SPLITS}
+    cfg = worlds["train"].config
+    rng = np.random.default_rng(0)
+    pairs, digests = {}, {}
+    for sp, w in worlds.items():
+        # The first examples, and examples from far into the unbounded index range.
+        idx = np.concatenate([np.arange(30_000), rng.integers(0, len(w), 30_000)])
+        u, s = w.requests(idx)
+        lo, hi = cfg.split_sessions(sp)
+        assert lo <= s.min() and s.max() < hi and 1 <= u.min() and u.max() <= cfg.n_users
+        pairs[sp] = set((u * cfg.max_sessions + s).tolist())
+        digests[sp] = _example_digests(w, np.arange(300))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        sa, sb = SPLITS[a], SPLITS[b]
+        assert not pairs[sa] & pairs[sb], (sa, sb)
+        assert not digests[sa] & digests[sb], (sa, sb)
+
+
+def test_split_is_a_time_cut_and_enumerates_distinct_requests():
+    worlds = {sp: World("tiny", seed=4, split=sp) for sp in SPLITS}
+    cfg = worlds["train"].config
+    assert [worlds[sp].n_distinct for sp in SPLITS] == [160_000, 20_000, 20_000]
+    # The first n_distinct examples of a split are all its requests, each once.
+    for sp, w in worlds.items():
+        u, s = w.requests(np.arange(w.n_distinct))
+        keys = u * cfg.max_sessions + s
+        assert len(np.unique(keys)) == w.n_distinct, sp
+        # The next pass holds the same requests in another order.
+        u2, s2 = w.requests(np.arange(w.n_distinct, 2 * w.n_distinct))
+        keys2 = u2 * cfg.max_sessions + s2
+        assert set(keys2.tolist()) == set(keys.tolist()) and not np.array_equal(keys, keys2)
+    # Every validation/test request of a user starts after all of that user's training sessions.
+    r_train = worlds["train"].raw_batch(np.arange(worlds["train"].n_distinct), 0)
+    last_train = np.zeros(cfg.n_users + 1, np.int64)
+    np.maximum.at(last_train, r_train["user_id"], r_train["request_ts"])
+    for sp in ("validation", "test"):
+        r = worlds[sp].raw_batch(np.arange(5000), 0)
+        assert np.all(r["request_ts"] > last_train[r["user_id"]]), sp
+    first_test = worlds["test"].raw_batch(np.arange(5000), 0)
+    val = worlds["validation"].raw_batch(np.arange(worlds["validation"].n_distinct), 0)
+    last_val = np.zeros(cfg.n_users + 1, np.int64)
+    np.maximum.at(last_val, val["user_id"], val["request_ts"])
+    assert np.all(first_test["request_ts"] > last_val[first_test["user_id"]])
+
+
+def test_split_shares_are_checked():
+    with pytest.raises(ValueError, match="no training sessions"):
+        WorldConfig(max_sessions=2)
+    with pytest.raises(ValueError, match="unknown split"):
+        WorldConfig().split_sessions("dev")
+    assert WorldConfig(max_sessions=10).split_sessions("test") == (9, 10)
+
+
+def test_repeat_warning_names_both_numbers():
+    from onerec_jax.data import sources
+
+    w = World("tiny", split="train")
+    assert sources.repeat_warning(w, 160_000) is None
+    msg = sources.repeat_warning(w, 320_000)
+    assert msg is not None and "320,000" in msg and "160,000" in msg
+    ml = sources.open_source("movielens-100k", split="train")
+    assert sources.distinct_requests(ml) == len(ml)
+    assert sources.repeat_warning(ml, 3 * len(ml)) is not None

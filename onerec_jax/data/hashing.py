@@ -78,3 +78,36 @@ def normal(h: np.ndarray) -> np.ndarray:
     """Standard normal by Box-Muller from the two 32-bit halves of `h`."""
     a, b = unit32_pair(h)
     return np.sqrt(-2.0 * np.log1p(-a)) * np.cos(2.0 * np.pi * b)
+
+
+def permute(i: np.ndarray, n: int, *keys: int) -> np.ndarray:
+    """A keyed bijection of [0, n): i -> pi(i), the same for the same keys.
+
+    Why: a split of the world must enumerate its finite set of (user, session) requests without
+    repeats (the first n draws are n distinct requests) while staying random-access. A 4-round
+    Feistel network permutes the 2h-bit integers (4^h >= n); values that land outside [0, n) are
+    walked through the network again ("cycle walking"), which keeps the map a bijection of
+    [0, n). At most 3 in 4 values walk each round, so the loop ends after a handful of rounds.
+    """
+    if n < 1:
+        raise ValueError(f"cannot permute an empty range (n = {n})")
+    i = np.asarray(i, np.int64)
+    if i.size and (i.min() < 0 or i.max() >= n):
+        raise IndexError(f"permute: index out of [0, {n})")
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    round_keys = [int(hash_u64(*keys, 0x5EED, r)) for r in range(4)]
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for k in round_keys:
+            left, right = right, left ^ (mix64(right ^ np.uint64(k)) & mask)
+        return (left << shift) | right
+
+    x = feistel(i.astype(np.uint64))
+    out = x >= np.uint64(n)
+    while out.any():
+        x[out] = feistel(x[out])
+        out = x >= np.uint64(n)
+    return x.astype(np.int64)

@@ -55,3 +55,21 @@ def open_source(name: str, *, seed: int = 0, split: str = "train", **log_options
         f"unknown source {name!r}: use movielens-100k, world:PRESET (tiny|small|large) "
         "or parquet:PATH"
     )
+
+
+def distinct_requests(source: Source) -> int:
+    """How many different requests a split holds: a logged split's length, or the world's
+    stated `n_distinct` (its virtual length is unbounded, but only this many are different)."""
+    return int(getattr(source, "n_distinct", len(source)))
+
+
+def repeat_warning(source: Source, samples: int) -> str | None:
+    """The warning a run drawing `samples` requests from `source` should print, or None when
+    it sees no request twice."""
+    n = distinct_requests(source)
+    if samples <= n:
+        return None
+    return (
+        f"the sample budget ({samples:,} requests) exceeds the {n:,} distinct requests of "
+        f"{source.kind}/{source.split}: each is seen ~{samples / n:.2f} times (data repeats)"
+    )

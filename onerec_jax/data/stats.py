@@ -15,7 +15,7 @@ import numpy as np
 
 from onerec_jax.data import schema
 from onerec_jax.data.events import LogSource
-from onerec_jax.data.sources import Source, open_source
+from onerec_jax.data.sources import Source, distinct_requests, open_source
 from onerec_jax.data.world import World
 
 # Pathway length histogram bins: 0, 1-3, 4-15, 16-63, 64-255, 256-1023, 1024+.
@@ -86,9 +86,12 @@ def source_stats(
         "n_authors": train.n_authors,
         "n_tags": train.n_tags,
         "n_examples": {sp: len(s) for sp, s in splits.items()},
+        # Different requests per split (the world's splits are unbounded but repeat after this).
+        "n_distinct": {sp: distinct_requests(s) for sp, s in splits.items()},
     }
-    n = min(max_examples, len(train))
-    idx = np.unique(np.linspace(0, len(train) - 1, n).astype(np.int64))
+    n_train = distinct_requests(train)
+    n = min(max_examples, n_train)
+    idx = np.unique(np.linspace(0, n_train - 1, n).astype(np.int64))
     out["sampled_examples"] = len(idx)
     if len(idx):  # a log can be too short to give a single training example
         batch = schema.build_batch(train.raw_batch(idx, spec.history_window, spec), spec)
@@ -128,6 +131,10 @@ def source_stats(
             )
         )
         out["zipf_alpha"] = cfg.zipf_alpha
-        h, se = train.entropy_floor(4096)
-        out["entropy_floor_nats"] = {"mean": h, "stderr": se, "n": 4096}
+        # Interests drift with the session index, so each split has its own floor; a scaling fit
+        # of validation loss compares with the validation floor.
+        out["entropy_floor_nats"] = {}
+        for sp, src in splits.items():
+            h, se = src.entropy_floor(4096)
+            out["entropy_floor_nats"][sp] = {"mean": h, "stderr": se, "n": 4096}
     return _round(out)

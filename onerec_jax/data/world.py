@@ -18,8 +18,19 @@ The model of the world (all randomness is hashed from keys, see `hashing.py`):
     probabilities below are logistic in (a, quality, log duration). The realised play fraction is
     U^((1-p)/p), whose mean is exactly p, so `true_engagement` returns exact expectations.
 
-Example i of a split is a request: user u = hash(i), session s log-uniform in [0, max_sessions);
-history = the sessions before s, target = session s.
+Splits are a per-user time cut. Each user's sessions [0, max_sessions) are cut into three
+consecutive ranges: the first (1 - validation_share - test_share) of them are training requests,
+the next validation_share validation, the last test_share test. So every (user, session) request
+belongs to exactly one split, and every test session of a user comes after all of that user's
+training and validation sessions: a recommender is judged on the future, as in production. (All
+users appear in every split: cold-start users are not what this world evaluates.) A request's
+history is the sessions before it, so validation and test histories include training sessions,
+as they would in a log; the targets never repeat across splits.
+
+Example i of a split is the request pi(i mod N) of a keyed permutation pi of the split's
+N = n_users x sessions-in-split distinct requests, a new permutation for each pass i // N: the
+first N examples are N different requests, and `n_distinct` states N so that a run whose sample
+budget exceeds it can say that it repeats data.
 """
 
 from __future__ import annotations
@@ -77,10 +88,14 @@ class WorldConfig:
     zipf_alpha: float = 1.0  # popularity exponent
     explore: float = 0.1  # logging policy's share of uniformly random topics
     drift: float = 0.3  # interest logit change per 100 sessions, in units of g_k ~ N(0, 1)
-    max_sessions: int = 200  # a request's session index is log-uniform in [0, max_sessions)
+    max_sessions: int = 200  # sessions per user; requests are (user, session) pairs
     max_session_len: int = 5  # m
     content_dim: int = 64
-    n_examples: int = 1 << 40  # virtual length of each split: a sweep never runs out of new data
+    validation_share: float = 0.1  # share of each user's sessions held out for validation
+    test_share: float = 0.1  # share of each user's (last) sessions held out for test
+    # Virtual length of each split: indices past the split's distinct requests start new passes
+    # (fresh permutations of the same requests), so an index never runs out; see `n_distinct`.
+    n_examples: int = 1 << 40
 
     def __post_init__(self) -> None:
         if self.n_topics > self.n_items:
@@ -105,6 +120,28 @@ class WorldConfig:
             )
         if not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"WorldConfig.explore must be in [0, 1], got {self.explore}")
+        n_train = self.split_sessions("train")
+        if n_train[1] - n_train[0] < 1:
+            raise ValueError(
+                f"WorldConfig: max_sessions={self.max_sessions} leaves no training sessions "
+                f"after validation_share={self.validation_share}, test_share={self.test_share}"
+            )
+
+    def split_sessions(self, split: str) -> tuple[int, int]:
+        """Each user's sessions [lo, hi) that belong to `split` (the same range for every user).
+
+        Validation and test get round(share * max_sessions) sessions each, at least one."""
+        s = self.max_sessions
+        n_test = max(1, round(self.test_share * s))
+        n_val = max(1, round(self.validation_share * s))
+        ranges = {
+            "train": (0, s - n_val - n_test),
+            "validation": (s - n_val - n_test, s - n_test),
+            "test": (s - n_test, s),
+        }
+        if split not in ranges:
+            raise ValueError(f"unknown split {split!r}; choose from {sorted(ranges)}")
+        return ranges[split]
 
 
 PRESETS: dict[str, WorldConfig] = {
@@ -222,6 +259,12 @@ class World:
     def __len__(self) -> int:
         return self.config.n_examples
 
+    @property
+    def n_distinct(self) -> int:
+        """Distinct (user, session) requests in this split; example i repeats i mod this."""
+        lo, hi = self.config.split_sessions(self.split)
+        return self.config.n_users * (hi - lo)
+
     # ---------------------------------------------------------------- users
     def _user(self, u: np.ndarray) -> dict[str, np.ndarray]:
         """Per-user parameters, recomputed from hashes (nothing per user is stored)."""
@@ -279,16 +322,19 @@ class World:
         return np.floor((np.asarray(request_ts) - user["t0"]) / user["gap"]).astype(np.int64)
 
     def requests(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(user [B], session [B]) of examples `indices` in this split."""
-        h = hs.hash_u64(self.seed, _REQ, _SPLIT_SALT[self.split], np.asarray(indices, np.int64))
-        u = 1 + (hs.stream(h, 0) % np.uint64(self.config.n_users)).astype(np.int64)
-        s = (
-            np.floor((self.config.max_sessions + 1.0) ** hs.unit53(hs.stream(h, 1))).astype(
-                np.int64
-            )
-            - 1
-        )
-        return u, np.minimum(s, self.config.max_sessions - 1)
+        """(user [B], session [B]) of examples `indices` in this split: example i is request
+        pi_e(i mod N) of pass e = i // N, pi_e a keyed permutation of the N distinct requests."""
+        idx = np.asarray(indices, np.int64)
+        lo, hi = self.config.split_sessions(self.split)
+        n = self.n_distinct
+        passes, j = np.divmod(idx, n)
+        flat_p, flat_j = passes.reshape(-1), j.reshape(-1)
+        r = np.empty_like(flat_j)
+        for e in np.unique(flat_p):  # one pass in all but the batches that straddle two
+            at = flat_p == e
+            r[at] = hs.permute(flat_j[at], n, self.seed, _REQ, _SPLIT_SALT[self.split], int(e))
+        r = r.reshape(j.shape)
+        return 1 + r // (hi - lo), lo + r % (hi - lo)
 
     # --------------------------------------------------------------- events
     def _logging_policy(self, user: dict, pi: np.ndarray) -> np.ndarray:
@@ -488,7 +534,10 @@ class World:
         return -(pt * np.log(pt)).sum(-1) + pt @ self.topic_entropy
 
     def entropy_floor(self, n_samples: int = 4096) -> tuple[float, float]:
-        """Mean next-item entropy over this split's requests and its standard error (nats/item).
+        """Mean next-item entropy over this split's first `n_samples` requests (distinct ones,
+        each a sample of the split) and its standard error (nats/item). Interests drift with
+        the session index, so the floor depends on the split: compare a validation loss with the
+        validation split's floor.
 
         It is a floor for a model's per-item loss: the model sees only the logged history, not the
         latent (u, s), and with a bijective semantic-id tokenisation the summed per-level NTP loss

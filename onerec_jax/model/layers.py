@@ -50,6 +50,9 @@ class Dense(nn.Module):
     axes: tuple[str | None, str | None]
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    # Output dtype (default: `dtype`). The output head sets float32: the matmul accumulates in
+    # float32 anyway, and rounding logits to bf16 before a softmax or a beam's top-k loses ties.
+    out_dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -66,7 +69,7 @@ class Dense(nn.Module):
                 (self.features,),
             )
             y = y + b.reshape((1,) * (y.ndim - 1) + (-1,))
-        return y.astype(self.dtype)
+        return y.astype(self.out_dtype or self.dtype)
 
 
 class SwiGLU(nn.Module):

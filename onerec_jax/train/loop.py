@@ -10,8 +10,11 @@
     except at logs and saves); a NaN/Inf loss stops the run with an error that names the step
     and the last good checkpoint, and no checkpoint is written after it;
   - SIGTERM (preemption) saves the current step and returns cleanly;
-  - measures the teacher-forced loss on fixed validation batches every `eval_every` steps and
-    at the end (eval/loss);
+  - measures the teacher-forced loss of the state after step s on the first `eval_requests`
+    requests of the validation split every `eval_every` steps and at the end (eval/loss, with its
+    standard error over requests, eval/loss_se);
+  - warns when the sample budget (steps x batch_size) exceeds the distinct requests of the
+    training split, i.e. when the run repeats data;
   - writes TensorBoard scalars (train/, eval/, perf/, moe/), metrics.jsonl, and summary.json
     (parameters total/active/non-embedding, analytic FLOPs per sample and in total, samples
     and tokens seen across restarts, final train and validation loss).
@@ -26,7 +29,9 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import time
+import warnings
 from typing import Any
 
 import grain
@@ -39,7 +44,7 @@ from tqdm.auto import tqdm
 
 from onerec_jax import flops
 from onerec_jax.data import pipeline, schema
-from onerec_jax.data.sources import open_source
+from onerec_jax.data.sources import distinct_requests, open_source, repeat_warning
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
@@ -158,19 +163,42 @@ def zero_batch(spec: schema.SchemaSpec, b: int, q: int) -> dict[str, np.ndarray]
 
 def validation_batches(
     cfg: ml_collections.ConfigDict, spec: schema.SchemaSpec, codes: np.ndarray
-) -> list[dict[str, jax.Array]]:
-    """The first `eval_batches` full batches of the validation split (fixed across evals)."""
+) -> tuple[list[dict[str, jax.Array]], int]:
+    """The first `eval_requests` requests of the validation split (all of a smaller split), in
+    batches of batch_size; the last batch is padded with requests whose targets are masked, so
+    every batch has one compiled shape and the padding carries no loss."""
     src = open_source(cfg.source, seed=cfg.seed, split="validation")
     b = cfg.batch_size
-    n = cfg.eval_batches * b
-    if src.kind != "world":  # logged sources have a finite split
-        n = min(n, len(src))
+    n = min(cfg.eval_requests, distinct_requests(src))
     add_codes, out = AddCodes(codes), []
     for start in range(0, n, b):
         idx = np.arange(start, min(start + b, n))
+        pad = b - len(idx)
+        idx = np.concatenate([idx, np.full(pad, idx[-1])])
         batch = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
+        if pad:
+            batch["target_mask"][b - pad :] = False
         out.append(jax.tree.map(jnp.asarray, add_codes.map(batch)))
-    return out
+    return out, n
+
+
+def mean_and_stderr(loss_sums: np.ndarray, items: np.ndarray) -> tuple[float, float]:
+    """Item-weighted mean loss over requests and its standard error.
+
+    The mean is a ratio sum(l_r) / sum(n_r) of per-request loss sums and valid-item counts;
+    its standard error is the delta-method one, sqrt(sum((l_r - mean * n_r)^2) * R / (R - 1))
+    / sum(n_r) over the R requests that have a valid item.
+    """
+    keep = items > 0
+    sums, n = loss_sums[keep].astype(np.float64), items[keep].astype(np.float64)
+    if not len(n):
+        return float("nan"), float("nan")
+    mean = sums.sum() / n.sum()
+    r = len(n)
+    if r < 2:
+        return float(mean), float("nan")
+    se = np.sqrt(np.sum((sums - mean * n) ** 2) * r / (r - 1)) / n.sum()
+    return float(mean), float(se)
 
 
 # Config fields added after runs already existed, with the values that reproduce what those
@@ -179,7 +207,6 @@ def validation_batches(
 ADDED_FIELDS: dict[str, Any] = {
     "rung": "",
     "eval_every": 0,
-    "eval_batches": 0,
     "model.family": "v1",
     "model.ffn": "swiglu",
     "model.qformer_blocks": 1,
@@ -197,8 +224,12 @@ ADDED_FIELDS: dict[str, Any] = {
 
 
 def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with every field of `ADDED_FIELDS` it lacks filled in."""
+    """A saved config dict with every field of `ADDED_FIELDS` it lacks filled in, and renamed
+    fields under their new names."""
     out = json.loads(json.dumps(saved))
+    # eval_batches (batches of batch_size validation requests) became eval_requests.
+    if "eval_requests" not in out:
+        out["eval_requests"] = out.pop("eval_batches", 0) * out.get("batch_size", 0)
     for dotted, value in ADDED_FIELDS.items():
         node = out
         *parents, leaf = dotted.split(".")
@@ -252,6 +283,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         )
     model = build_model(cfg, source, table.vocab)
     spec = schema_spec(cfg)
+    repeats = repeat_warning(source, cfg.steps * cfg.batch_size)
+    if repeats:
+        warnings.warn(f"{workdir}: {repeats}", stacklevel=2)
     ocfg = step_lib.OptimConfig(
         learning_rate=cfg.optim.learning_rate,
         warmup_steps=cfg.optim.warmup_steps,
@@ -266,13 +300,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         model, tx, jax.tree.map(jnp.asarray, zero_batch(spec, 2, q)), jax.random.key(cfg.seed)
     )
     counts = flops.counts(model)
-    val = validation_batches(cfg, spec, table.codes) if cfg.eval_batches else []
+    val, n_eval = validation_batches(cfg, spec, table.codes) if cfg.eval_requests else ([], 0)
     eval_fn = jax.jit(functools.partial(step_lib.eval_loss, model=model))
 
-    def run_eval() -> float:
-        sums = [eval_fn(state, vb) for vb in val]
-        items = sum(float(m["items"]) for m in sums)
-        return sum(float(m["loss_sum"]) for m in sums) / max(items, 1.0)
+    def run_eval(state: Any) -> tuple[float, float]:
+        """Validation loss of `state` and its standard error over requests."""
+        out = [eval_fn(state, vb) for vb in val]
+        sums = np.concatenate([np.asarray(m["loss_sum"]) for m in out])
+        items = np.concatenate([np.asarray(m["items"]) for m in out])
+        return mean_and_stderr(sums, items)
 
     ds = pipeline.make_dataset(
         source,
@@ -287,7 +323,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     it = iter(ds)
     start = mngr.latest_step() or 0
     # Run-level counters that must survive restarts (what summary.json reports).
-    meta: dict[str, Any] = {"items_seen": 0.0, "eval_loss": None}
+    meta: dict[str, Any] = {"items_seen": 0.0, "eval_loss": None, "eval_loss_se": None}
     if start:
         restored = mngr.restore(
             start,
@@ -310,11 +346,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if start == 0:
         writer.hparams(cfg.to_dict() | {"params": counts.params_total})
     last_loss = float("nan")
-    pending: tuple[int, Any] | None = None
+    pending: tuple[int, Any, tuple[float, float] | None] | None = None
     t0 = time.perf_counter()
+    # Throughput counts steady-state training only: the clock starts once the first step's
+    # metrics are back (compilation done) and evaluation and checkpoint time is taken out.
+    clock = {"t": 0.0, "step": -1, "paused": 0.0}
     status = "finished"
 
     def save(step: int, state: Any) -> None:
+        t = time.perf_counter()
         mngr.save(
             step,
             args=ocp.args.Composite(
@@ -325,8 +365,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             force=True,
         )
         mngr.wait_until_finished()
+        clock["paused"] += time.perf_counter() - t
 
-    def flush(step: int, metrics: Any) -> None:
+    def evaluate(state: Any) -> tuple[float, float]:
+        t = time.perf_counter()
+        loss, se = run_eval(state)
+        meta["eval_loss"], meta["eval_loss_se"] = loss, se
+        clock["paused"] += time.perf_counter() - t
+        return loss, se
+
+    def flush(step: int, metrics: Any, ev: tuple[float, float] | None) -> None:
+        """Check and log step `step`'s metrics; `ev` is the validation loss of the state after
+        that same step (None when the step had no eval)."""
         nonlocal last_loss
         m = {k: np.asarray(v) for k, v in metrics.items()}
         loss = float(m["train/loss"])
@@ -338,51 +388,59 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             )
         meta["items_seen"] += float(m["train/items"])
         last_loss = loss
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if clock["step"] < 0:
+            clock.update(t=time.perf_counter(), step=step, paused=0.0)
+        if step % cfg.log_every == 0 or step == cfg.steps or ev is not None:
             scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
-            dt = time.perf_counter() - t0
-            steps_per_s = (step - start) / max(dt, 1e-9)
-            scalars["perf/steps_per_s"] = steps_per_s
-            scalars["perf/requests_per_s"] = steps_per_s * cfg.batch_size
-            # Model FLOP/s by the analytic count (onerec_jax/flops.py), compile time included.
-            scalars["perf/gflops_per_s"] = steps_per_s * cfg.batch_size * counts.flops_train / 1e9
-            if val and cfg.eval_every and step % cfg.eval_every == 0:
-                meta["eval_loss"] = scalars["eval/loss"] = run_eval()
+            steps = step - clock["step"]
+            if steps > 0:
+                dt = time.perf_counter() - clock["t"] - clock["paused"]
+                steps_per_s = steps / max(dt, 1e-9)
+                scalars["perf/steps_per_s"] = steps_per_s
+                scalars["perf/requests_per_s"] = steps_per_s * cfg.batch_size
+                # Model FLOP/s by the analytic count (onerec_jax/flops.py).
+                gflop = cfg.batch_size * counts.flops_train / 1e9
+                scalars["perf/gflops_per_s"] = steps_per_s * gflop
+            if ev is not None:
+                scalars["eval/loss"], scalars["eval/loss_se"] = ev
             writer.scalars(step, scalars)
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
 
+    bar = progress_bar(start, cfg.steps)
     try:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train")
-        for step in bar:
+        for step in range(start, cfg.steps):
             batch = jax.tree.map(jnp.asarray, next(it))
             new_state, metrics = fn(
                 state, batch, jax.random.fold_in(jax.random.key(cfg.seed), step)
             )
             state = new_state
+            done = step + 1
+            # The validation loss of step `done` is that of the state after `done` steps:
+            # measured now, before the next step replaces it.
+            due = cfg.eval_every and done % cfg.eval_every == 0
+            ev = evaluate(state) if val and (due or done == cfg.steps) else None
             if pending is not None:
                 flush(*pending)  # step N-1's metrics, while step N runs
-            pending = (step + 1, metrics)
-            if kill_at and step + 1 == kill_at:
+            pending = (done, metrics, ev)
+            if kill_at and done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 flush(*pending)  # never checkpoint a state whose loss was not finite
                 pending = None
-                if step + 1 == cfg.steps and val:
-                    meta["eval_loss"] = run_eval()
-                    writer.scalars(step + 1, {"eval/loss": meta["eval_loss"]})
-                save(step + 1, state)
+                save(done, state)
             if stop["signal"] is not None:
                 if pending is not None:
                     flush(*pending)
                     pending = None
-                save(step + 1, state)
+                save(done, state)
                 status = "preempted"
                 break
-            bar.set_postfix(loss=f"{last_loss:.3f}")
+            bar.update(done, last_loss)
         if pending is not None:
             flush(*pending)
     finally:
+        bar.close()
         signal.signal(signal.SIGTERM, old_handler)
         writer.close()
         with contextlib.suppress(Exception):
@@ -401,12 +459,43 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         "items_seen": meta["items_seen"],  # valid target items
         "tokens_seen": meta["items_seen"] * q,  # semantic-id tokens with a loss
         "final_train_loss": last_loss,
-        "final_eval_loss": meta["eval_loss"],  # validation split, eval_batches batches
+        "final_eval_loss": meta["eval_loss"],  # first eval_requests validation requests
+        "final_eval_loss_se": meta["eval_loss_se"],  # its standard error over requests
+        "eval_requests": n_eval,  # requests behind final_eval_loss
+        "distinct_train_requests": distinct_requests(source),
+        # passes over the training split's distinct requests; > 1 means data repeated
+        "data_passes": steps_done * cfg.batch_size / distinct_requests(source),
         "vocab": list(table.vocab),
         "wall_s_this_run": round(time.perf_counter() - t0, 2),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+class _Progress:
+    """A bar on a terminal; on a file (CI, batch-job logs) a plain line every ~5 % of the run
+    instead of a stream of carriage-return frames."""
+
+    def __init__(self, start: int, total: int):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 20)
+        self.bar = tqdm(initial=start, total=total, desc="train") if self.tty else None
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif done % self.every == 0 or done == self.total:
+            print(f"train: step {done}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(start: int, total: int) -> _Progress:
+    return _Progress(start, total)
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:

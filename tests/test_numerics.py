@@ -1,0 +1,101 @@
+"""Numerics of the train path: float32 logits in bf16 mode, the weight-decay mask, the
+validation loss's standard error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _models import tiny_encoder
+
+from onerec_jax.data import schema, sources
+from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Config
+from onerec_jax.train import loop
+from onerec_jax.train import step as step_lib
+
+SPEC = schema.SchemaSpec(pos_len=8, life_len=16)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    src = sources.open_source("world:tiny")
+    b = schema.build_batch(src.raw_batch(np.arange(4), SPEC.history_window, SPEC), SPEC)
+    items = b["target_item"]
+    codes = np.stack([items % 8, items // 8 % 8, items // 64 % 8], -1).astype(np.int32)
+    codes[items == 0] = -1
+    out = {k: jnp.asarray(v) for k, v in b.items()}
+    out["target_codes"] = jnp.asarray(codes)
+    return src, out
+
+
+def _models(src, dtype):
+    enc = tiny_encoder(src, 8, 16)
+    v1 = OneRecV1(V1Config(encoder=enc, vocab=(8, 8, 8), d_ff=64, dec_layers=1), dtype=dtype)
+    v2 = OneRecV2(
+        V2Config(context=enc, n_layers=1, d_model=32, n_heads=4, d_ff=64, vocab=(8, 8, 8)),
+        dtype=dtype,
+    )
+    return {"v1": v1, "v2": v2}
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_bf16_models_give_float32_logits(batch, family):
+    src, b = batch
+    model = _models(src, jnp.bfloat16)[family]
+    inputs = {k: v for k, v in b.items() if k not in ("user_id", "request_ts", "target_codes")}
+    variables = jax.jit(model.init)(jax.random.key(0), inputs, b["target_codes"])
+    mem, mask = model.apply(variables, inputs, method="encode")
+    tokens = jnp.zeros((mask.shape[0] * 5, 3), jnp.int32)
+    logits, _ = model.apply(variables, mem, mask, tokens, method="logits")
+    assert logits.dtype == jnp.float32
+    # bf16-rounded logits would all survive a round trip through bf16; float32 ones do not.
+    rounded = logits.astype(jnp.bfloat16).astype(jnp.float32)
+    assert float(jnp.mean(logits != rounded)) > 0.5
+
+
+def test_weight_decay_skips_norms_embeddings_positions_and_biases(batch):
+    src, b = batch
+    model = _models(src, jnp.float32)["v1"]
+    cfg = step_lib.OptimConfig(learning_rate=1e-2, warmup_steps=1, weight_decay=0.5)
+    tx, _ = step_lib.make_optimizer(cfg)
+    state = step_lib.init_state(model, tx, b, jax.random.key(0))
+    # Non-trivial norm scales, so a decay would show.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 1.5 if p[-1].key == "scale" else x, state.params
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    opt_state = tx.init(params)
+    for _ in range(3):  # past the warmup, so the learning rate is not zero
+        updates, opt_state = tx.update(zeros, opt_state, params)
+        new = optax.apply_updates(params, updates)
+    moved = jax.tree_util.tree_map_with_path(
+        lambda p, a, c: (p[-1].key, bool(jnp.any(a != c))), params, new
+    )
+    seen = {}
+    for name, changed in jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)):
+        seen.setdefault(name, set()).add(changed)
+    for name in ("scale", "embedding", "dec_positions", "positions", "queries", "bias"):
+        if name in seen:
+            assert seen[name] == {False}, name
+    assert {"scale", "embedding", "dec_positions", "kernel", "query"} <= set(seen)
+    assert seen["kernel"] == {True} and seen["query"] == {True}
+    with pytest.raises(ValueError, match="no weight-decay rule for 'mystery'"):
+        step_lib.decay_mask({"block": {"mystery": jnp.ones(3)}})
+
+
+def test_eval_loss_standard_error_is_the_ratio_estimators():
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 6, 4000).astype(np.float64)
+    sums = items * 5.0 + rng.normal(0, 1, 4000) * np.sqrt(items)
+    mean, se = loop.mean_and_stderr(sums, items)
+    assert mean == pytest.approx(sums.sum() / items.sum())
+    # Bootstrap over requests agrees with the delta-method error within 10 %.
+    boots = []
+    for _ in range(400):
+        i = rng.integers(0, 4000, 4000)
+        boots.append(sums[i].sum() / items[i].sum())
+    assert se == pytest.approx(np.std(boots), rel=0.1)
+    # Requests with no valid item carry no information; a lone request has no error bar.
+    m1, s1 = loop.mean_and_stderr(np.array([3.0, 0.0]), np.array([2.0, 0.0]))
+    assert m1 == 1.5 and np.isnan(s1)
