@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/ml100k_baselines.py [--split test] [--json out.json]
 
-Leave-last-out, full ranking over the items each user has not interacted with before the target;
-both baselines are fitted on training events only (a user's last two events are held out).
+Leave-last-out, full ranking on the source's protocol (`onerec_jax.evaluate.protocol_of`, the
+one `onerec eval` scores V1 with: every item of the user's whole history before the target is
+dropped, since MovieLens users rate a movie once); both baselines are fitted on training events
+only (a user's last two events are held out). Each result records its protocol.
 """
 
 from __future__ import annotations

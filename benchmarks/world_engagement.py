@@ -4,11 +4,14 @@ The world knows the expected reward of any (request, item) (onerec_jax/data/worl
 recommender can be judged on what it would earn, not only on whether it recalls the logged
 items. On the first `--requests` test requests, side by side:
 
-  V1          `onerec eval`'s beam search on the run's newest checkpoint (seen items removed)
+  V1          `onerec eval`'s beam search on the run's newest checkpoint
   popularity  items ranked by how often they appear in the histories of training requests
   item-kNN    cosine item-item similarity over those histories (the MovieLens baseline)
-  random      uniformly random unseen items (the floor)
+  random      uniformly random items (the floor)
   oracle      the K items of highest true reward for each request (the ceiling)
+
+All five rank on the source's protocol (`onerec_jax.evaluate.protocol_of`; on the world: every
+item, seen or not, since the feed re-exposes items), recorded in the JSON.
 
 Reported: engagement@K (mean true reward of the top K, K = 1, 5, 10), the logged items'
 reward, and Recall@10 / NDCG@10 against the logged targets.
@@ -47,14 +50,16 @@ def _train_matrix(src, n: int, spec) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(n, src.n_items + 1))
 
 
-def _score(src, test, spec, n: int, rank_fn) -> dict:
-    """Engagement and recall of `rank_fn(raw, batch) -> top-50 items` on test requests."""
+def _score(test, spec, n: int, rank_fn) -> dict:
+    """Engagement and recall of `rank_fn(raw, batch, seen) -> top-50 items` on test requests,
+    `seen` being the items the protocol forbids (`ev.seen_items`)."""
+    protocol = ev.protocol_of(test)
     rewards, ranked, targets, masks = [], [], [], []
     for start in range(0, n, 256):
         idx = np.arange(start, min(start + 256, n))
         raw = test.raw_batch(idx, spec.history_window, spec)
         b = schema.build_batch(raw, spec)
-        top = rank_fn(raw, b)
+        top = rank_fn(raw, b, ev.seen_items(test, idx, protocol))
         rewards.append(evaluation.true_reward(test, b, top))
         ranked.append(top)
         targets.append(b["target_item"])
@@ -79,11 +84,11 @@ def main() -> None:
     if not cfg.source.startswith("world"):
         raise SystemExit(f"{workdir} trained on {cfg.source}; true engagement needs a world")
     spec = loop.schema_spec(cfg)
-    train = open_source(cfg.source, seed=cfg.seed, split="train")
-    test = open_source(cfg.source, seed=cfg.seed, split="test")
+    train = open_source(cfg.source, seed=loop.source_seed(cfg), split="train")
+    test = open_source(cfg.source, seed=loop.source_seed(cfg), split="test")
     n = a.requests
 
-    res = {"source": cfg.source, "requests": n, "beam": a.beam}
+    res = {"source": cfg.source, "requests": n, "beam": a.beam, "protocol": ev.protocol_of(test)}
     v1 = evaluation.evaluate_run(workdir, "test", beam=a.beam, max_requests=n)
     res["v1"] = {k: v1[k] for k in ("recall@10", "ndcg@10", *(f"engagement@{k}" for k in KS))}
     res["logged"] = v1["engagement_logged"]
@@ -94,27 +99,27 @@ def main() -> None:
     bar = tqdm(total=4, desc="baselines")
 
     def ranked(scorer):
-        return lambda raw, b: ev.rank_unseen(scorer.scores(raw), raw, 50)
+        return lambda raw, b, seen: ev.rank_unseen(scorer.scores(raw), seen, 50)
 
-    res["popularity"] = _score(train, test, spec, n, ranked(pop))
+    res["popularity"] = _score(test, spec, n, ranked(pop))
     bar.update()
-    res["item_knn"] = _score(train, test, spec, n, ranked(knn))
+    res["item_knn"] = _score(test, spec, n, ranked(knn))
     bar.update()
 
-    def random_items(raw, b):
+    def random_items(raw, b, seen):
         s = rng.random((len(raw["hist_offsets"]) - 1, train.n_items + 1))
-        return ev.rank_unseen(s, raw, 50)
+        return ev.rank_unseen(s, seen, 50)
 
-    res["random"] = _score(train, test, spec, n, random_items)
+    res["random"] = _score(test, spec, n, random_items)
     bar.update()
 
-    def oracle(raw, b):
+    def oracle(raw, b, seen):
         items = np.arange(1, train.n_items + 1)[None, :].repeat(len(b["user_id"]), 0)
         r = test.true_engagement(b["user_id"], b["request_ts"], items)["reward"]
         s = np.concatenate([np.full((len(r), 1), -np.inf), r], axis=1)
-        return ev.rank_unseen(s, raw, 50)
+        return ev.rank_unseen(s, seen, 50)
 
-    res["oracle"] = _score(train, test, spec, n, oracle)
+    res["oracle"] = _score(test, spec, n, oracle)
     bar.update()
     bar.close()
     for name in ("random", "popularity", "item_knn", "v1", "oracle"):

@@ -1,18 +1,26 @@
 """V1 (encoder-decoder) vs V2 (lazy decoder) at matched training-FLOPs budgets on the world.
 
-    .venv/bin/python experiments/v1_vs_v2.py --out runs/v1_vs_v2
+    .venv/bin/python experiments/v1_vs_v2.py --out runs/v1_vs_v2 --seeds 0 1 2
 
 For each family's CPU rung (scaling/ladder.py: v1-cpu-s and v2-cpu-s share the pathways and the
-decoder shape; V2 has no encoder stack) and each budget, one run trains for
+decoder shape; V2 has no encoder stack), each budget and each seed, one run trains for
 budget / (FLOPs per request x batch) steps (analytic FLOPs, onerec_jax/flops.py) with its own
 warmup + cosine schedule, then is scored on the first `--eval-requests` test requests: the
-validation NLL per item (summed over the semantic-id levels for both families, whatever the
-training loss), Recall@10, NDCG@10 and the world's true engagement@K. Every run is an ordinary
-`onerec train` workdir under --out, so an interrupted sweep resumes where it stopped. Both
-families read one semantic-id table built once into OUT/tokenizer.
+validation NLL per item (summed over the semantic-id levels), Recall@10, NDCG@10 and the world's
+true engagement@K.
 
-Writes OUT/results.json (rows + loss-vs-FLOPs curves), OUT/results.md (the table) and
-OUT/v1_vs_v2.png; `notebooks/v1_vs_v2.ipynb` draws the same from the JSON.
+Fair optimisation: both families train the same loss (the mean over the semantic-id levels; V1's
+report sums them, which makes its gradients Q times larger and clips them more often at the same
+`clip_norm`), at the same learning rate, warmup and clipping. All runs read one world
+(`world_seed` 0) and one semantic-id table; the seed changes the initialisation and the order of
+the training requests. Each cell is reported as the mean over seeds with its standard error,
+and a V2 - V1 difference is called out only when it exceeds twice the standard error of the
+difference.
+
+Every run is an ordinary `onerec train` workdir under --out, so an interrupted sweep resumes
+where it stopped. Writes OUT/results.json (per-seed rows, per-cell means, differences and the
+loss-vs-FLOPs curves), OUT/results.md (the table) and OUT/v1_vs_v2.png; `notebooks/v1_vs_v2.ipynb`
+draws the same from the JSON.
 
 As a config file (`onerec train --config experiments/v1_vs_v2.py`), `get_config()` is the
 shared base of every run in the sweep.
@@ -25,17 +33,22 @@ import json
 import pathlib
 
 import ml_collections
+import numpy as np
 
 from onerec_jax.config import load_file
 
 RUNGS = ("v1-cpu-s", "v2-cpu-s")
 BUDGETS = (1e12, 3e12, 1e13)  # training FLOPs per run
+SEEDS = (0, 1, 2)
+METRICS = ("eval_nll_per_item", "recall@10", "ndcg@10", "engagement@1", "engagement@10")
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = load_file(pathlib.Path(__file__).with_name("v1_world_tiny.py"))
     c.source = "world:small"  # 20,000 items
     c.rung = "v1-cpu-s"  # overridden per run
+    c.world_seed = 0  # one world for every seed, so one tokenizer table serves all runs
+    c.model.loss = "mean"  # both families (the V2 rung sets it too): comparable gradients
     c.batch_size = 64  # requests per step
     c.log_every = 10
     c.eval_requests = 2048  # validation requests per eval (standard error ~0.3 % of the loss)
@@ -43,13 +56,16 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _run_config(rung: str, steps: int, tokenizer: pathlib.Path) -> ml_collections.ConfigDict:
+def _run_config(
+    rung: str, steps: int, tokenizer: pathlib.Path, seed: int = 0
+) -> ml_collections.ConfigDict:
     c = get_config()
     c.rung = rung
+    c.seed = seed
     c.steps = steps
     c.tokenizer_dir = str(tokenizer)
     c.checkpoint_every = steps
-    c.eval_every = max(10, steps // 10 // 10 * 10)
+    c.eval_every = max(10, steps // 5 // 10 * 10)
     c.optim.warmup_steps = min(100, max(steps // 10, 1))
     return c
 
@@ -69,6 +85,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/v1_vs_v2")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     ap.add_argument("--rungs", nargs="+", default=list(RUNGS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--eval-requests", type=int, default=1024)
     ap.add_argument("--beam", type=int, default=64)
     a = ap.parse_args()
@@ -85,10 +102,10 @@ def main() -> None:
     base = get_config()
     if not (tok / "semantic_ids.npz").exists():
         tcfg = build.get_config()
-        tcfg.seed = base.seed
+        tcfg.seed = base.world_seed
         build.tokenize(base.source, tok, tcfg, progress=True)
     table = SemanticIds.load(tok)
-    src = open_source(base.source, seed=base.seed, split="train")
+    src = open_source(base.source, seed=base.world_seed, split="train")
     rows, curves = [], {}
     for rung in a.rungs:
         probe = ladder.apply_rung(_run_config(rung, 10, tok), rung)
@@ -97,43 +114,109 @@ def main() -> None:
         scale = table.n_levels if probe.model.loss == "mean" else 1.0  # NLL per item
         for budget in a.budgets:
             steps = max(20, round(budget / (per_request * base.batch_size) / 10) * 10)
-            workdir = out / f"{rung}_{budget:.0e}"
-            cfg = _run_config(rung, steps, tok)
-            print(f"== {rung}, budget {budget:.1e} FLOPs: {steps} steps -> {workdir}", flush=True)
-            summary = loop.train(cfg, workdir)
-            m = evaluation.evaluate_run(workdir, "test", beam=a.beam, max_requests=a.eval_requests)
-            rows.append(
-                {
-                    "rung": rung,
-                    "family": probe.model.family,
-                    "budget_flops": budget,
-                    "steps": steps,
-                    "flops_seen": summary["flops_seen"],
-                    "flops_per_request": per_request,
-                    "params_total": summary["params_total"],
-                    "eval_nll_per_item": summary["final_eval_loss"] * scale,
-                    "wall_s": summary["wall_s_this_run"],
-                    **{k: m[k] for k in ("recall@10", "ndcg@10", "engagement@1", "engagement@10")},
-                    "engagement_logged": m["engagement_logged"],
-                }
-            )
-            curves[f"{rung}_{budget:.0e}"] = _curve(workdir, per_request, base.batch_size, scale)
+            for seed in a.seeds:
+                workdir = out / f"{rung}_{budget:.0e}_seed{seed}"
+                cfg = _run_config(rung, steps, tok, seed)
+                print(f"== {rung}, budget {budget:.1e}, seed {seed}: {steps} steps", flush=True)
+                summary = loop.train(cfg, workdir)
+                m = evaluation.evaluate_run(
+                    workdir, "test", beam=a.beam, max_requests=a.eval_requests
+                )
+                rows.append(
+                    {
+                        "rung": rung,
+                        "family": probe.model.family,
+                        "budget_flops": budget,
+                        "seed": seed,
+                        "steps": steps,
+                        "flops_seen": summary["flops_seen"],
+                        "flops_per_request": per_request,
+                        "params_total": summary["params_total"],
+                        "eval_nll_per_item": summary["final_eval_loss"] * scale,
+                        "eval_nll_se": summary["final_eval_loss_se"] * scale,
+                        "wall_s": summary["wall_s_total"],
+                        **{k: m[k] for k in METRICS[1:]},
+                        "engagement_logged": m["engagement_logged"],
+                    }
+                )
+                curves[workdir.name] = _curve(workdir, per_request, base.batch_size, scale)
     result = {"source": base.source, "eval_requests": a.eval_requests, "beam": a.beam}
-    result |= {"rows": rows, "curves": curves}
+    result |= {"seeds": a.seeds, "rows": rows, "curves": curves}
+    result |= {"cells": cells(rows), "differences": differences(rows)}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(table_markdown(rows))
     plot(result, out / "v1_vs_v2.png")
     print(table_markdown(rows))
+    print(differences_text(result))
+
+
+def cells(rows: list[dict]) -> list[dict]:
+    """Per (rung, budget): every metric's mean over seeds and its standard error (std / sqrt n,
+    n the number of seeds; NaN for one seed)."""
+    out = []
+    for key in sorted({(r["rung"], r["family"], r["budget_flops"]) for r in rows}):
+        rs = [r for r in rows if (r["rung"], r["family"], r["budget_flops"]) == key]
+        cell = {"rung": key[0], "family": key[1], "budget_flops": key[2], "n_seeds": len(rs)}
+        cell["steps"] = rs[0]["steps"]
+        for m in (*METRICS, "wall_s"):
+            x = np.asarray([r[m] for r in rs], np.float64)
+            cell[m] = float(x.mean())
+            cell[f"{m}_se"] = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else np.nan
+        out.append(cell)
+    return out
+
+
+def differences(rows: list[dict]) -> list[dict]:
+    """V2 - V1 at each budget both reached: the difference of the seed means, its standard
+    error sqrt(se1^2 + se2^2), and `beyond_spread` when |difference| > 2 x that error."""
+    by = {(c["family"], c["budget_flops"]): c for c in cells(rows)}
+    out = []
+    for b in sorted({c["budget_flops"] for c in by.values()}):
+        if ("v1", b) not in by or ("v2", b) not in by:
+            continue
+        v1, v2 = by[("v1", b)], by[("v2", b)]
+        for m in METRICS:
+            d = v2[m] - v1[m]
+            se = float(np.hypot(v1[f"{m}_se"], v2[f"{m}_se"]))
+            out.append(
+                {
+                    "budget_flops": b,
+                    "metric": m,
+                    "v2_minus_v1": d,
+                    "se": se,
+                    "beyond_spread": bool(np.isfinite(se) and abs(d) > 2 * se),
+                }
+            )
+    return out
+
+
+def differences_text(result: dict) -> str:
+    lines = []
+    for d in result["differences"]:
+        flag = "beyond 2 SE" if d["beyond_spread"] else "within seed spread"
+        lines.append(
+            f"budget {d['budget_flops']:.0e}: {d['metric']} V2 - V1 = "
+            f"{d['v2_minus_v1']:+.4f} ± {d['se']:.4f} ({flag})"
+        )
+    return "\n".join(lines)
 
 
 def table_markdown(rows: list[dict]) -> str:
-    head = "| rung | budget (FLOPs) | steps | NLL/item | Recall@10 | NDCG@10 | eng@1 | eng@10 |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    """Means over seeds ± their standard errors, one line per (rung, budget)."""
+
+    def f(c: dict, m: str, digits: int) -> str:
+        return f"{c[m]:.{digits}f} ± {c[m + '_se']:.{digits}f}"
+
+    head = (
+        "| rung | budget (FLOPs) | steps | seeds | NLL/item | Recall@10 | NDCG@10 | eng@1 "
+        "| eng@10 |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells(rows):
         lines.append(
-            f"| {r['rung']} | {r['budget_flops']:.0e} | {r['steps']} | "
-            f"{r['eval_nll_per_item']:.3f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | "
-            f"{r['engagement@1']:.3f} | {r['engagement@10']:.3f} |"
+            f"| {c['rung']} | {c['budget_flops']:.0e} | {c['steps']} | {c['n_seeds']} | "
+            f"{f(c, 'eval_nll_per_item', 3)} | {f(c, 'recall@10', 4)} | {f(c, 'ndcg@10', 4)} | "
+            f"{f(c, 'engagement@1', 3)} | {f(c, 'engagement@10', 3)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -153,20 +236,22 @@ def plot(result: dict, path: pathlib.Path | None = None):
         if pts:
             fam = "v2" if name.startswith("v2") else "v1"
             x, y = zip(*pts, strict=True)
-            axes[0].plot(x, y, color=colors[fam], alpha=0.7, label=name)
+            axes[0].plot(x, y, color=colors[fam], alpha=0.5, lw=1)
     axes[0].set(xscale="log", xlabel="training FLOPs", ylabel="validation NLL per item")
-    axes[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=c, label=f) for f, c in colors.items()]
+    axes[0].legend(handles=handles, title="one line per run")
     for fam in ("v1", "v2"):
-        rs = [r for r in result["rows"] if r["family"] == fam]
-        if not rs:
+        cs = [c for c in cells(result["rows"]) if c["family"] == fam]
+        if not cs:
             continue
-        b = [r["budget_flops"] for r in rs]
-        axes[1].plot(b, [r["recall@10"] for r in rs], "o-", color=colors[fam], label=fam)
-        axes[2].plot(b, [r["engagement@10"] for r in rs], "o-", color=colors[fam], label=fam)
+        b = [c["budget_flops"] for c in cs]
+        for ax, m in ((axes[1], "recall@10"), (axes[2], "engagement@10")):
+            y, e = [c[m] for c in cs], [np.nan_to_num(c[m + "_se"]) for c in cs]
+            ax.errorbar(b, y, yerr=e, fmt="o-", capsize=3, color=colors[fam], label=fam)
     logged = [r["engagement_logged"] for r in result["rows"]]
     if logged:
         axes[2].axhline(logged[0], color="gray", ls="--", label="logged items")
-    axes[1].set(xscale="log", xlabel="training FLOPs budget", ylabel="Recall@10")
+    axes[1].set(xscale="log", xlabel="training FLOPs budget", ylabel="Recall@10 (± SE over seeds)")
     axes[2].set(xscale="log", xlabel="training FLOPs budget", ylabel="true engagement@10")
     for ax in axes[1:]:
         ax.legend()

@@ -8,7 +8,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0  # model init, world and shuffle seed
+    c.seed = 0  # model init and example order (and the world's seed when world_seed is -1)
+    c.world_seed = -1  # seed of the world itself (items, users); -1: seed
     c.rung = ""  # a named size from scaling/ladder.py; sets model.* / data.* fields when set
     c.source = "world:tiny"  # data source (onerec_jax.data.sources.open_source)
     c.tokenizer_dir = ""  # semantic-id table dir; "" = WORKDIR/tokenizer, built if missing

@@ -65,12 +65,18 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from onerec_jax.train.evaluation import evaluate_run
 
-    metrics = evaluate_run(args.workdir, args.split, beam=args.beam, max_requests=args.max_requests)
+    metrics = evaluate_run(
+        args.workdir,
+        args.split,
+        beam=args.beam,
+        batch=args.batch_size,
+        max_requests=args.max_requests,
+    )
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
     else:
         for k, v in metrics.items():
-            print(f"{k:12s} {v}")
+            print(f"{k:12s} {json.dumps(v) if isinstance(v, dict) else v}")
     return 0
 
 
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--workdir", required=True)
     evp.add_argument("--split", choices=("validation", "test"), default="test")
     evp.add_argument("--beam", type=int, default=128, help="beam width of the search")
+    evp.add_argument("--batch-size", type=int, default=64, help="requests per beam search")
     evp.add_argument("--max-requests", type=int, default=None, help="evaluate only the first N")
     evp.add_argument("--json", action="store_true", help="print one JSON object")
     evp.set_defaults(fn=_eval)

@@ -10,7 +10,14 @@ FLOPs ("matmul" accounting). A sample is one request: the user's context plus it
 items of Q codes (m * Q decoder positions, teacher-forced). We count 2 * multiply-adds of
 every matmul the program runs, attention scores and mixing included, with the shapes it runs
 them at (full T x T scores even where a mask zeroes them; the output head over the whole token
-table at every position); element-wise work (norms, softmax, activations) is left out. Training
+table at every position); element-wise work (norms, softmax, activations) is left out. MoE
+experts are counted at the rows their dispatch runs: T * k routed slots for dropless, but the
+E * C capacity-buffer rows for capacity dispatch, C = ceil(capacity_factor * T * k / E), i.e.
+about capacity_factor times more, whether or not the slots are filled (per sample we use
+capacity_factor * T * k, exact when the batch's C needs no rounding). `flops_forward_dropless`
+is the same pass counted at T * k (the routed slots' own work); both are equal for dense and
+dropless models. (Until the capacity rows were counted, `flops_forward` of capacity-MoE models
+was that smaller number; the `onerec plan` / summary.json keys are unchanged.) Training
 costs 3x the forward pass (backward = 2x forward). `tests/test_flops.py` checks the forward
 count against XLA's `cost_analysis()` of the compiled program (with one layer per scanned
 stack: XLA counts the body of a scan's while loop once, whatever its trip count).
@@ -49,7 +56,8 @@ class Counts:
     params_non_embedding: int  # total - embedding: what a rung's name is compared with
     params_context: int  # non-embedding, V1 encoder / V2 context processor
     params_decoder: int  # non-embedding, the rest (decoder blocks, output head)
-    flops_forward: float  # per sample
+    flops_forward: float  # per sample, what runs (capacity MoE: E * C expert rows)
+    flops_forward_dropless: float  # per sample, MoE experts counted at T * k routed slots
     flops_train: float  # per sample, forward + backward
     tokens_per_sample: int  # decoder positions with a loss (m * Q)
     six_nd: float  # 6 * active non-embedding params * (context + target tokens), per sample
@@ -113,15 +121,21 @@ def _pathways_mac(e: EncoderConfig) -> int:
     return mac + e.qformer_blocks * qformer
 
 
-def _ffn_mac(n: int, d: int, cfg: V1Config | V2Config, moe: bool) -> int:
+def _ffn_mac(n: int, d: int, cfg: V1Config | V2Config, moe: bool, dropless: bool) -> float:
+    """Multiply-adds of the FFN of `n` tokens; MoE expert rows as dispatched (module docstring)
+    unless `dropless`."""
     if not moe:
         return ffn_matrices(cfg.ffn) * n * d * cfg.d_ff
     mo = cfg.moe
-    return n * d * mo.n_experts + 3 * n * d * mo.d_ff * (mo.top_k + mo.n_shared)
+    rows = n * mo.top_k  # routed slots
+    if mo.dispatch == "capacity" and not dropless:
+        rows = mo.capacity_factor * n * mo.top_k  # E * C buffer rows, per sample
+    return n * d * mo.n_experts + 3 * d * mo.d_ff * (rows + n * mo.n_shared)
 
 
-def v1_forward_flops(cfg: V1Config) -> float:
-    """Matmul FLOPs of one forward pass of one request (module docstring)."""
+def v1_forward_flops(cfg: V1Config, dropless: bool = False) -> float:
+    """Matmul FLOPs of one forward pass of one request (module docstring); `dropless` counts
+    MoE experts at the T * k routed slots whatever the dispatch."""
     e = cfg.encoder
     d = e.d_model
     t = e.n_tokens
@@ -133,7 +147,7 @@ def v1_forward_flops(cfg: V1Config) -> float:
     n = g * tl
     layer = 4 * n * d * d + 2 * g * tl * tl * d  # self-attention
     layer += 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # cross-attention, K/V once per user
-    layer += _ffn_mac(n, d, cfg, cfg.moe is not None)
+    layer += _ffn_mac(n, d, cfg, cfg.moe is not None, dropless)
     mac += cfg.dec_layers * layer + n * d * cfg.n_tokens  # + the output head
     return 2.0 * mac
 
@@ -145,16 +159,17 @@ def v2_context_flops(cfg: V2Config) -> float:
     return 2.0 * (_pathways_mac(e) + e.n_tokens * e.d_model * kv_out)
 
 
-def v2_forward_flops(cfg: V2Config) -> float:
-    """Matmul FLOPs of one forward pass of one request: context processor + lazy decoder."""
+def v2_forward_flops(cfg: V2Config, dropless: bool = False) -> float:
+    """Matmul FLOPs of one forward pass of one request: context processor + lazy decoder;
+    `dropless` as in `v1_forward_flops`."""
     d, s = cfg.d_model, cfg.context.n_tokens
     q, m = len(cfg.vocab), cfg.max_targets
     n = m * q
     layer = 2 * n * d * d + 2 * n * s * d  # cross-attention: Q and output projections, scores
     layer += 4 * n * d * d + 2 * m * q * q * d  # self-attention
-    mac = cfg.n_dense * (layer + _ffn_mac(n, d, cfg, False))
+    mac = cfg.n_dense * (layer + _ffn_mac(n, d, cfg, False, dropless))
     if cfg.moe is not None:
-        mac += (cfg.n_layers - cfg.n_dense) * (layer + _ffn_mac(n, d, cfg, True))
+        mac += (cfg.n_layers - cfg.n_dense) * (layer + _ffn_mac(n, d, cfg, True, dropless))
     mac += n * d * cfg.n_tokens
     return v2_context_flops(cfg) + 2.0 * mac
 
@@ -181,10 +196,9 @@ def counts(model: OneRecV1 | OneRecV2) -> Counts:
     active = total
     if cfg.moe is not None:
         active = total - round(routed * (1 - cfg.moe.top_k / cfg.moe.n_experts))
-    if isinstance(model, OneRecV2):
-        fwd, e = v2_forward_flops(cfg), cfg.context
-    else:
-        fwd, e = v1_forward_flops(cfg), cfg.encoder
+    forward = v2_forward_flops if isinstance(model, OneRecV2) else v1_forward_flops
+    fwd, fwd_dropless = forward(cfg), forward(cfg, dropless=True)
+    e = cfg.context if isinstance(model, OneRecV2) else cfg.encoder
     target_tokens = cfg.max_targets * len(cfg.vocab)
     context = 1 + e.short_len + e.pos_len + e.life_len
     return Counts(
@@ -196,6 +210,7 @@ def counts(model: OneRecV1 | OneRecV2) -> Counts:
         params_context=context_params,
         params_decoder=total - embedding - context_params,
         flops_forward=fwd,
+        flops_forward_dropless=fwd_dropless,
         flops_train=3.0 * fwd,
         tokens_per_sample=target_tokens,
         six_nd=6.0 * (active - embedding) * (context + target_tokens),

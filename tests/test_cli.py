@@ -33,7 +33,11 @@ def test_stats_are_byte_identical_across_processes():
     assert a.stdout == b.stdout and a.stdout.count("\n") == 1
     s = json.loads(a.stdout)
     assert s["kind"] == "world" and s["sampled_examples"] == 300
-    assert s["entropy_floor_nats"]["stderr"] > 0
+    floors = s["entropy_floor_nats"]
+    assert set(floors) == {"train", "validation", "test"}
+    assert all(f["stderr"] > 0 for f in floors.values())
+    # world:tiny: 1,000 users x 160 / 20 / 20 sessions
+    assert s["n_distinct"] == {"train": 160_000, "validation": 20_000, "test": 20_000}
     assert sum(s["pathway_length_hist"]["life"].values()) == 300
 
 
@@ -88,3 +92,37 @@ def test_stats_of_a_tiny_log_is_strict_json(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out, parse_constant=lambda c: 1 / 0)  # rejects NaN
     assert s["n_examples"] == {"train": 0, "validation": 2, "test": 2}
     assert s["popularity_slope"] is None
+
+
+def test_eval_batch_size_does_not_change_the_metrics_of_a_moe_run(tmp_path, capsys):
+    from onerec_jax import config
+    from onerec_jax.tokenizer.semantic_ids import SemanticIds
+    from onerec_jax.train import loop
+
+    # A random semantic-id table for world:tiny's 500 items (the tokenizer has its own tests).
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (500, 3))
+    SemanticIds.from_codes(codes, (16, 16, 16)).save(tmp_path / "tok")
+    overrides = [
+        f"tokenizer_dir={tmp_path / 'tok'}",
+        "steps=3",
+        "batch_size=8",
+        "log_every=1",
+        "checkpoint_every=3",
+        "eval_every=0",
+        "eval_requests=0",
+        "model.moe_experts=8",
+        "model.moe_dispatch=capacity",
+    ]
+    cfg = config.resolve("experiments/v1_world_tiny.py", lambda: None, overrides)
+    loop.train(cfg, tmp_path / "run")
+    capsys.readouterr()
+    out = {}
+    for b in (1, 32):
+        args = ["eval", "--workdir", str(tmp_path / "run"), "--max-requests", "32"]
+        assert cli.main([*args, "--beam", "8", "--batch-size", str(b), "--json"]) == 0
+        out[b] = json.loads(capsys.readouterr().out)
+    # A request's recommendations may not depend on which requests share its batch: generation
+    # must not share expert capacity between the requests (or beam rows) of a batch.
+    assert out[1] == out[32]
+    assert out[1]["n_requests"] == 32 and out[1]["protocol"]["drop_seen"] is False

@@ -10,6 +10,7 @@ from onerec_jax.data import schema, sources
 from onerec_jax.generate import beam_search
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 
 SPEC = schema.SchemaSpec(pos_len=8, life_len=16)
@@ -161,3 +162,31 @@ def test_session_wise_search_finds_the_exact_top_sessions(setup):
         np.testing.assert_allclose(logp[u], exact[u][found], rtol=1e-4, atol=1e-4)
         assert np.all(np.diff(logp[u]) <= 1e-5)
     np.testing.assert_array_equal(np.asarray(out["items"]), sessions[:, :, 0])
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_capacity_moe_beams_do_not_depend_on_batch_mates(setup, family):
+    """Capacity dispatch would share expert slots among all B x W beam rows of a step, so a
+    user's beams would depend on who else is in the batch. Decoding routes dropless (the same
+    parameters), so each user's beams are the same alone as batched."""
+    _, _, inputs, table = setup
+    src = sources.open_source("world:tiny")
+    moe = MoEConfig(n_experts=8, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=1.0)
+    if family == "v1":
+        enc = tiny_encoder(src, 8, 16)
+        model = OneRecV1(V1Config(encoder=enc, vocab=table.vocab, d_ff=64, moe=moe, max_targets=1))
+    else:
+        ctx = tiny_encoder(src, 8, 16, d_model=16)
+        cfg = V2Config(context=ctx, d_model=32, d_ff=64, vocab=table.vocab, moe=moe, max_targets=1)
+        model = OneRecV2(cfg)
+    dummy = jnp.zeros((3, 1, table.n_levels), jnp.int32)
+    variables = jax.jit(model.init)(jax.random.key(3), inputs, dummy)
+    trie = table.trie()
+    batched = beam_search(model, variables, inputs, trie, 8)
+    for u in range(3):
+        one = jax.tree.map(lambda a, u=u: a[u : u + 1], inputs)
+        alone = beam_search(model, variables, one, trie, 8)
+        np.testing.assert_array_equal(np.asarray(alone["items"])[0], batched["items"][u])
+        np.testing.assert_allclose(
+            np.asarray(alone["logprob"])[0], batched["logprob"][u], rtol=1e-5, atol=1e-5
+        )

@@ -12,9 +12,9 @@ from onerec_jax.model import moe
 D, F, E, K = 8, 16, 4, 2
 
 
-def _setup(dispatch="dropless", cf=1.25, n_shared=0, b=3, length=7, seed=0):
+def _setup(dispatch="dropless", cf=1.25, n_shared=0, b=3, length=7, seed=0, k=K):
     cfg = moe.MoEConfig(
-        n_experts=E, top_k=K, d_ff=F, n_shared=n_shared, dispatch=dispatch, capacity_factor=cf
+        n_experts=E, top_k=k, d_ff=F, n_shared=n_shared, dispatch=dispatch, capacity_factor=cf
     )
     x = jax.random.normal(jax.random.key(seed), (b, length, D))
     variables = nn.unbox(moe.MoE(cfg).init(jax.random.key(seed + 1), x))
@@ -34,8 +34,9 @@ def _loop_reference(cfg, x, variables, capacity=None):
         logits = xt[t] @ p["router"]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        chosen = np.argsort(-(probs + bias), kind="stable")[:K]
-        gates = probs[chosen] / probs[chosen].sum()
+        chosen = np.argsort(-(probs + bias), kind="stable")[: cfg.top_k]
+        # k = 1: the raw probability (Switch); k > 1: renormalised over the chosen experts.
+        gates = probs[chosen] / (probs[chosen].sum() if cfg.top_k > 1 else 1.0)
         for e, g in zip(chosen, gates, strict=True):
             if capacity is not None and used[e] >= capacity:
                 dropped += 1
@@ -48,12 +49,12 @@ def _loop_reference(cfg, x, variables, capacity=None):
             out[t] += (silu(xt[t] @ s["gate"]["kernel"]) * (xt[t] @ s["up"]["kernel"])) @ s["down"][
                 "kernel"
             ]
-    return out.reshape(x.shape), dropped / (len(xt) * K)
+    return out.reshape(x.shape), dropped / (len(xt) * cfg.top_k)
 
 
-@pytest.mark.parametrize("n_shared", [0, 1])
-def test_dropless_matches_loop(n_shared):
-    cfg, x, v = _setup(n_shared=n_shared)
+@pytest.mark.parametrize("n_shared,k", [(0, K), (1, K), (0, 1)])
+def test_dropless_matches_loop(n_shared, k):
+    cfg, x, v = _setup(n_shared=n_shared, k=k)
     y, stats = jax.jit(moe.MoE(cfg).apply)(v, x)
     ref, _ = _loop_reference(cfg, x, v)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
@@ -74,6 +75,65 @@ def test_capacity_matches_loop_with_drops(cf):
     if cf == 8.0:
         y_free, _ = moe.MoE(moe.MoEConfig(**{**cfg.__dict__, "dispatch": "dropless"})).apply(v, x)
         np.testing.assert_allclose(np.asarray(y), np.asarray(y_free), rtol=1e-5, atol=1e-6)
+
+
+def _scatter_with_padding(x_1xTxD, rows, length, seed):
+    """The T tokens of x spread in order over [rows, length] with identical padding tokens
+    before, between and after them (as padded target items are), and the token mask."""
+    t = x_1xTxD.shape[1]
+    rng = np.random.default_rng(seed)
+    where = np.sort(rng.choice(np.arange(1, rows * length), t, replace=False))
+    mask = np.zeros(rows * length, bool)
+    mask[where] = True
+    flat = jnp.full((rows * length, D), 0.5).at[where].set(x_1xTxD[0])
+    return flat.reshape(rows, length, D), jnp.asarray(mask.reshape(rows, length))
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_padding_takes_no_slot_no_capacity_and_no_share_of_the_stats(dispatch):
+    """Masked (padding) tokens: zero routed output, no capacity, left out of load, max_load,
+    dropped and aux_loss; the valid tokens get exactly what they get without the padding."""
+    cfg, x, v = _setup(dispatch, cf=1.0, b=1, length=12)
+    layer = jax.jit(moe.MoE(cfg).apply)
+    y_alone, alone = layer(v, x)
+    x_pad, mask = _scatter_with_padding(x, 4, 10, seed=3)
+    y_pad, padded = layer(v, x_pad, mask)
+    np.testing.assert_allclose(np.asarray(y_pad)[np.asarray(mask)], y_alone[0], atol=1e-6)
+    assert not np.asarray(y_pad)[~np.asarray(mask)].any()
+    for name in ("load", "max_load", "dropped", "aux_loss"):
+        np.testing.assert_allclose(padded[name], alone[name], rtol=1e-6, err_msg=name)
+    if dispatch == "capacity":
+        assert float(alone["dropped"]) > 0  # capacity really binds, and binds the same way
+    # An all-true mask is the same as no mask.
+    y_all, st_all = layer(v, x, jnp.ones(x.shape[:2], bool))
+    np.testing.assert_array_equal(np.asarray(y_all), np.asarray(y_alone))
+    np.testing.assert_array_equal(np.asarray(st_all["dropped"]), np.asarray(alone["dropped"]))
+
+
+def test_dropless_override_runs_a_capacity_layer_without_drops():
+    """Generation's override: the same parameters, routed dropless whatever the config says."""
+    cfg, x, v = _setup("capacity", cf=0.5)
+    y, stats = jax.jit(lambda v, x: moe.MoE(cfg).apply(v, x, dispatch="dropless"))(v, x)
+    _, capped = moe.MoE(cfg).apply(v, x)
+    ref, _ = _loop_reference(cfg, x, v)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    assert float(stats["dropped"]) == 0.0 and float(capped["dropped"]) > 0
+
+
+@pytest.mark.parametrize("k", range(1, E + 1))
+def test_router_gets_a_gradient_through_the_gates_for_every_top_k(k):
+    """No aux loss here: the router's only gradient is through the gates. Renormalising one
+    chosen gate makes it exactly 1 (no gradient), so k = 1 uses the raw probability."""
+    cfg, x, v = _setup(k=k)
+    target = jax.random.normal(jax.random.key(9), x.shape)
+
+    def loss(router):
+        params = {**v["params"], "router": router}
+        y, _ = moe.MoE(cfg).apply({"params": params, "moe_bias": v["moe_bias"]}, x)
+        return jnp.sum(y * target)
+
+    g = jax.jit(jax.grad(loss))(v["params"]["router"])
+    assert float(jnp.linalg.norm(g)) > 1e-2
 
 
 def test_aux_loss_is_one_for_uniform_routing_and_grows_with_collapse():

@@ -14,28 +14,36 @@ def _fake_results(path: pathlib.Path) -> None:
     rows, curves = [], {}
     for fam, nll in (("v1", 7.0), ("v2", 6.8)):
         for i, budget in enumerate((1e12, 3e12)):
-            rung = f"{fam}-cpu-s"
-            rows.append(
-                {
-                    "rung": rung,
-                    "family": fam,
-                    "budget_flops": budget,
-                    "steps": 100 * (i + 1),
-                    "flops_seen": budget,
-                    "flops_per_request": 6e7,
-                    "params_total": 2_000_000,
-                    "eval_nll_per_item": nll - i,
-                    "wall_s": 10.0,
-                    "recall@10": 0.05 + 0.01 * i,
-                    "ndcg@10": 0.03,
-                    "engagement@1": 1.0,
-                    "engagement@10": 0.9,
-                    "engagement_logged": 1.1,
-                }
-            )
-            curves[f"{rung}_{budget:.0e}"] = [[budget / 2, nll + 0.5], [budget, nll - i]]
-    payload = {"source": "world:small", "eval_requests": 8, "beam": 8, "rows": rows}
-    path.write_text(json.dumps(payload | {"curves": curves}))
+            for seed in (0, 1, 2):
+                rung = f"{fam}-cpu-s"
+                rows.append(
+                    {
+                        "rung": rung,
+                        "family": fam,
+                        "budget_flops": budget,
+                        "seed": seed,
+                        "steps": 100 * (i + 1),
+                        "flops_seen": budget,
+                        "flops_per_request": 6e7,
+                        "params_total": 2_000_000,
+                        # seed spread +-0.01 around nll - i: V2 - V1 is -0.200 +- 0.008
+                        "eval_nll_per_item": nll - i + 0.01 * (seed - 1),
+                        "eval_nll_se": 0.01,
+                        "wall_s": 10.0,
+                        # recall differs by 0.001 with a seed spread of 0.01: not beyond it
+                        "recall@10": 0.05 + 0.01 * i + 0.001 * (fam == "v2") + 0.01 * seed,
+                        "ndcg@10": 0.03,
+                        "engagement@1": 1.0,
+                        "engagement@10": 0.9,
+                        "engagement_logged": 1.1,
+                    }
+                )
+                curves[f"{rung}_{budget:.0e}_seed{seed}"] = [
+                    [budget / 2, nll + 0.5],
+                    [budget, nll - i],
+                ]
+    payload = {"source": "world:small", "eval_requests": 8, "beam": 8, "seeds": [0, 1, 2]}
+    path.write_text(json.dumps(payload | {"rows": rows, "curves": curves}))
 
 
 def test_v1_vs_v2_notebook_executes(tmp_path, monkeypatch):
@@ -47,9 +55,11 @@ def test_v1_vs_v2_notebook_executes(tmp_path, monkeypatch):
     text = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
-    assert "4 runs on world:small" in text
-    # The equal-budget differences are computed from the rows: V2 - V1 NLL is -0.2 at both.
-    assert text.count("NLL/item -0.200") == 2
+    assert "12 runs (3 seeds) on world:small" in text
+    # The equal-budget differences are computed from the per-seed rows: V2 - V1 NLL is -0.2 at
+    # both budgets with a standard error of 0.0082, beyond the spread; Recall's +0.001 is not.
+    assert text.count("eval_nll_per_item V2 - V1 = -0.2000 ± 0.0082 (beyond 2 SE)") == 2
+    assert text.count("recall@10 V2 - V1 = +0.0010 ± 0.0082 (within seed spread)") == 2
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the plot cell drew nothing"
     assert os.environ["ONEREC_V1V2_RESULTS"] == str(results)

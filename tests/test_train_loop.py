@@ -79,8 +79,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
     assert sb["step"] == 12 and sb["status"] == "finished"
     # Counters survive the restart (they travel in the checkpoint), and the final validation
     # loss of the resumed run is the uninterrupted run's.
-    for key in ("items_seen", "tokens_seen", "samples_seen", "flops_seen", "final_eval_loss"):
+    counters = ("items_seen", "tokens_seen", "samples_seen", "flops_seen", "final_train_loss")
+    for key in (*counters, "final_eval_loss", "final_eval_loss_se"):
         assert sb[key] == sa[key], key
+    # Running a finished run again trains nothing and reports what the run did.
+    again = _train(b, tokenizer_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    sc = json.loads((b / "summary.json").read_text())
+    assert all(sc[k] == sb[k] for k in (*counters, "final_eval_loss", "final_eval_loss_se"))
+    assert sc["wall_s_total"] == sb["wall_s_total"] > sb["wall_s_this_run"] > 0
     assert sb["samples_seen"] == 12 * 8 and sb["flops_seen"] == 96 * sb["flops_per_sample"]
     assert (
         0 < sb["items_seen"] <= 96 * 5 and sb["tokens_seen"] == len(sb["vocab"]) * sb["items_seen"]

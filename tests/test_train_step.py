@@ -81,6 +81,23 @@ def test_moe_bias_moves_only_when_loss_free(setup, balance):
     assert "moe/max_load" in hist[0] and 1.0 <= float(hist[0]["moe/max_load"]) <= 2.0
 
 
+def test_moe_stats_and_bias_see_valid_tokens_only_across_micro_batches(setup):
+    """Users with only padded targets neither route nor count: with them as a whole micro-batch
+    of their own, the step's MoE load, drop rate and bias update equal one full batch's."""
+    enc, batch = setup
+    pad = np.arange(8) >= 4
+    padded = dict(batch)
+    padded["target_mask"] = jnp.where(pad[:, None], False, batch["target_mask"])
+    padded["target_codes"] = jnp.where(pad[:, None, None], -1, batch["target_codes"])
+    moe = MoEConfig(n_experts=4, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=1.0)
+    s1, h1 = _run(enc, padded, 1, moe=moe)
+    s2, h2 = _run(enc, padded, 1, moe=moe, grad_accum=2)
+    for name in ("moe/max_load", "moe/dropped", "moe/aux_loss"):
+        np.testing.assert_allclose(h2[0][name], h1[0][name], rtol=1e-5, err_msg=name)
+    assert float(h1[0]["moe/dropped"]) > 0
+    np.testing.assert_array_equal(*(np.asarray(jax.tree.leaves(s.moe_bias)[0]) for s in (s1, s2)))
+
+
 def test_state_is_donated(setup):
     enc, batch = setup
     model, tx, fn = _COMPILED.get((None, ())) or (None, None, None)

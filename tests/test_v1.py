@@ -84,15 +84,44 @@ def test_decoder_is_causal(batch, dense, session_wise):
 def test_padded_history_events_are_ignored(batch, dense):
     _, x, codes = batch
     _, v, apply = dense
+    # Training requests of the world mostly fill every pathway: pad the older half of the first
+    # two users' events (pathways are newest first, padding last) so there is padding to test.
+    x = dict(x)
+    for p in ("short", "pos", "life"):
+        m = x[f"{p}_mask"]
+        older = jnp.arange(m.shape[1])[None, :] >= m.shape[1] // 2
+        x[f"{p}_mask"] = m & ~(older & (jnp.arange(m.shape[0]) < 2)[:, None])
     base, _ = apply(v, x, codes)
     noisy = dict(x)
     for p in ("short", "pos", "life"):
         pad = ~x[f"{p}_mask"]
-        assert bool(pad.any())  # the world's short histories leave padding to test
+        assert bool(pad.any())
         noisy[f"{p}_item"] = jnp.where(pad, 17, x[f"{p}_item"])
         noisy[f"{p}_flags"] = jnp.where(pad, 3, x[f"{p}_flags"])
     nll, _ = apply(v, noisy, codes)
     np.testing.assert_allclose(np.asarray(nll), np.asarray(base), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("session_wise", [False, True])
+def test_padded_targets_take_no_moe_capacity_and_no_share_of_the_stats(batch, session_wise):
+    """Padded target items (-1 code rows) do not route: users with no targets at all put in
+    front of the batch (where capacity dispatch would serve them first) change neither a valid
+    item's loss nor any MoE statistic."""
+    enc, x, codes = batch
+    moe = MoEConfig(n_experts=4, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=1.0)
+    model = _model(enc, moe=moe, session_wise=session_wise)
+    codes = codes.at[0, 2:].set(-1).at[2, 4:].set(-1)  # padded items among the real users too
+    v = jax.jit(model.init)(jax.random.key(0), x, codes)
+    apply = jax.jit(model.apply)
+    nll, stats = apply(v, x, codes)
+    padded_x = jax.tree.map(lambda a: jnp.concatenate([a[:2], a]), x)
+    padded_codes = jnp.concatenate([jnp.full((2, *codes.shape[1:]), -1), codes])
+    nll_p, stats_p = apply(v, padded_x, padded_codes)
+    valid = np.asarray(jnp.all(codes >= 0, axis=-1))
+    np.testing.assert_allclose(np.asarray(nll_p)[2:][valid], np.asarray(nll)[valid], atol=1e-5)
+    for name in ("load", "max_load", "dropped", "aux_loss"):
+        np.testing.assert_allclose(stats_p[name], stats[name], rtol=1e-5, err_msg=name)
+    assert float(jnp.max(stats["dropped"])) > 0  # capacity binds, and binds the same way
 
 
 def test_loss_sum_and_mean_and_masking():

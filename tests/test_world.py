@@ -265,3 +265,13 @@ def test_repeat_warning_names_both_numbers():
     ml = sources.open_source("movielens-100k", split="train")
     assert sources.distinct_requests(ml) == len(ml)
     assert sources.repeat_warning(ml, 3 * len(ml)) is not None
+
+
+def test_order_seed_reorders_the_same_requests():
+    a, b = World("tiny", seed=2, order_seed=0), World("tiny", seed=2, order_seed=1)
+    n = a.n_distinct
+    ka = a.requests(np.arange(n))
+    kb = b.requests(np.arange(n))
+    assert not np.array_equal(ka[0], kb[0])
+    assert set(zip(*ka, strict=True)) == set(zip(*kb, strict=True))
+    np.testing.assert_array_equal(a.item_content(np.arange(1, 9)), b.item_content(np.arange(1, 9)))

@@ -42,13 +42,17 @@ def _load_log(path: str):
     return logs.load(path)
 
 
-def open_source(name: str, *, seed: int = 0, split: str = "train", **log_options: Any) -> Source:
-    """Source named by `name` (see module docstring); `log_options` go to `LogSource`."""
+def open_source(
+    name: str, *, seed: int = 0, split: str = "train", order_seed: int = 0, **log_options: Any
+) -> Source:
+    """Source named by `name` (see module docstring); `seed` is the world's seed, `order_seed`
+    the order of the world's requests (logged sources are shuffled by the pipeline instead);
+    `log_options` go to `LogSource`."""
     if name == "movielens-100k":
         return LogSource(movielens.load(), split, **log_options)
     kind, _, arg = name.partition(":")
     if kind == "world" and arg:
-        return World(arg, seed=seed, split=split)
+        return World(arg, seed=seed, split=split, order_seed=order_seed)
     if kind in ("parquet", "csv") and arg:
         return LogSource(_load_log(arg), split, **log_options)
     raise ValueError(

@@ -177,7 +177,11 @@ class World:
 
     kind = "world"
 
-    def __init__(self, config: WorldConfig | str, seed: int = 0, split: str = "train"):
+    def __init__(
+        self, config: WorldConfig | str, seed: int = 0, split: str = "train", order_seed: int = 0
+    ):
+        """`seed` makes the world (items, users, sessions); `order_seed` only the order in
+        which a split's requests are drawn (runs that differ in it see the same world)."""
         if isinstance(config, str):
             if config not in PRESETS:
                 raise ValueError(f"unknown world preset {config!r}; choose from {sorted(PRESETS)}")
@@ -187,10 +191,16 @@ class World:
         if split not in _SPLIT_SALT:
             raise ValueError(f"unknown split {split!r}; choose from {sorted(_SPLIT_SALT)}")
         self.config, self.seed, self.split = config, int(seed), split
+        self.order_seed = int(order_seed)
         self._build()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "seed": self.seed, "split": self.split}
+        return {
+            "config": self.config,
+            "seed": self.seed,
+            "split": self.split,
+            "order_seed": self.order_seed,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -332,7 +342,8 @@ class World:
         r = np.empty_like(flat_j)
         for e in np.unique(flat_p):  # one pass in all but the batches that straddle two
             at = flat_p == e
-            r[at] = hs.permute(flat_j[at], n, self.seed, _REQ, _SPLIT_SALT[self.split], int(e))
+            keys = (self.seed, _REQ, _SPLIT_SALT[self.split], self.order_seed, int(e))
+            r[at] = hs.permute(flat_j[at], n, *keys)
         r = r.reshape(j.shape)
         return 1 + r // (hi - lo), lo + r % (hi - lo)
 

@@ -57,6 +57,16 @@ def teacher_forcing(
     return seq, jnp.concatenate([bos, seq[:, :-1]], axis=1)
 
 
+def token_mask(codes_BxMxQ: jax.Array, groups: int) -> jax.Array:
+    """Which decoder positions [B * groups, T] belong to a real target item, laid out as
+    `teacher_forcing`'s inputs: position p predicts the code of item p // Q of its row. Padded
+    items are the table's -1 rows (a False `target_mask` means item 0, whose codes are -1), so
+    the codes alone say which are valid. The MoE gives the rest no expert slot."""
+    b, m, q = codes_BxMxQ.shape
+    valid_BxM = jnp.all(codes_BxMxQ >= 0, axis=-1)
+    return jnp.broadcast_to(valid_BxM[:, :, None], (b, m, q)).reshape(b * groups, -1)
+
+
 def level_nll(logits_NxTxV: jax.Array, ids_NxT: jax.Array, cfg: TokenTable) -> jax.Array:
     """Next-token NLL [N, T] where position p holds a level-(p % Q) token id: each position is
     scored against its level's slice of the head only (T <= m * Q static positions)."""

@@ -11,7 +11,10 @@ memory -> dense FFN (SwiGLU or GELU MLP) or MoE. Cross-attention K/V are project
 user; the user's m target sequences (or W beams) are folded into the query axis instead of
 copying the memory. Generation uses `init_cache` + `step`: a self-attention KV cache, one
 position per call. Loss: the sum over levels of the next-token cross-entropy (the report), or
-their mean; averaged over valid target items.
+their mean; averaged over valid target items. Positions of padded target items (-1 code rows)
+are masked out of the MoE (no expert slot, no capacity, no stats; `common.token_mask`), and
+generation routes the MoE dropless whatever the configured dispatch, so a user's beams never
+depend on its batch mates (onerec_jax/model/moe.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from onerec_jax.model.common import (
     cached_self_attention,
     level_nll,
     teacher_forcing,
+    token_mask,
 )
 from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
@@ -58,11 +62,13 @@ class V1Config(TokenTable):
 class _DecoderBlock(nn.Module):
     """One decoder block in three modes, chosen by the (static) structure of its inputs:
 
-    train    x [N, T, D] whole sequences, `shared` = {mem, causal, cross}; `layer` = None.
+    train    x [N, T, D] whole sequences, `shared` = {mem, causal, cross, token_mask (optional,
+             [N, T]: the MoE's valid tokens)}; `layer` = None.
     project  `shared` = {mem, project: True}: returns this layer's cross-attention K/V of the
              user memory (generation computes them once per user, never per beam).
     step     x [N, 1, D] one new token per row, `layer` = {k, v (self-attention cache
              [N, T_max, H, K]), ck, cv (cross K/V [B, S, H, K])}, `shared` = {cross, pos}.
+             The MoE routes dropless here: capacity would be shared by all rows of a step.
 
     The N = G * B rows of the G sequences of each user are folded into the query axis of the
     cross-attention ([B, G * T, D] queries against that user's [B, S] memory), so user K/V are
@@ -96,8 +102,10 @@ class _DecoderBlock(nn.Module):
         h = RMSNorm(dtype=self.dtype)(x)
         if c.moe is None:
             y, stats = ffn(c.ffn, c.d_ff, self.dtype)(h), None
+        elif layer is None:
+            y, stats = MoE(c.moe, dtype=self.dtype)(h, shared.get("token_mask"))
         else:
-            y, stats = MoE(c.moe, dtype=self.dtype)(h)
+            y, stats = MoE(c.moe, dtype=self.dtype)(h, dispatch="dropless")
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
         return x, (stats, cache)
 
@@ -131,7 +139,8 @@ class OneRecV1(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype)
         self.final_norm = RMSNorm(dtype=self.dtype)
-        self.head = Dense(c.n_tokens, ("embed", "vocab"), dtype=self.dtype)
+        # float32 logits whatever the compute dtype (softmax, loss and beam search read them)
+        self.head = Dense(c.n_tokens, ("embed", "vocab"), dtype=self.dtype, out_dtype=jnp.float32)
 
     def _seq_len(self) -> int:
         q = len(self.cfg.vocab)
@@ -151,7 +160,7 @@ class OneRecV1(nn.Module):
         b, m, q = codes_BxMxQ.shape
         groups = 1 if c.session_wise else m  # sequences per request
         seq, inp = teacher_forcing(codes_BxMxQ, c, groups)
-        logits, stats = self.logits(mem, mem_mask, inp)
+        logits, stats = self.logits(mem, mem_mask, inp, token_mask(codes_BxMxQ, groups))
         nll = level_nll(logits, seq, c).reshape(b, m, q)
         return nll, stats
 
@@ -160,16 +169,23 @@ class OneRecV1(nn.Module):
         return self.encoder(batch)
 
     def logits(
-        self, mem: jax.Array, mem_mask: jax.Array, tokens_NxT: jax.Array
+        self,
+        mem: jax.Array,
+        mem_mask: jax.Array,
+        tokens_NxT: jax.Array,
+        valid_NxT: jax.Array | None = None,
     ) -> tuple[jax.Array, Any]:
         """Logits [N, T, n_tokens] of decoder inputs `tokens` (token-table ids, BOS first);
-        N = groups * B, rows of a user contiguous. Position t depends on tokens <= t only."""
+        N = groups * B, rows of a user contiguous. Position t depends on tokens <= t only.
+        `valid` marks the positions of real target items for the MoE (None: all)."""
         n, length = tokens_NxT.shape
         pos = self.positions[:length].astype(self.dtype)
         x = self.tokens(tokens_NxT).astype(self.dtype) + pos[None]
         causal = jnp.tril(jnp.ones((length, length), bool))[None]
         causal = jnp.broadcast_to(causal, (n, length, length))
         shared = {"mem": mem, "causal": causal, "cross": mem_mask[:, None, :]}
+        if valid_NxT is not None:
+            shared["token_mask"] = valid_NxT
         x, (stats, _) = self.blocks(x, None, shared)
         return self.head(self.final_norm(x)).astype(jnp.float32), stats
 

@@ -15,7 +15,9 @@ s_{Q-1}] predicts s_1..s_Q; loss = mean over the target tokens. Each of a reques
 items is its own sequence; the user's sequences (or beams) fold into the cross-attention's
 query axis, so the context K/V are computed once per user.
 
-Generation uses the same `encode` / `init_cache` / `step` interface as V1 (generate.py).
+Generation uses the same `encode` / `init_cache` / `step` interface as V1 (generate.py). As in
+V1, padded target items' positions are masked out of the MoE in training, and decoding routes
+the MoE dropless whatever the configured dispatch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from onerec_jax.model.common import (
     cached_self_attention,
     level_nll,
     teacher_forcing,
+    token_mask,
 )
 from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
@@ -89,8 +92,9 @@ class V2Config(TokenTable):
 
 
 class _Block(nn.Module):
-    """One lazy-decoder block; `use_moe` picks the FFN. Modes as V1's block: `layer` is None
-    (training: whole sequences) or this layer's self-attention cache (one new position)."""
+    """One lazy-decoder block; `use_moe` picks the FFN. Modes as V1's block: `layer` has no
+    cache (training: whole sequences; `shared` may hold the MoE's `token_mask` [N, T]) or this
+    layer's self-attention cache (one new position; the MoE routes dropless)."""
 
     cfg: V2Config
     dtype: jnp.dtype
@@ -119,8 +123,10 @@ class _Block(nn.Module):
             y, cache = cached_self_attention(self_attn, h, cache_in, shared["pos"])
             x = x + y
         h = RMSNorm(dtype=self.dtype)(x)
-        if self.use_moe:
-            y, stats = MoE(c.moe, dtype=self.dtype)(h)
+        if self.use_moe and cache_in is None:
+            y, stats = MoE(c.moe, dtype=self.dtype)(h, shared.get("token_mask"))
+        elif self.use_moe:
+            y, stats = MoE(c.moe, dtype=self.dtype)(h, dispatch="dropless")
         else:
             y, stats = ffn(c.ffn, c.d_ff, self.dtype)(h), None
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
@@ -165,7 +171,8 @@ class OneRecV2(nn.Module):
         self.dense_blocks = _stack(c, self.dtype, False, c.n_dense, "dense") if c.n_dense else None
         self.moe_blocks = _stack(c, self.dtype, True, n_moe, "moe") if n_moe else None
         self.final_norm = RMSNorm(dtype=self.dtype)
-        self.head = Dense(c.n_tokens, ("embed", "vocab"), dtype=self.dtype)
+        # float32 logits whatever the compute dtype (softmax, loss and beam search read them)
+        self.head = Dense(c.n_tokens, ("embed", "vocab"), dtype=self.dtype, out_dtype=jnp.float32)
 
     # -- context ---------------------------------------------------------------------------
     def encode(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -208,13 +215,18 @@ class OneRecV2(nn.Module):
         c = self.cfg
         b, m, q = codes_BxMxQ.shape
         seq, inp = teacher_forcing(codes_BxMxQ, c, m)  # each target item its own sequence
-        logits, stats = self.logits(ctx, mask, inp)
+        logits, stats = self.logits(ctx, mask, inp, token_mask(codes_BxMxQ, m))
         return level_nll(logits, seq, c).reshape(b, m, q), stats
 
     def logits(
-        self, ctx: jax.Array, mask: jax.Array, tokens_NxT: jax.Array
+        self,
+        ctx: jax.Array,
+        mask: jax.Array,
+        tokens_NxT: jax.Array,
+        valid_NxT: jax.Array | None = None,
     ) -> tuple[jax.Array, Any]:
-        """Logits [N, T, n_tokens]; N = G * B rows, a user's rows contiguous."""
+        """Logits [N, T, n_tokens]; N = G * B rows, a user's rows contiguous. `valid` marks
+        the positions of real target items for the MoE (None: all)."""
         n, length = tokens_NxT.shape
         x = self.tokens(tokens_NxT).astype(self.dtype)
         x = x + self.positions[:length].astype(self.dtype)[None]
@@ -222,6 +234,8 @@ class OneRecV2(nn.Module):
             jnp.tril(jnp.ones((length, length), bool))[None], (n, length, length)
         )
         shared = {"ctx": ctx, "cross": mask[:, None, :], "causal": causal}
+        if valid_NxT is not None:
+            shared["token_mask"] = valid_NxT
         x, stats, _ = self._blocks(x, None, shared)
         return self.head(self.final_norm(x)).astype(jnp.float32), stats
 

@@ -1,11 +1,14 @@
 """`onerec eval`: restore a run's newest checkpoint and rank a split with constrained beam search.
 
 Each request's beam (default 128 items; a session-wise model's sessions are read item by item,
-best session first) is filtered of the items the user interacted with before the target and of
-repeats, then cut to K_max = 50 and scored with `onerec_jax.evaluate.rank_metrics` (the same
-code that scores the popularity and item-kNN baselines). On the world, `engagement@K` is the
-true expected reward (the generator's engagement model) of the top K recommended items, next
-to `engagement_logged`, that of the items the logging policy actually served.
+best session first) is filtered of repeats and, where the source's protocol drops seen items
+(`onerec_jax.evaluate.protocol_of`: MovieLens yes, the world no), of every item of the user's
+whole history before the target - not of the run's context window, so runs with different
+contexts are scored alike. It is then cut to K_max = 50 and scored with
+`onerec_jax.evaluate.rank_metrics` (the same code and protocol that score the popularity and
+item-kNN baselines); the protocol is recorded in the eval JSON. On the world, `engagement@K`
+is the true expected reward (the generator's engagement model) of the top K recommended items,
+next to `engagement_logged`, that of the items the logging policy actually served.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ def true_reward(src, batch: dict[str, np.ndarray], items_BxN: np.ndarray) -> np.
     return np.where(items_BxN > 0, r["reward"], np.nan)
 
 
-def _drop_seen(items_BxW: np.ndarray, raw: dict[str, Any], k: int) -> np.ndarray:
-    off = raw["hist_offsets"]
+def _drop_seen(items_BxW: np.ndarray, seen_items: dict[str, Any], k: int) -> np.ndarray:
+    """The first k distinct items of each row that are not among the row's `seen_items`."""
+    off = seen_items["hist_offsets"]
     out = np.zeros((len(items_BxW), k), np.int64)
     for i, row in enumerate(items_BxW):  # host-side list filtering, B rows per batch
-        seen = set(raw["hist_item"][off[i] : off[i + 1]].tolist())
+        seen = set(seen_items["hist_item"][off[i] : off[i + 1]].tolist())
         keep = []
         for x in row.tolist():
             if x > 0 and x not in seen:
@@ -62,12 +66,15 @@ def evaluate_run(
     max_requests: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
-    `max_requests`, default 2048, of the world's unbounded splits)."""
+    `max_requests`, default 2048, of the world's unbounded splits), `batch` requests per beam
+    search (the metrics may not depend on it)."""
+    if batch < 1:
+        raise ValueError(f"eval batch size must be >= 1, got {batch}")
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     cfg = loop.load_run_config(workdir)
     table_dir = pathlib.Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else workdir / "tokenizer"
     table = SemanticIds.load(table_dir)
-    train_src = open_source(cfg.source, seed=cfg.seed, split="train")
+    train_src = open_source(cfg.source, seed=loop.source_seed(cfg), split="train")
     model = loop.build_model(cfg, train_src, table.vocab)
     spec = loop.schema_spec(cfg)
     tx, _ = step_lib.make_optimizer(step_lib.OptimConfig(total_steps=cfg.steps))
@@ -82,15 +89,16 @@ def evaluate_run(
     ]
     variables = {"params": state.params, "moe_bias": state.moe_bias}
     trie = table.trie()
-    src = open_source(cfg.source, seed=cfg.seed, split=split)
+    src = open_source(cfg.source, seed=loop.source_seed(cfg), split=split)
     n = len(src) if src.kind != "world" else 2048  # the world's splits are unbounded
     n = min(n, max_requests or n)
     batch = min(batch, n)
+    protocol = ev.protocol_of(src)
     ranked, targets, masks, reward, target_reward = [], [], [], [], []
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
-        raw = src.raw_batch(idx, spec.history_window, spec)
-        b = schema.build_batch(raw, spec)
+        # The model reads the run's context window; what counts as seen is the protocol's.
+        b = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
         pad = batch - len(idx)  # one compiled shape: pad the last batch with copies
         inputs = {
             k: jnp.asarray(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v)
@@ -101,7 +109,7 @@ def evaluate_run(
         # Session-wise models: the items of the sessions, best session first.
         items = np.asarray(out["sessions" if "sessions" in out else "items"])[: len(idx)]
         items = items.reshape(len(idx), -1)
-        top = _drop_seen(items, raw, max(ev.KS))
+        top = _drop_seen(items, ev.seen_items(src, idx, protocol), max(ev.KS))
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
@@ -118,6 +126,6 @@ def evaluate_run(
         for k in ENGAGEMENT_KS:
             metrics[f"engagement@{k}"] = float(np.nanmean(r[:, :k]))
         metrics["engagement_logged"] = float(np.nanmean(np.concatenate(target_reward)))
-    metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam)
+    metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
     (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

@@ -65,6 +65,14 @@ class AddCodes(grain.transforms.Map):
         return batch
 
 
+def source_seed(cfg: ml_collections.ConfigDict) -> int:
+    """The seed of the run's data source (the world itself): `world_seed`, or `seed` when it is
+    -1. Fixing `world_seed` lets runs of different seeds share one world and one tokenizer
+    table while their init and example order differ."""
+    ws = cfg.get("world_seed", -1)
+    return int(cfg.seed if ws < 0 else ws)
+
+
 def _table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> SemanticIds:
     path = pathlib.Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else workdir / "tokenizer"
     if cfg.tokenizer_dir or (path / "semantic_ids.npz").exists():
@@ -72,7 +80,7 @@ def _table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> SemanticIds
     from onerec_jax.tokenizer import build
 
     tcfg = build.get_config()
-    tcfg.seed = cfg.seed
+    tcfg.seed = source_seed(cfg)
     tcfg.rq.n_codes = cfg.tokenizer_codes
     build.tokenize(cfg.source, path, tcfg, progress=True)
     return SemanticIds.load(path)
@@ -167,7 +175,7 @@ def validation_batches(
     """The first `eval_requests` requests of the validation split (all of a smaller split), in
     batches of batch_size; the last batch is padded with requests whose targets are masked, so
     every batch has one compiled shape and the padding carries no loss."""
-    src = open_source(cfg.source, seed=cfg.seed, split="validation")
+    src = open_source(cfg.source, seed=source_seed(cfg), split="validation")
     b = cfg.batch_size
     n = min(cfg.eval_requests, distinct_requests(src))
     add_codes, out = AddCodes(codes), []
@@ -206,6 +214,7 @@ def mean_and_stderr(loss_sums: np.ndarray, items: np.ndarray) -> tuple[float, fl
 # workdirs still evaluate and resume.
 ADDED_FIELDS: dict[str, Any] = {
     "rung": "",
+    "world_seed": -1,
     "eval_every": 0,
     "model.family": "v1",
     "model.ffn": "swiglu",
@@ -275,7 +284,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
 
         cfg = ladder.apply_rung(ml_collections.ConfigDict(cfg.to_dict()), cfg.rung)
     _check_workdir_config(cfg, workdir)
-    source = open_source(cfg.source, seed=cfg.seed, split="train")
+    source = open_source(cfg.source, seed=source_seed(cfg), split="train", order_seed=cfg.seed)
     table = _table(cfg, workdir)
     if table.n_items != source.n_items:
         raise ValueError(
@@ -323,7 +332,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     it = iter(ds)
     start = mngr.latest_step() or 0
     # Run-level counters that must survive restarts (what summary.json reports).
-    meta: dict[str, Any] = {"items_seen": 0.0, "eval_loss": None, "eval_loss_se": None}
+    # wall_s: training wall time of the sessions up to the checkpoint; train_loss: the last
+    # step's, so re-running a finished run reports what it did, not an empty session.
+    meta: dict[str, Any] = {
+        "items_seen": 0.0,
+        "eval_loss": None,
+        "eval_loss_se": None,
+        "train_loss": None,
+        "wall_s": 0.0,
+    }
     if start:
         restored = mngr.restore(
             start,
@@ -345,9 +362,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     writer = MetricWriter(workdir / "tb")
     if start == 0:
         writer.hparams(cfg.to_dict() | {"params": counts.params_total})
-    last_loss = float("nan")
+    last_loss = float("nan") if meta["train_loss"] is None else meta["train_loss"]
     pending: tuple[int, Any, tuple[float, float] | None] | None = None
-    t0 = time.perf_counter()
+    t0, wall_before = time.perf_counter(), float(meta["wall_s"])
     # Throughput counts steady-state training only: the clock starts once the first step's
     # metrics are back (compilation done) and evaluation and checkpoint time is taken out.
     clock = {"t": 0.0, "step": -1, "paused": 0.0}
@@ -355,6 +372,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
 
     def save(step: int, state: Any) -> None:
         t = time.perf_counter()
+        meta["wall_s"] = wall_before + t - t0
         mngr.save(
             step,
             args=ocp.args.Composite(
@@ -387,7 +405,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                 f"{'none' if good is None else f'step {good}'} in {workdir / 'checkpoints'}"
             )
         meta["items_seen"] += float(m["train/items"])
-        last_loss = loss
+        last_loss = meta["train_loss"] = loss
         if clock["step"] < 0:
             clock.update(t=time.perf_counter(), step=step, paused=0.0)
         if step % cfg.log_every == 0 or step == cfg.steps or ev is not None:
@@ -467,6 +485,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         "data_passes": steps_done * cfg.batch_size / distinct_requests(source),
         "vocab": list(table.vocab),
         "wall_s_this_run": round(time.perf_counter() - t0, 2),
+        # training wall time of every session up to the last checkpoint (a finished run's
+        # whole training time, unchanged by running it again)
+        "wall_s_total": round(meta["wall_s"], 2),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

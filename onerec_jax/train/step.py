@@ -42,6 +42,33 @@ class OptimConfig:
     aux_loss_weight: float = 0.01  # used when the MoE balances with the auxiliary loss
 
 
+# Weight decay applies to the matmul weights only. Norm scales, biases, embedding tables, learned
+# positions and QFormer queries are not decayed (the usual practice: decaying a norm scale or an
+# embedding row pulls it towards 0, which is not a regulariser but a bias towards dead features).
+DECAYED_PARAMS = frozenset(
+    {"kernel", "query", "key", "value", "out", "w_gate", "w_up", "w_down", "router"}
+)
+NOT_DECAYED_PARAMS = frozenset(
+    {"scale", "bias", "embedding", "positions", "dec_positions", "queries"}
+)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the leaves that AdamW decays (see DECAYED_PARAMS); an unknown name is an error,
+    so a new parameter kind cannot silently change the optimiser."""
+
+    def leaf(path: tuple, _: Any) -> bool:
+        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        if name in DECAYED_PARAMS:
+            return True
+        if name in NOT_DECAYED_PARAMS:
+            return False
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ValueError(f"parameter {where}: no weight-decay rule for {name!r} (train/step.py)")
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
@@ -52,7 +79,7 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
     )
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
     )
     return tx, schedule
 
@@ -139,10 +166,13 @@ def train_step(
         metrics[f"train/nll_level{i}"] = per_level[i]
     moe_bias = state.moe_bias
     if "moe_load" in ms:
-        load = jnp.mean(ms["moe_load"], axis=0)  # [layers, E]
+        # The MoE measures over valid tokens only (padding does not route); weighting each
+        # micro-batch by its valid items (tokens are items x Q) gives the full batch's numbers,
+        # a micro-batch of padding alone counting for nothing.
+        load = jnp.sum(ms["moe_load"] * w[:, None, None], axis=0)  # [layers, E]
         metrics["moe/max_load"] = jnp.max(load) * load.shape[-1]
-        metrics["moe/dropped"] = jnp.mean(ms["moe_dropped"])
-        metrics["moe/aux_loss"] = jnp.mean(ms["moe_aux_loss"])
+        metrics["moe/dropped"] = jnp.sum(ms["moe_dropped"] * w)
+        metrics["moe/aux_loss"] = jnp.sum(ms["moe_aux_loss"] * w)
         if model.cfg.moe.balance == "loss_free":
             rate = model.cfg.moe.bias_rate
             moe_bias = _update_biases(moe_bias, load, rate)
@@ -155,14 +185,17 @@ def train_step(
 def eval_loss(
     state: TrainState, batch: dict[str, jax.Array], *, model: Any
 ) -> dict[str, jax.Array]:
-    """Teacher-forced loss of a batch (no update): `loss_sum` (loss x valid items), `items`."""
+    """Teacher-forced loss of a batch (no update), per request: `loss_sum` [B] (the summed
+    per-item loss of its valid target items) and `items` [B] (their number), so the caller can
+    form the item-weighted mean and its standard error over requests."""
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     nll, _ = model.apply(
         {"params": state.params, "moe_bias": state.moe_bias}, inputs, batch["target_codes"]
     )
     valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
-    loss, m = loss_fn(nll, valid, model.cfg.loss)
-    return {"loss_sum": loss * m["items"], "items": m["items"]}
+    nll_BxM = jnp.sum(nll, -1) if model.cfg.loss == "sum" else jnp.mean(nll, -1)
+    w_BxM = valid.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(nll_BxM * w_BxM, -1), "items": jnp.sum(w_BxM, -1)}
 
 
 def _update_biases(tree: Any, load_LxE: jax.Array, rate: float) -> Any:
