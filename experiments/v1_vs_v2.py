@@ -5,17 +5,18 @@
 For each family's CPU rung (scaling/ladder.py: v1-cpu-s and v2-cpu-s share the pathways and the
 decoder shape; V2 has no encoder stack), each budget and each seed, one run trains for
 budget / (FLOPs per request x batch) steps (analytic FLOPs, onerec_jax/flops.py) with its own
-warmup + cosine schedule, then is scored on the first `--eval-requests` test requests: the
-validation NLL per item (summed over the semantic-id levels), Recall@10, NDCG@10 and the world's
-true engagement@K.
+warmup + cosine schedule, then is scored: the NLL per item (summed over the semantic-id
+levels) on the first `eval_requests` (2,048) validation requests, and Recall@10, NDCG@10 and the
+world's true engagement@K on the first `--eval-requests` test requests.
 
 Fair optimisation: both families train the same loss (the mean over the semantic-id levels; V1's
 report sums them, which makes its gradients Q times larger and clips them more often at the same
 `clip_norm`), at the same learning rate, warmup and clipping. All runs read one world
 (`world_seed` 0) and one semantic-id table; the seed changes the initialisation and the order of
 the training requests. Each cell is reported as the mean over seeds with its standard error,
-and a V2 - V1 difference is called out only when it exceeds twice the standard error of the
-difference.
+and a V2 - V1 difference is called out only when it lies outside the 95 % Welch t interval of
+no difference (with 3 seeds a side, about 2.8 standard errors; 15 comparisons are made, so one
+call at that level can still be chance).
 
 Every run is an ordinary `onerec train` workdir under --out, so an interrupted sweep resumes
 where it stopped. Writes OUT/results.json (per-seed rows, per-cell means, differences and the
@@ -168,7 +169,10 @@ def cells(rows: list[dict]) -> list[dict]:
 
 def differences(rows: list[dict]) -> list[dict]:
     """V2 - V1 at each budget both reached: the difference of the seed means, its standard
-    error sqrt(se1^2 + se2^2), and `beyond_spread` when |difference| > 2 x that error."""
+    error sqrt(se1^2 + se2^2), Welch's degrees of freedom, and `beyond_spread` when
+    |difference| exceeds the two-sided 95 % t quantile times that error."""
+    from scipy import stats
+
     by = {(c["family"], c["budget_flops"]): c for c in cells(rows)}
     out = []
     for b in sorted({c["budget_flops"] for c in by.values()}):
@@ -177,14 +181,20 @@ def differences(rows: list[dict]) -> list[dict]:
         v1, v2 = by[("v1", b)], by[("v2", b)]
         for m in METRICS:
             d = v2[m] - v1[m]
-            se = float(np.hypot(v1[f"{m}_se"], v2[f"{m}_se"]))
+            a2, b2 = v1[f"{m}_se"] ** 2, v2[f"{m}_se"] ** 2
+            se = float(np.sqrt(a2 + b2))
+            den = a2**2 / max(v1["n_seeds"] - 1, 1) + b2**2 / max(v2["n_seeds"] - 1, 1)
+            dof = float((a2 + b2) ** 2 / den) if den > 0 else float("nan")
+            t = float(stats.t.ppf(0.975, dof)) if np.isfinite(dof) else float("nan")
             out.append(
                 {
                     "budget_flops": b,
                     "metric": m,
                     "v2_minus_v1": d,
                     "se": se,
-                    "beyond_spread": bool(np.isfinite(se) and abs(d) > 2 * se),
+                    "dof": dof,
+                    "t_95": t,
+                    "beyond_spread": bool(np.isfinite(t) and abs(d) > t * se),
                 }
             )
     return out
@@ -193,7 +203,7 @@ def differences(rows: list[dict]) -> list[dict]:
 def differences_text(result: dict) -> str:
     lines = []
     for d in result["differences"]:
-        flag = "beyond 2 SE" if d["beyond_spread"] else "within seed spread"
+        flag = "beyond the 95 % t interval" if d["beyond_spread"] else "within seed spread"
         lines.append(
             f"budget {d['budget_flops']:.0e}: {d['metric']} V2 - V1 = "
             f"{d['v2_minus_v1']:+.4f} ± {d['se']:.4f} ({flag})"

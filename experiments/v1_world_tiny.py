@@ -10,6 +10,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # model init and example order (and the world's seed when world_seed is -1)
     c.world_seed = -1  # seed of the world itself (items, users); -1: seed
+    # How the world's splits are drawn: "time_cut" (per user, disjoint). Older world runs read
+    # as "hash" (splits over shared requests) and are refused by train and eval.
+    c.world_split = "time_cut"
     c.rung = ""  # a named size from scaling/ladder.py; sets model.* / data.* fields when set
     c.source = "world:tiny"  # data source (onerec_jax.data.sources.open_source)
     c.tokenizer_dir = ""  # semantic-id table dir; "" = WORKDIR/tokenizer, built if missing
@@ -19,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.workers = 0  # grain worker processes
     c.log_every = 10  # steps between TensorBoard/metrics.jsonl writes
     c.checkpoint_every = 50  # steps between checkpoints (and one at the end)
-    c.eval_every = 50  # steps between validation-loss evals (a multiple of log_every; 0: end only)
+    c.eval_every = 50  # steps between validation-loss evals (0: at the end only)
     c.eval_requests = 256  # validation requests per eval (all of a smaller split); 0: no eval loss
     c.keep_checkpoints = 3  # newest checkpoints kept on disk
     c.bf16 = False  # bf16 compute (parameters and optimizer stay float32)

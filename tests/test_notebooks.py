@@ -57,8 +57,9 @@ def test_v1_vs_v2_notebook_executes(tmp_path, monkeypatch):
     )
     assert "12 runs (3 seeds) on world:small" in text
     # The equal-budget differences are computed from the per-seed rows: V2 - V1 NLL is -0.2 at
-    # both budgets with a standard error of 0.0082, beyond the spread; Recall's +0.001 is not.
-    assert text.count("eval_nll_per_item V2 - V1 = -0.2000 ± 0.0082 (beyond 2 SE)") == 2
+    # both budgets with a standard error of 0.0082 (Welch: 4 degrees of freedom, t = 2.78),
+    # beyond the spread; Recall's +0.001 is not.
+    assert text.count("eval_nll_per_item V2 - V1 = -0.2000 ± 0.0082 (beyond the 95 % t") == 2
     assert text.count("recall@10 V2 - V1 = +0.0010 ± 0.0082 (within seed spread)") == 2
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the plot cell drew nothing"

@@ -99,3 +99,21 @@ def test_eval_loss_standard_error_is_the_ratio_estimators():
     # Requests with no valid item carry no information; a lone request has no error bar.
     m1, s1 = loop.mean_and_stderr(np.array([3.0, 0.0]), np.array([2.0, 0.0]))
     assert m1 == 1.5 and np.isnan(s1)
+
+
+def test_eval_loss_of_a_capacity_moe_does_not_depend_on_batch_mates(batch):
+    from onerec_jax.model.moe import MoEConfig
+
+    src, b = batch
+    moe = MoEConfig(n_experts=4, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=0.5)
+    model = OneRecV1(
+        V1Config(encoder=tiny_encoder(src, 8, 16), vocab=(8, 8, 8), d_ff=64, dec_layers=1, moe=moe)
+    )
+    tx, _ = step_lib.make_optimizer(step_lib.OptimConfig())
+    state = step_lib.init_state(model, tx, b, jax.random.key(0))
+    fn = jax.jit(lambda s, x: step_lib.eval_loss(s, x, model=model))
+    together = fn(state, b)
+    for i in range(2):
+        alone = fn(state, jax.tree.map(lambda v, i=i: v[i : i + 1], b))
+        np.testing.assert_allclose(alone["loss_sum"][0], together["loss_sum"][i], rtol=1e-5)
+        assert alone["items"][0] == together["items"][i]

@@ -181,3 +181,25 @@ def test_eval_loss_at_step_s_is_that_of_the_state_after_s_steps(tmp_path, tokeni
         assert summary["data_passes"] == 4 * 8 / 160_000
     assert sorted(evals["every"]) == [2, 4]
     assert evals["every"] == evals["end"]
+
+
+def test_a_world_run_from_before_the_time_cut_is_refused_and_kept(tmp_path, tokenizer_dir):
+    cfg = config_lib.resolve(
+        os.path.join(ROOT, CONFIG), lambda: None, [f"tokenizer_dir={tokenizer_dir}"]
+    )
+    old = json.loads(cfg.to_json())
+    del old["world_seed"], old["world_split"]  # what a run's config.json held before the cut
+    old["eval_batches"] = old.pop("eval_requests") // old["batch_size"]
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(old))
+    assert loop.load_run_config(run).eval_requests == cfg.eval_requests
+    with pytest.raises(ValueError, match=r"old hash-stream splits.*new --workdir"):
+        loop.train(cfg, run)
+    with pytest.raises(ValueError, match="old hash-stream splits"):
+        evaluation.evaluate_run(run)
+    assert json.loads((run / "config.json").read_text()) == old
+    # An old MovieLens run is not a world run: its split never changed.
+    old["source"] = "movielens-100k"
+    (run / "config.json").write_text(json.dumps(old))
+    assert loop.load_run_config(run).world_split == "time_cut"

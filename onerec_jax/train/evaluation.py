@@ -72,6 +72,7 @@ def evaluate_run(
         raise ValueError(f"eval batch size must be >= 1, got {batch}")
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     cfg = loop.load_run_config(workdir)
+    loop.check_split(cfg, workdir)
     table_dir = pathlib.Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else workdir / "tokenizer"
     table = SemanticIds.load(table_dir)
     train_src = open_source(cfg.source, seed=loop.source_seed(cfg), split="train")

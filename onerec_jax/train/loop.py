@@ -185,7 +185,9 @@ def validation_batches(
         idx = np.concatenate([idx, np.full(pad, idx[-1])])
         batch = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
         if pad:
+            # Item 0 gives -1 codes, so the padding is no target for the loss nor the MoE.
             batch["target_mask"][b - pad :] = False
+            batch["target_item"][b - pad :] = 0
         out.append(jax.tree.map(jnp.asarray, add_codes.map(batch)))
     return out, n
 
@@ -239,6 +241,11 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
     # eval_batches (batches of batch_size validation requests) became eval_requests.
     if "eval_requests" not in out:
         out["eval_requests"] = out.pop("eval_batches", 0) * out.get("batch_size", 0)
+    # World runs from before the per-user time cut (they have no world_seed, added with it)
+    # drew every split from the same requests; `check_split` refuses them.
+    if "world_split" not in out:
+        old_world = str(out.get("source", "")).startswith("world:") and "world_seed" not in saved
+        out["world_split"] = "hash" if old_world else "time_cut"
     for dotted, value in ADDED_FIELDS.items():
         node = out
         *parents, leaf = dotted.split(".")
@@ -246,6 +253,17 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node.setdefault(leaf, value)
     return out
+
+
+def check_split(cfg: Any, workdir: str | os.PathLike) -> None:
+    """Refuse a run trained on the world's old splits: its validation and test requests overlap
+    its training requests, so nothing measured on them is held out."""
+    if cfg.get("world_split", "time_cut") != "time_cut":
+        raise ValueError(
+            f"{workdir}: this run was trained on the world's old hash-stream splits, whose "
+            "validation/test requests overlap the training requests, so its held-out numbers "
+            "are not held out; train it again in a new --workdir"
+        )
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -261,6 +279,7 @@ def _check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path)
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
     if path.exists():
         old = upgrade_config(json.loads(path.read_text()))
+        check_split(old, workdir)
         new = json.loads(text)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         # Only the step budget may change between a run and its resumption.
@@ -283,6 +302,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         from scaling import ladder
 
         cfg = ladder.apply_rung(ml_collections.ConfigDict(cfg.to_dict()), cfg.rung)
+    check_split(cfg, workdir)
     _check_workdir_config(cfg, workdir)
     source = open_source(cfg.source, seed=source_seed(cfg), split="train", order_seed=cfg.seed)
     table = _table(cfg, workdir)
@@ -386,6 +406,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         clock["paused"] += time.perf_counter() - t
 
     def evaluate(state: Any) -> tuple[float, float]:
+        jax.block_until_ready(state)  # the step just dispatched is training time, not eval
         t = time.perf_counter()
         loss, se = run_eval(state)
         meta["eval_loss"], meta["eval_loss_se"] = loss, se
@@ -478,7 +499,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         "tokens_seen": meta["items_seen"] * q,  # semantic-id tokens with a loss
         "final_train_loss": last_loss,
         "final_eval_loss": meta["eval_loss"],  # first eval_requests validation requests
-        "final_eval_loss_se": meta["eval_loss_se"],  # its standard error over requests
+        # its standard error over requests (null when fewer than 2 requests had a target)
+        "final_eval_loss_se": _finite_or_none(meta["eval_loss_se"]),
         "eval_requests": n_eval,  # requests behind final_eval_loss
         "distinct_train_requests": distinct_requests(source),
         # passes over the training split's distinct requests; > 1 means data repeated
@@ -491,6 +513,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 class _Progress:

@@ -182,13 +182,25 @@ def train_step(
     return state, metrics
 
 
+def dropless(model: Any) -> Any:
+    """The same model (same parameters) with its MoE routed dropless: evaluation must not drop
+    tokens, or a request's loss would depend on the other requests of its batch."""
+    moe = getattr(model.cfg, "moe", None)
+    if moe is None or moe.dispatch == "dropless":
+        return model
+    cfg = dataclasses.replace(model.cfg, moe=dataclasses.replace(moe, dispatch="dropless"))
+    return type(model)(cfg, dtype=model.dtype)
+
+
 def eval_loss(
     state: TrainState, batch: dict[str, jax.Array], *, model: Any
 ) -> dict[str, jax.Array]:
     """Teacher-forced loss of a batch (no update), per request: `loss_sum` [B] (the summed
     per-item loss of its valid target items) and `items` [B] (their number), so the caller can
-    form the item-weighted mean and its standard error over requests."""
+    form the item-weighted mean and its standard error over requests. The MoE is routed
+    dropless (`dropless`), so each request's loss is its own."""
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    model = dropless(model)
     nll, _ = model.apply(
         {"params": state.params, "moe_bias": state.moe_bias}, inputs, batch["target_codes"]
     )
