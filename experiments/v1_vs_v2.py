@@ -71,6 +71,19 @@ def _run_config(
     return c
 
 
+def _test_metrics(workdir: pathlib.Path, step: int, beam: int, requests: int) -> dict:
+    """`onerec eval` on the test split, or its saved result when it scored this very checkpoint
+    with the same beam and requests (a resumed sweep does not evaluate finished runs again)."""
+    from onerec_jax.train import evaluation
+
+    saved = workdir / "eval_test.json"
+    if saved.exists():
+        m = json.loads(saved.read_text())
+        if (m.get("step"), m.get("beam"), m.get("n_requests")) == (step, beam, requests):
+            return m
+    return evaluation.evaluate_run(workdir, "test", beam=beam, max_requests=requests)
+
+
 def _curve(workdir: pathlib.Path, per_request: float, batch: int, scale: float) -> list:
     """(training FLOPs, validation NLL per item) at every logged eval of a run."""
     out = []
@@ -95,7 +108,7 @@ def main() -> None:
     from onerec_jax.data.sources import open_source
     from onerec_jax.tokenizer import build
     from onerec_jax.tokenizer.semantic_ids import SemanticIds
-    from onerec_jax.train import evaluation, loop
+    from onerec_jax.train import loop
     from scaling import ladder
 
     out = pathlib.Path(a.out).resolve()
@@ -120,9 +133,7 @@ def main() -> None:
                 cfg = _run_config(rung, steps, tok, seed)
                 print(f"== {rung}, budget {budget:.1e}, seed {seed}: {steps} steps", flush=True)
                 summary = loop.train(cfg, workdir)
-                m = evaluation.evaluate_run(
-                    workdir, "test", beam=a.beam, max_requests=a.eval_requests
-                )
+                m = _test_metrics(workdir, summary["step"], a.beam, a.eval_requests)
                 rows.append(
                     {
                         "rung": rung,
