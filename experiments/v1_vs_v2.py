@@ -2,8 +2,8 @@
 
     .venv/bin/python experiments/v1_vs_v2.py --out runs/v1_vs_v2 --seeds 0 1 2
 
-For each family's CPU rung (scaling/ladder.py: v1-cpu-s and v2-cpu-s share the pathways and the
-decoder shape; V2 has no encoder stack), each budget and each seed, one run trains for
+For each family's CPU rung (onerec_jax/model/rungs.py: v1-cpu-s and v2-cpu-s share the pathways and
+the decoder shape; V2 has no encoder stack), each budget and each seed, one run trains for
 budget / (FLOPs per request x batch) steps (analytic FLOPs, onerec_jax/flops.py) with its own
 warmup + cosine schedule, then is scored: the NLL per item (summed over the semantic-id
 levels) on the first `eval_requests` (2,048) validation requests, and Recall@10, NDCG@10 and the

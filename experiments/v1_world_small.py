@@ -6,7 +6,7 @@ README's true-engagement table (about 10 min on 2 cores).
     .venv/bin/python benchmarks/world_engagement.py --workdir runs/v1_world_small
 
 Every field not set here is the one of v1_world_tiny.py (documented there); the rung sets the
-model widths and context lengths (scaling/ladder.py).
+model widths and context lengths (onerec_jax/model/rungs.py).
 """
 
 import pathlib

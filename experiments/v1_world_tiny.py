@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     # How the world's splits are drawn: "time_cut" (per user, disjoint). Older world runs read
     # as "hash" (splits over shared requests) and are refused by train and eval.
     c.world_split = "time_cut"
-    c.rung = ""  # a named size from scaling/ladder.py; sets model.* / data.* fields when set
+    c.rung = ""  # a named size (onerec_jax/model/rungs.py); sets model.* / data.* fields
     c.source = "world:tiny"  # data source (onerec_jax.data.sources.open_source)
     c.tokenizer_dir = ""  # semantic-id table dir; "" = WORKDIR/tokenizer, built if missing
     c.tokenizer_codes = 0  # codes per level when the table is built here (0: auto, ~sqrt(items))

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     evp.set_defaults(fn=_eval)
 
     pl = sub.add_parser("plan", help="parameters and FLOPs of a named rung (nothing allocated)")
-    pl.add_argument("--rung", default=None, help="a rung of scaling/ladder.py")
+    pl.add_argument("--rung", default=None, help="a rung of onerec_jax/model/rungs.py")
     pl.add_argument("--list", action="store_true", help="list the rungs")
     pl.add_argument("--items", type=int, default=20_000, help="catalogue size for the id tables")
     pl.add_argument(

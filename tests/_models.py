@@ -14,3 +14,24 @@ def tiny_encoder(src, pos_len: int, life_len: int, **kw) -> EncoderConfig:
         life_len=life_len,
         **{**base, **kw},
     )
+
+
+def assert_padding_users_change_nothing(model, inputs, codes) -> None:
+    """Two users with only padded targets put in front of a capacity-dispatch MoE batch (where
+    capacity would serve them first) change neither a valid item's loss nor any MoE statistic,
+    and capacity really binds."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    v = jax.jit(model.init)(jax.random.key(0), inputs, codes)
+    apply = jax.jit(model.apply)
+    nll, stats = apply(v, inputs, codes)
+    padded_x = jax.tree.map(lambda a: jnp.concatenate([a[:2], a]), inputs)
+    padded_codes = jnp.concatenate([jnp.full((2, *codes.shape[1:]), -1), codes])
+    nll_p, stats_p = apply(v, padded_x, padded_codes)
+    valid = np.asarray(jnp.all(codes >= 0, axis=-1))
+    np.testing.assert_allclose(np.asarray(nll_p)[2:][valid], np.asarray(nll)[valid], atol=1e-5)
+    for name in ("load", "max_load", "dropped", "aux_loss"):
+        np.testing.assert_allclose(stats_p[name], stats[name], rtol=1e-5, err_msg=name)
+    assert float(jnp.max(stats["dropped"])) > 0  # capacity binds, and binds the same way

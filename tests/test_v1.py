@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _models import tiny_encoder
+from _models import assert_padding_users_change_nothing, tiny_encoder
 
 from onerec_jax import sharding
 from onerec_jax.data import schema, sources
@@ -111,17 +111,7 @@ def test_padded_targets_take_no_moe_capacity_and_no_share_of_the_stats(batch, se
     moe = MoEConfig(n_experts=4, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=1.0)
     model = _model(enc, moe=moe, session_wise=session_wise)
     codes = codes.at[0, 2:].set(-1).at[2, 4:].set(-1)  # padded items among the real users too
-    v = jax.jit(model.init)(jax.random.key(0), x, codes)
-    apply = jax.jit(model.apply)
-    nll, stats = apply(v, x, codes)
-    padded_x = jax.tree.map(lambda a: jnp.concatenate([a[:2], a]), x)
-    padded_codes = jnp.concatenate([jnp.full((2, *codes.shape[1:]), -1), codes])
-    nll_p, stats_p = apply(v, padded_x, padded_codes)
-    valid = np.asarray(jnp.all(codes >= 0, axis=-1))
-    np.testing.assert_allclose(np.asarray(nll_p)[2:][valid], np.asarray(nll)[valid], atol=1e-5)
-    for name in ("load", "max_load", "dropped", "aux_loss"):
-        np.testing.assert_allclose(stats_p[name], stats[name], rtol=1e-5, err_msg=name)
-    assert float(jnp.max(stats["dropped"])) > 0  # capacity binds, and binds the same way
+    assert_padding_users_change_nothing(model, x, codes)
 
 
 def test_loss_sum_and_mean_and_masking():

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _models import tiny_encoder
+from _models import assert_padding_users_change_nothing, tiny_encoder
 
 from onerec_jax import sharding
 from onerec_jax.data import schema, sources
@@ -145,17 +145,7 @@ def test_padded_targets_take_no_moe_capacity_and_no_share_of_the_stats(data):
     moe = MoEConfig(n_experts=4, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=1.0)
     model = OneRecV2(_cfg(src, table, moe=moe))
     codes = jnp.asarray(table.codes[1:7].reshape(3, 2, table.n_levels)).at[1, 1].set(-1)
-    v = jax.jit(model.init)(jax.random.key(0), inputs, codes)
-    apply = jax.jit(model.apply)
-    nll, stats = apply(v, inputs, codes)
-    padded_x = jax.tree.map(lambda a: jnp.concatenate([a[:2], a]), inputs)
-    padded_codes = jnp.concatenate([jnp.full((2, *codes.shape[1:]), -1), codes])
-    nll_p, stats_p = apply(v, padded_x, padded_codes)
-    valid = np.asarray(jnp.all(codes >= 0, axis=-1))
-    np.testing.assert_allclose(np.asarray(nll_p)[2:][valid], np.asarray(nll)[valid], atol=1e-5)
-    for name in ("load", "max_load", "dropped", "aux_loss"):
-        np.testing.assert_allclose(stats_p[name], stats[name], rtol=1e-5, err_msg=name)
-    assert float(jnp.max(stats["dropped"])) > 0
+    assert_padding_users_change_nothing(model, inputs, codes)
 
 
 @pytest.mark.parametrize(

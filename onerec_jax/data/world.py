@@ -35,36 +35,22 @@ budget exceeds it can say that it repeats data.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
 from onerec_jax.data import hashing as hs
 from onerec_jax.data import schema
+from onerec_jax.data.world_config import ENGAGEMENT, PRESETS, REWARD_WEIGHTS, WorldConfig
+from onerec_jax.data.world_oracle import WorldOracle
+
+# Re-exported: the world's settings live in world_config.py.
+__all__ = ["ENGAGEMENT", "PRESETS", "REWARD_WEIGHTS", "World", "WorldConfig"]
 
 # Salts keep the hash streams of different quantities apart.
 _ITEM, _USER, _REQ, _SESS, _EVT, _CONTENT = 11, 12, 13, 14, 15, 16
 _SPLIT_SALT = {"train": 101, "validation": 102, "test": 103}
 
-# Engagement model: logit = bias + w_aff·affinity + w_q·quality (+ w_dur·log(duration/30 s)).
-ENGAGEMENT = {
-    "play_frac": (-0.5, 3.0, 0.5, -0.3),
-    "like": (-3.5, 3.0, 0.7, 0.0),
-    "follow": (-6.0, 3.0, 0.5, 0.0),
-    "comment": (-5.5, 2.5, 0.5, 0.0),
-    "share": (-6.0, 2.5, 0.8, 0.0),
-    "dislike": (-3.0, -3.0, -0.5, 0.0),
-}
-# The scalar true reward: a weighted sum of expected engagement (documented in the README).
-REWARD_WEIGHTS = {
-    "play_frac": 1.0,
-    "like": 2.0,
-    "follow": 4.0,
-    "comment": 2.0,
-    "share": 3.0,
-    "dislike": -5.0,
-}
 _FLAG_BIT = {
     "like": schema.LIKE,
     "follow": schema.FOLLOW,
@@ -75,104 +61,7 @@ _FLAG_BIT = {
 _MIN_GAP_S, _MAX_GAP_S = 6 * 3600.0, 7 * 86400.0
 
 
-@dataclasses.dataclass(frozen=True)
-class WorldConfig:
-    """Size and behaviour of a world. Every field is a count unless stated."""
-
-    n_users: int = 1000
-    n_items: int = 500
-    n_topics: int = 16
-    interests_per_user: int = 3  # K
-    authors_per_topic: int = 8
-    tags_per_topic: int = 2
-    zipf_alpha: float = 1.0  # popularity exponent
-    explore: float = 0.1  # logging policy's share of uniformly random topics
-    drift: float = 0.3  # interest logit change per 100 sessions, in units of g_k ~ N(0, 1)
-    max_sessions: int = 200  # sessions per user; requests are (user, session) pairs
-    max_session_len: int = 5  # m
-    content_dim: int = 64
-    validation_share: float = 0.1  # share of each user's sessions held out for validation
-    test_share: float = 0.1  # share of each user's (last) sessions held out for test
-    # Virtual length of each split: indices past the split's distinct requests start new passes
-    # (fresh permutations of the same requests), so an index never runs out; see `n_distinct`.
-    n_examples: int = 1 << 40
-
-    def __post_init__(self) -> None:
-        if self.n_topics > self.n_items:
-            raise ValueError(f"WorldConfig: n_topics ({self.n_topics}) > n_items ({self.n_items})")
-        for f in (
-            "n_users",
-            "n_items",
-            "n_topics",
-            "interests_per_user",
-            "authors_per_topic",
-            "tags_per_topic",
-            "max_sessions",
-            "max_session_len",
-            "content_dim",
-        ):
-            if getattr(self, f) < 1:
-                raise ValueError(f"WorldConfig.{f} must be >= 1, got {getattr(self, f)}")
-        if self.max_session_len > 8:
-            # Event k of session s is hashed from s * 8 + k (one array key is cheaper than two).
-            raise ValueError(
-                f"WorldConfig.max_session_len must be <= 8, got {self.max_session_len}"
-            )
-        if not 0.0 <= self.explore <= 1.0:
-            raise ValueError(f"WorldConfig.explore must be in [0, 1], got {self.explore}")
-        n_train = self.split_sessions("train")
-        if n_train[1] - n_train[0] < 1:
-            raise ValueError(
-                f"WorldConfig: max_sessions={self.max_sessions} leaves no training sessions "
-                f"after validation_share={self.validation_share}, test_share={self.test_share}"
-            )
-
-    def split_sessions(self, split: str) -> tuple[int, int]:
-        """Each user's sessions [lo, hi) that belong to `split` (the same range for every user).
-
-        Validation and test get round(share * max_sessions) sessions each, at least one."""
-        s = self.max_sessions
-        n_test = max(1, round(self.test_share * s))
-        n_val = max(1, round(self.validation_share * s))
-        ranges = {
-            "train": (0, s - n_val - n_test),
-            "validation": (s - n_val - n_test, s - n_test),
-            "test": (s - n_test, s),
-        }
-        if split not in ranges:
-            raise ValueError(f"unknown split {split!r}; choose from {sorted(ranges)}")
-        return ranges[split]
-
-
-PRESETS: dict[str, WorldConfig] = {
-    # Unit tests: compiles and runs in milliseconds.
-    "tiny": WorldConfig(n_users=1000, n_items=500, n_topics=16, max_sessions=200),
-    # CPU scaling sweeps: enough items for 3 x 256-code semantic ids, long histories.
-    "small": WorldConfig(
-        n_users=1_000_000,
-        n_items=20_000,
-        n_topics=64,
-        authors_per_topic=32,
-        tags_per_topic=4,
-        max_sessions=2000,
-    ),
-    # Kuaishou-like: 100M users, millions of items (the item table is ~100 MB).
-    "large": WorldConfig(
-        n_users=100_000_000,
-        n_items=4_000_000,
-        n_topics=1024,
-        authors_per_topic=256,
-        tags_per_topic=8,
-        max_sessions=4000,
-    ),
-}
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-class World:
+class World(WorldOracle):
     """A random-access source of requests. Pickles as its config; tables are rebuilt on load."""
 
     kind = "world"
@@ -348,28 +237,6 @@ class World:
         return 1 + r // (hi - lo), lo + r % (hi - lo)
 
     # --------------------------------------------------------------- events
-    def _logging_policy(self, user: dict, pi: np.ndarray) -> np.ndarray:
-        """pi_log over all topics, [..., T], from interests pi [..., K]."""
-        c = self.config
-        out = np.full((int(np.prod(pi.shape[:-1])), c.n_topics), c.explore / c.n_topics)
-        topics = user["topics"].reshape(len(out), -1)
-        rows = np.arange(len(out))[:, None]
-        # add.at, not fancy assignment: two interests may share a topic and must accumulate.
-        np.add.at(out, (rows, topics), (1 - c.explore) * pi.reshape(len(out), -1))
-        return out.reshape((*pi.shape[:-1], c.n_topics))
-
-    def _probs(self, t: np.ndarray, pi: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        """Exact engagement expectations for items [..., N] given interest topics t and weights
-        pi [..., K]."""
-        ti, t2 = self.topic[items][..., None], self.topic2[items][..., None]
-        aff = (pi[..., None, :] * ((t[..., None, :] == ti) + 0.5 * (t[..., None, :] == t2))).sum(-1)
-        q = self.quality[items].astype(np.float64)
-        ldur = np.log(self.dur_ms[items].astype(np.float64) / 30_000.0)
-        out = {}
-        for name, (b, wa, wq, wd) in ENGAGEMENT.items():
-            out[name] = _sigmoid(b + wa * aff + wq * q + wd * ldur)
-        return out
-
     def _events(
         self,
         u: np.ndarray,
@@ -505,59 +372,6 @@ class World:
     def raw(self, index: int, max_events: int | None = None) -> dict[str, Any]:
         """Raw request of one example, as a ragged batch of one."""
         return self.raw_batch(np.asarray([index]), max_events)
-
-    # ------------------------------------------------------ what logs cannot
-    def true_engagement(
-        self, user_ids: np.ndarray, request_ts: np.ndarray, item_ids: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Expected engagement of recommending `item_ids` [B, N] to the requests (user_ids [B],
-        request_ts [B]): probabilities of each action, expected play fraction, and `reward`."""
-        user_ids, request_ts = np.asarray(user_ids), np.asarray(request_ts)
-        items = np.asarray(item_ids)
-        if items.min(initial=1) < 1 or items.max(initial=1) > self.n_items:
-            raise ValueError(f"item ids must be in [1, {self.n_items}]")
-        user = self._user(user_ids)
-        pi = self._interest(user, self.session_of(user_ids, request_ts))
-        p = self._probs(user["topics"], pi, items)
-        p["reward"] = sum(REWARD_WEIGHTS[n] * p[n] for n in REWARD_WEIGHTS)
-        return p
-
-    def logging_distribution(self, user_ids: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
-        """pi_log over topics [B, T] at the given requests."""
-        user = self._user(np.asarray(user_ids))
-        pi = self._interest(user, self.session_of(user_ids, request_ts))
-        return self._logging_policy(user, pi)
-
-    def logging_logprob(
-        self, user_ids: np.ndarray, request_ts: np.ndarray, item_ids: np.ndarray
-    ) -> np.ndarray:
-        """log p(item | request) under the logging policy, [B, N] (nats)."""
-        items = np.asarray(item_ids)
-        pt = self.logging_distribution(user_ids, request_ts)
-        return (
-            np.log(np.take_along_axis(pt, self.topic[items].astype(np.int64), -1))
-            + self._log_q[items]
-        )
-
-    def next_item_entropy(self, user_ids: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
-        """Exact entropy (nats) of the next exposure given the requests' latent state, [B]."""
-        pt = self.logging_distribution(user_ids, request_ts)
-        return -(pt * np.log(pt)).sum(-1) + pt @ self.topic_entropy
-
-    def entropy_floor(self, n_samples: int = 4096) -> tuple[float, float]:
-        """Mean next-item entropy over this split's first `n_samples` requests (distinct ones,
-        each a sample of the split) and its standard error (nats/item). Interests drift with
-        the session index, so the floor depends on the split: compare a validation loss with the
-        validation split's floor.
-
-        It is a floor for a model's per-item loss: the model sees only the logged history, not the
-        latent (u, s), and with a bijective semantic-id tokenisation the summed per-level NTP loss
-        of an item equals its item-level log-loss.
-        """
-        u, s = self.requests(np.arange(n_samples))
-        ts = self._session_start(u, self._user(u), s)
-        h = self.next_item_entropy(u, ts)
-        return float(h.mean()), float(h.std(ddof=1) / np.sqrt(n_samples))
 
     def item_content(self, item_ids: np.ndarray) -> np.ndarray:
         """Content features [N, content_dim] float32: a noisy view of topic, topic2 and author."""

@@ -1,14 +1,17 @@
-"""TensorBoard scalars without TensorFlow, plus the run's hyper-parameters as JSON beside them."""
+"""TensorBoard scalars without TensorFlow, the run's hyper-parameters as JSON beside them, and
+the training progress display."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from tensorboard.summary import Writer
+from tqdm.auto import tqdm
 
 
 class MetricWriter:
@@ -39,3 +42,25 @@ class MetricWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Progress:
+    """A bar on a terminal; on a file (CI, batch-job logs) a plain line every ~5 % of the run
+    instead of a stream of carriage-return frames."""
+
+    def __init__(self, start: int, total: int):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 20)
+        self.bar = tqdm(initial=start, total=total, desc="train") if self.tty else None
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif done % self.every == 0 or done == self.total:
+            print(f"train: step {done}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

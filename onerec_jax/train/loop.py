@@ -29,7 +29,6 @@ import math
 import os
 import pathlib
 import signal
-import sys
 import time
 import warnings
 from typing import Any
@@ -40,37 +39,43 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
 from onerec_jax import flops
-from onerec_jax.data import pipeline, schema
+from onerec_jax.data import pipeline
 from onerec_jax.data.sources import distinct_requests, open_source, repeat_warning
+from onerec_jax.model import rungs
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
 from onerec_jax.model.v2 import OneRecV2, V2Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 from onerec_jax.train import step as step_lib
-from onerec_jax.train.logging import MetricWriter
+from onerec_jax.train.batches import (
+    AddCodes,
+    mean_and_stderr,
+    schema_spec,
+    validation_batches,
+    zero_batch,
+)
+from onerec_jax.train.logging import MetricWriter, Progress
+from onerec_jax.train.run_config import (
+    check_split,
+    check_workdir_config,
+    load_run_config,
+    source_seed,
+)
 
-
-class AddCodes(grain.transforms.Map):
-    """Adds `target_codes` [B, M, Q] (the table's codes of target_item; -1 rows for padding)."""
-
-    def __init__(self, codes: np.ndarray):
-        self.codes = codes
-
-    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch["target_codes"] = self.codes[batch["target_item"]]
-        return batch
-
-
-def source_seed(cfg: ml_collections.ConfigDict) -> int:
-    """The seed of the run's data source (the world itself): `world_seed`, or `seed` when it is
-    -1. Fixing `world_seed` lets runs of different seeds share one world and one tokenizer
-    table while their init and example order differ."""
-    ws = cfg.get("world_seed", -1)
-    return int(cfg.seed if ws < 0 else ws)
+# Re-exported: `onerec eval`, the experiments and the tests read runs through the loop module.
+__all__ = [
+    "build_model",
+    "check_split",
+    "load_run_config",
+    "mean_and_stderr",
+    "schema_spec",
+    "source_seed",
+    "train",
+    "zero_batch",
+]
 
 
 def _table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> SemanticIds:
@@ -156,154 +161,13 @@ def build_model(
     return OneRecV1(v1, dtype=dtype)
 
 
-def schema_spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
-    d = cfg.data
-    return schema.SchemaSpec(
-        short_len=d.short_len, pos_len=d.pos_len, life_len=d.life_len, max_targets=d.max_targets
-    )
-
-
-def zero_batch(spec: schema.SchemaSpec, b: int, q: int) -> dict[str, np.ndarray]:
-    out = {k: np.zeros((b, *shape), dt) for k, (shape, dt) in spec.shapes().items()}
-    out["target_codes"] = np.zeros((b, spec.max_targets, q), np.int32)
-    return out
-
-
-def validation_batches(
-    cfg: ml_collections.ConfigDict, spec: schema.SchemaSpec, codes: np.ndarray
-) -> tuple[list[dict[str, jax.Array]], int]:
-    """The first `eval_requests` requests of the validation split (all of a smaller split), in
-    batches of batch_size; the last batch is padded with requests whose targets are masked, so
-    every batch has one compiled shape and the padding carries no loss."""
-    src = open_source(cfg.source, seed=source_seed(cfg), split="validation")
-    b = cfg.batch_size
-    n = min(cfg.eval_requests, distinct_requests(src))
-    add_codes, out = AddCodes(codes), []
-    for start in range(0, n, b):
-        idx = np.arange(start, min(start + b, n))
-        pad = b - len(idx)
-        idx = np.concatenate([idx, np.full(pad, idx[-1])])
-        batch = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
-        if pad:
-            # Item 0 gives -1 codes, so the padding is no target for the loss nor the MoE.
-            batch["target_mask"][b - pad :] = False
-            batch["target_item"][b - pad :] = 0
-        out.append(jax.tree.map(jnp.asarray, add_codes.map(batch)))
-    return out, n
-
-
-def mean_and_stderr(loss_sums: np.ndarray, items: np.ndarray) -> tuple[float, float]:
-    """Item-weighted mean loss over requests and its standard error.
-
-    The mean is a ratio sum(l_r) / sum(n_r) of per-request loss sums and valid-item counts;
-    its standard error is the delta-method one, sqrt(sum((l_r - mean * n_r)^2) * R / (R - 1))
-    / sum(n_r) over the R requests that have a valid item.
-    """
-    keep = items > 0
-    sums, n = loss_sums[keep].astype(np.float64), items[keep].astype(np.float64)
-    if not len(n):
-        return float("nan"), float("nan")
-    mean = sums.sum() / n.sum()
-    r = len(n)
-    if r < 2:
-        return float(mean), float("nan")
-    se = np.sqrt(np.sum((sums - mean * n) ** 2) * r / (r - 1)) / n.sum()
-    return float(mean), float(se)
-
-
-# Config fields added after runs already existed, with the values that reproduce what those
-# runs did. A run's config.json that lacks one is read as if it held this value, so older
-# workdirs still evaluate and resume.
-ADDED_FIELDS: dict[str, Any] = {
-    "rung": "",
-    "world_seed": -1,
-    "eval_every": 0,
-    "model.family": "v1",
-    "model.ffn": "swiglu",
-    "model.qformer_blocks": 1,
-    "model.moe_d_ff": 0,
-    "model.moe_shared": 0,
-    "model.moe_dispatch": "dropless",
-    "model.first_dense": 0,
-    "model.context_dim": 0,
-    "model.context_heads": 0,
-    "model.context_ff": 0,
-    "model.l_kv": 1,
-    "model.s_kv": 1,
-    "model.g_kv": 0,
-}
-
-
-def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with every field of `ADDED_FIELDS` it lacks filled in, and renamed
-    fields under their new names."""
-    out = json.loads(json.dumps(saved))
-    # eval_batches (batches of batch_size validation requests) became eval_requests.
-    if "eval_requests" not in out:
-        out["eval_requests"] = out.pop("eval_batches", 0) * out.get("batch_size", 0)
-    # World runs from before the per-user time cut (they have no world_seed, added with it)
-    # drew every split from the same requests; `check_split` refuses them.
-    if "world_split" not in out:
-        old_world = str(out.get("source", "")).startswith("world:") and "world_seed" not in saved
-        out["world_split"] = "hash" if old_world else "time_cut"
-    for dotted, value in ADDED_FIELDS.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node.setdefault(leaf, value)
-    return out
-
-
-def check_split(cfg: Any, workdir: str | os.PathLike) -> None:
-    """Refuse a run trained on the world's old splits: its validation and test requests overlap
-    its training requests, so nothing measured on them is held out."""
-    if cfg.get("world_split", "time_cut") != "time_cut":
-        raise ValueError(
-            f"{workdir}: this run was trained on the world's old hash-stream splits, whose "
-            "validation/test requests overlap the training requests, so its held-out numbers "
-            "are not held out; train it again in a new --workdir"
-        )
-
-
-def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run was started with (WORKDIR/config.json), upgraded to current fields."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")
-    return ml_collections.ConfigDict(upgrade_config(json.loads(path.read_text())))
-
-
-def _check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    path = workdir / "config.json"
-    text = cfg.to_json(indent=2, sort_keys=True) + "\n"
-    if path.exists():
-        old = upgrade_config(json.loads(path.read_text()))
-        check_split(old, workdir)
-        new = json.loads(text)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        # Only the step budget may change between a run and its resumption.
-        changed = [k for k in changed if k != "steps"]
-        if changed:
-            raise ValueError(
-                f"{workdir} holds a run with a different config (fields {changed}); "
-                "use a new --workdir or the same config"
-            )
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) training; returns the summary written to WORKDIR/summary.json."""
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     if cfg.get("rung"):
-        from scaling import ladder
-
-        cfg = ladder.apply_rung(ml_collections.ConfigDict(cfg.to_dict()), cfg.rung)
+        cfg = rungs.apply_rung(ml_collections.ConfigDict(cfg.to_dict()), cfg.rung)
     check_split(cfg, workdir)
-    _check_workdir_config(cfg, workdir)
+    check_workdir_config(cfg, workdir)
     source = open_source(cfg.source, seed=source_seed(cfg), split="train", order_seed=cfg.seed)
     table = _table(cfg, workdir)
     if table.n_items != source.n_items:
@@ -312,6 +176,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         )
     model = build_model(cfg, source, table.vocab)
     spec = schema_spec(cfg)
+    n_distinct = distinct_requests(source)
     repeats = repeat_warning(source, cfg.steps * cfg.batch_size)
     if repeats:
         warnings.warn(f"{workdir}: {repeats}", stacklevel=2)
@@ -446,7 +311,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
 
-    bar = progress_bar(start, cfg.steps)
+    bar = Progress(start, cfg.steps)
     try:
         for step in range(start, cfg.steps):
             batch = jax.tree.map(jnp.asarray, next(it))
@@ -502,9 +367,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         # its standard error over requests (null when fewer than 2 requests had a target)
         "final_eval_loss_se": _finite_or_none(meta["eval_loss_se"]),
         "eval_requests": n_eval,  # requests behind final_eval_loss
-        "distinct_train_requests": distinct_requests(source),
+        "distinct_train_requests": n_distinct,
         # passes over the training split's distinct requests; > 1 means data repeated
-        "data_passes": steps_done * cfg.batch_size / distinct_requests(source),
+        "data_passes": steps_done * cfg.batch_size / n_distinct,
         "vocab": list(table.vocab),
         "wall_s_this_run": round(time.perf_counter() - t0, 2),
         # training wall time of every session up to the last checkpoint (a finished run's
@@ -517,32 +382,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
 
 def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
-
-
-class _Progress:
-    """A bar on a terminal; on a file (CI, batch-job logs) a plain line every ~5 % of the run
-    instead of a stream of carriage-return frames."""
-
-    def __init__(self, start: int, total: int):
-        self.total = total
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, total // 20)
-        self.bar = tqdm(initial=start, total=total, desc="train") if self.tty else None
-
-    def update(self, done: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}")
-        elif done % self.every == 0 or done == self.total:
-            print(f"train: step {done}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def progress_bar(start: int, total: int) -> _Progress:
-    return _Progress(start, total)
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
