@@ -21,7 +21,7 @@ import numpy as np
 
 from onerec_jax.data import pipeline, schema, sources
 
-GOAL_PER_CORE = 2000.0  # examples/s per core (issue #2)
+GOAL_PER_CORE = 2000.0  # the input pipeline's goal: examples/s per core
 
 
 def _rate(it, batch: int, seconds: float, warmup: int = 3) -> tuple[float, int]:

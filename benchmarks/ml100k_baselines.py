@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ml100k_baselines.py [--split test] [--json out.json]
 
-Leave-last-out, full ranking on the source's protocol (`onerec_jax.evaluate.protocol_of`, the
+Leave-last-out, full ranking on the source's protocol (`onerec_jax.ranking.protocol_of`, the
 one `onerec eval` scores V1 with: every item of the user's whole history before the target is
 dropped, since MovieLens users rate a movie once); both baselines are fitted on training events
 only (a user's last two events are held out). Each result records its protocol.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from onerec_jax import evaluate as ev
+from onerec_jax import ranking as ev
 from onerec_jax.data.sources import open_source
 
 

@@ -24,16 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onerec_jax import flops
-from onerec_jax.config import load_file
+from onerec_jax import config, flops
+from onerec_jax.configs import default
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
-from onerec_jax.train import loop
 from onerec_jax.train import step as step_lib
-from scaling import ladder
+from onerec_jax.train.batches import schema_spec
+from onerec_jax.train.model_factory import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOAL_MFU = 0.30  # issue #4
+GOAL_MFU = 0.30  # the project's goal for the train step: 30 % of the measured matmul peak
 
 
 def matmul_peak(dtype: jnp.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -51,15 +51,13 @@ def matmul_peak(dtype: jnp.dtype, n: int = 2048, reps: int = 10) -> float:
 
 
 def bench_rung(name: str, batch: int, bf16: bool, steps: int) -> dict:
-    cfg = ladder.apply_rung(load_file(ROOT / "experiments" / "v1_world_tiny.py"), name)
-    cfg.source = "world:small"
-    cfg.batch_size = batch
-    cfg.bf16 = bf16
+    overrides = [f"rung={name}", "source=world:small", f"batch_size={batch}", f"bf16={bf16}"]
+    cfg = config.resolve(default.get_config(), overrides)
     src = open_source(cfg.source, split="train")
     codes = cfg.tokenizer_codes or 128
     vocab = (codes,) * 3
-    model = loop.build_model(cfg, src, vocab)
-    spec = loop.schema_spec(cfg)
+    model = build_model(cfg, src, vocab)
+    spec = schema_spec(cfg)
     raw = src.raw_batch(np.arange(batch), spec.history_window, spec)
     b = schema.build_batch(raw, spec)
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ with a narrow context processor (`context_dim = d / 4`).
 Train: the jitted, donated train step on real world:small requests, median of `--steps` steps
 after compile + one warm step, reported per request (5 target items x 3 codes each).
 Beam search: `--users` users, beam `--beam`, a random trie of 10,000 items over 3 x 256 codes
-(the ANCHORS.md setup), users/s over `--reps` calls after compile.
+(the setup of the peers' beam-search measurements), users/s over `--reps` calls after compile.
 
     .venv/bin/python benchmarks/v2_vs_v1.py [--d-model 256 --layers 4 --batch 32]
 """
@@ -26,35 +26,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onerec_jax import flops
-from onerec_jax.config import load_file
+from onerec_jax import config, flops
+from onerec_jax.configs import default
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
 from onerec_jax.generate import beam_search
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
-from onerec_jax.train import loop
 from onerec_jax.train import step as step_lib
+from onerec_jax.train.batches import schema_spec
+from onerec_jax.train.model_factory import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOAL = 0.1  # issue #5: V2 train time per sample <= 0.1 x V1's at context 512
+GOAL = 0.1  # V2's train time per sample at context 512 should be <= 0.1 x V1's
 
 
 def _cfg(family: str, d: int, layers: int, context_dim: int = 0):
-    c = load_file(ROOT / "experiments" / "v1_world_tiny.py")
+    c = default.get_config()
     c.source = "world:small"
     c.data.pos_len = 235
     c.data.life_len = 512
-    m = c.model
-    m.family = family
-    m.d_model, m.n_heads, m.d_ff = d, 4, 4 * d
-    m.enc_layers, m.dec_layers = layers, layers
-    m.n_queries = 256  # 1 + 20 + 235 + 256 = 512 context tokens
-    m.author_dim, m.feature_dim = 64, 32
-    if family == "v2":
-        m.loss = "mean"
-        m.context_dim = context_dim or d
-        m.context_heads, m.context_ff = 4, 2 * (context_dim or d)
-    return c
+    c.model.family = family
+    # 1 + 20 + 235 + 256 = 512 context tokens
+    pathways = {"n_queries": 256, "author_dim": 64, "feature_dim": 32}
+    if family == "v1":
+        m = c.model.v1
+        m.n_heads, m.d_ff, m.dec_layers = 4, 4 * d, layers
+        m.encoder.update(d_model=d, n_heads=4, d_ff=4 * d, n_layers=layers, **pathways)
+    else:
+        m = c.model.v2
+        m.d_model, m.n_heads, m.d_ff, m.n_layers, m.loss = d, 4, 4 * d, layers, "mean"
+        cd = context_dim or d
+        m.context.update(d_model=cd, n_heads=4, d_ff=2 * cd, **pathways)
+    return config.resolve(c)
 
 
 def _time(fn, reps: int) -> list[float]:
@@ -68,8 +71,8 @@ def _time(fn, reps: int) -> list[float]:
 
 def bench(name: str, cfg, src, batch: int, steps: int, trie_table, users: int, beam: int, reps):
     vocab = (256, 256, 256)
-    model = loop.build_model(cfg, src, vocab)
-    spec = loop.schema_spec(cfg)
+    model = build_model(cfg, src, vocab)
+    spec = schema_spec(cfg)
     raw = src.raw_batch(np.arange(batch), spec.history_window, spec)
     b = schema.build_batch(raw, spec)
     rng = np.random.default_rng(0)

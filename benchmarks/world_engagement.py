@@ -10,7 +10,7 @@ items. On the first `--requests` test requests, side by side:
   random      uniformly random items (the floor)
   oracle      the K items of highest true reward for each request (the ceiling)
 
-All five rank on the source's protocol (`onerec_jax.evaluate.protocol_of`; on the world: every
+All five rank on the source's protocol (`onerec_jax.ranking.protocol_of`; on the world: every
 item, seen or not, since the feed re-exposes items), recorded in the JSON.
 
 Reported: engagement@K (mean true reward of the top K, K = 1, 5, 10), the logged items'
@@ -29,12 +29,14 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from onerec_jax import evaluate as ev
+from onerec_jax import evaluate
+from onerec_jax import ranking as ev
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
-from onerec_jax.train import evaluation, loop
+from onerec_jax.train.batches import schema_spec
+from onerec_jax.train.run_config import load_run_config, source_seed
 
-KS = evaluation.ENGAGEMENT_KS
+KS = evaluate.ENGAGEMENT_KS
 
 
 def _train_matrix(src, n: int, spec) -> sp.csr_matrix:
@@ -60,7 +62,7 @@ def _score(test, spec, n: int, rank_fn) -> dict:
         raw = test.raw_batch(idx, spec.history_window, spec)
         b = schema.build_batch(raw, spec)
         top = rank_fn(raw, b, ev.seen_items(test, idx, protocol))
-        rewards.append(evaluation.true_reward(test, b, top))
+        rewards.append(evaluate.true_reward(test, b, top))
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
@@ -80,16 +82,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     workdir = pathlib.Path(a.workdir)
-    cfg = loop.load_run_config(workdir)
+    cfg = load_run_config(workdir)
     if not cfg.source.startswith("world"):
         raise SystemExit(f"{workdir} trained on {cfg.source}; true engagement needs a world")
-    spec = loop.schema_spec(cfg)
-    train = open_source(cfg.source, seed=loop.source_seed(cfg), split="train")
-    test = open_source(cfg.source, seed=loop.source_seed(cfg), split="test")
+    spec = schema_spec(cfg)
+    train = open_source(cfg.source, seed=source_seed(cfg), split="train")
+    test = open_source(cfg.source, seed=source_seed(cfg), split="test")
     n = a.requests
 
     res = {"source": cfg.source, "requests": n, "beam": a.beam, "protocol": ev.protocol_of(test)}
-    v1 = evaluation.evaluate_run(workdir, "test", beam=a.beam, max_requests=n)
+    v1 = evaluate.evaluate_run(workdir, "test", beam=a.beam, max_requests=n)
     res["v1"] = {k: v1[k] for k in ("recall@10", "ndcg@10", *(f"engagement@{k}" for k in KS))}
     res["logged"] = v1["engagement_logged"]
 

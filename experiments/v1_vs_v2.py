@@ -24,7 +24,7 @@ loss-vs-FLOPs curves), OUT/results.md (the table) and OUT/v1_vs_v2.png; `noteboo
 draws the same from the JSON.
 
 As a config file (`onerec train --config experiments/v1_vs_v2.py`), `get_config()` is the
-shared base of every run in the sweep.
+shared base of every run in the sweep (onerec_jax/configs/v1_vs_v2.py).
 """
 
 from __future__ import annotations
@@ -36,25 +36,13 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from onerec_jax.config import load_file
+from onerec_jax import config
+from onerec_jax.configs.v1_vs_v2 import get_config
 
 RUNGS = ("v1-cpu-s", "v2-cpu-s")
 BUDGETS = (1e12, 3e12, 1e13)  # training FLOPs per run
 SEEDS = (0, 1, 2)
 METRICS = ("eval_nll_per_item", "recall@10", "ndcg@10", "engagement@1", "engagement@10")
-
-
-def get_config() -> ml_collections.ConfigDict:
-    c = load_file(pathlib.Path(__file__).with_name("v1_world_tiny.py"))
-    c.source = "world:small"  # 20,000 items
-    c.rung = "v1-cpu-s"  # overridden per run
-    c.world_seed = 0  # one world for every seed, so one tokenizer table serves all runs
-    c.model.loss = "mean"  # both families (the V2 rung sets it too): comparable gradients
-    c.batch_size = 64  # requests per step
-    c.log_every = 10
-    c.eval_requests = 2048  # validation requests per eval (standard error ~0.3 % of the loss)
-    c.optim.learning_rate = 2e-3  # peak
-    return c
 
 
 def _run_config(
@@ -68,20 +56,20 @@ def _run_config(
     c.checkpoint_every = steps
     c.eval_every = max(10, steps // 5 // 10 * 10)
     c.optim.warmup_steps = min(100, max(steps // 10, 1))
-    return c
+    return config.resolve(c)
 
 
 def _test_metrics(workdir: pathlib.Path, step: int, beam: int, requests: int) -> dict:
     """`onerec eval` on the test split, or its saved result when it scored this very checkpoint
     with the same beam and requests (a resumed sweep does not evaluate finished runs again)."""
-    from onerec_jax.train import evaluation
+    from onerec_jax import evaluate
 
     saved = workdir / "eval_test.json"
     if saved.exists():
         m = json.loads(saved.read_text())
         if (m.get("step"), m.get("beam"), m.get("n_requests")) == (step, beam, requests):
             return m
-    return evaluation.evaluate_run(workdir, "test", beam=beam, max_requests=requests)
+    return evaluate.evaluate_run(workdir, "test", beam=beam, max_requests=requests)
 
 
 def _curve(workdir: pathlib.Path, per_request: float, batch: int, scale: float) -> list:
@@ -109,7 +97,7 @@ def main() -> None:
     from onerec_jax.tokenizer import build
     from onerec_jax.tokenizer.semantic_ids import SemanticIds
     from onerec_jax.train import loop
-    from scaling import ladder
+    from onerec_jax.train.model_factory import build_model
 
     out = pathlib.Path(a.out).resolve()
     tok = out / "tokenizer"
@@ -122,10 +110,11 @@ def main() -> None:
     src = open_source(base.source, seed=base.world_seed, split="train")
     rows, curves = [], {}
     for rung in a.rungs:
-        probe = ladder.apply_rung(_run_config(rung, 10, tok), rung)
-        model = loop.build_model(probe, src, table.vocab)
+        probe = _run_config(rung, 10, tok)
+        model = build_model(probe, src, table.vocab)
         per_request = flops.counts(model).flops_train
-        scale = table.n_levels if probe.model.loss == "mean" else 1.0  # NLL per item
+        mean_loss = probe.model[probe.model.family].loss == "mean"
+        scale = table.n_levels if mean_loss else 1.0  # NLL per item
         for budget in a.budgets:
             steps = max(20, round(budget / (per_request * base.batch_size) / 10) * 10)
             for seed in a.seeds:

@@ -30,7 +30,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     from onerec_jax import config
     from onerec_jax.tokenizer import build
 
-    cfg = config.resolve(args.config, build.get_config, args.overrides)
+    cfg = config.resolve(config.load(args.config, build.get_config), args.overrides)
     report = build.tokenize(
         args.source, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet
     )
@@ -54,16 +54,14 @@ def _train(args: argparse.Namespace) -> int:
     from onerec_jax import config
     from onerec_jax.train import loop
 
-    if args.config is None:
-        raise ValueError("onerec train needs --config FILE (see experiments/)")
-    cfg = config.resolve(args.config, lambda: None, args.overrides)
+    cfg = config.resolve(config.load(args.config), args.overrides)
     summary = loop.train(cfg, args.workdir)
     print(json.dumps(summary, sort_keys=True))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from onerec_jax.train.evaluation import evaluate_run
+    from onerec_jax.evaluate import evaluate_run
 
     metrics = evaluate_run(
         args.workdir,
@@ -141,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train (or resume) a model in WORKDIR",
         epilog="Any config field can be set with --config.FIELD=VALUE",
     )
-    tr.add_argument("--config", required=True, help="an experiments/*.py file with get_config()")
+    tr.add_argument(
+        "--config",
+        required=True,
+        help="a Python file with get_config() (experiments/*.py) or a packaged config name "
+        "(default, v1_ml100k, v1_world_small, v1_vs_v2)",
+    )
     tr.add_argument("--workdir", required=True, help="checkpoints, logs and summary go here")
     tr.set_defaults(fn=_train)
 

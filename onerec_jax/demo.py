@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from onerec_jax.data import pipeline, schema, sources
-from onerec_jax.train.logging import MetricWriter
+from onerec_jax.monitor import MetricWriter
 
 
 def _show(name: str, batch: dict[str, np.ndarray]) -> None:

@@ -5,7 +5,7 @@ logical names below (`nn.with_logical_partitioning` / `nn.with_logical_constrain
 alone decides how they are laid out on a mesh such as {"data": 4, "fsdp": 2, "tensor": 1,
 "expert": 1}. A logical name missing from the table is an error, never silently replicated.
 
-Logical names (the shape glossary of STYLE.md in words):
+Logical names (with the letter of the axis in shape-suffixed names such as x_BxLxD):
   batch   examples                 length  tokens of a sequence (pathway or semantic-id slots)
   embed   model width D            mlp     feed-forward width F
   heads   attention heads H        kv      per-head width K

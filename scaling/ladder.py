@@ -1,19 +1,25 @@
 """The rung ladder: parameter and FLOP plans of the named model sizes.
 
 The rung table itself lives beside the models (onerec_jax/model/rungs.py, re-exported here);
-this top layer plans them: `python -m scaling.ladder` prints every rung's counts.
+this top layer plans them: `python -m scaling.ladder` (or `onerec plan`) prints a rung's counts.
+A plan resolves the package's default config with the rung, exactly as a run would, and
+builds the model with `jax.eval_shape`: nothing is allocated.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 from typing import Any
 
-from onerec_jax.model.rungs import RUNGS, V1_RUNGS, V2_RUNGS, apply_rung
+import ml_collections
 
-__all__ = ["RUNGS", "V1_RUNGS", "V2_RUNGS", "apply_rung", "main", "plan"]
+from onerec_jax import config, flops
+from onerec_jax.configs import default
+from onerec_jax.model.rungs import RUNGS, V1_RUNGS, V2_RUNGS
+from onerec_jax.train.model_factory import build_model
+
+__all__ = ["RUNGS", "V1_RUNGS", "V2_RUNGS", "main", "plan", "rung_config"]
 
 
 class _Catalogue:
@@ -23,6 +29,13 @@ class _Catalogue:
         self.n_items, self.n_authors, self.n_tags = n_items, max(n_items // 10, 1), 256
 
 
+def rung_config(name: str) -> ml_collections.ConfigDict:
+    """The package's default config resolved with rung `name` (an unknown name: one error)."""
+    if name not in RUNGS:
+        raise ValueError(f"unknown rung {name!r}; known rungs: {', '.join(sorted(RUNGS))}")
+    return config.resolve(default.get_config(), [f"rung={name}"])
+
+
 def plan(name: str, n_items: int = 20_000, context_len: int = 512) -> dict[str, Any]:
     """Parameters and FLOPs of a rung, from `jax.eval_shape` (nothing is allocated).
 
@@ -30,14 +43,9 @@ def plan(name: str, n_items: int = 20_000, context_len: int = 512) -> dict[str, 
     codes, forward + backward; onerec_jax/flops.py); `paper_*` is the V2 paper's accounting
     (6 x params x tokens, the context shared by 5 impressions, `context_len` context tokens,
     3 target tokens)."""
-    from onerec_jax import flops
-    from onerec_jax.config import load_file
-    from onerec_jax.train import loop
-
-    base = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "v1_world_tiny.py"
-    cfg = apply_rung(load_file(base), name)
+    cfg = rung_config(name)
     codes = cfg.tokenizer_codes or 128
-    model = loop.build_model(cfg, _Catalogue(n_items), (codes,) * 3)
+    model = build_model(cfg, _Catalogue(n_items), (codes,) * 3)
     c = flops.counts(model)
     # Only active weights cost FLOPs: the routed experts a token skips are left out.
     decoder_active = c.params_decoder - (c.params_total - c.params_active)

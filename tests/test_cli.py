@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from onerec_jax import cli
 from onerec_jax.data import logs, movielens
-from onerec_jax.train.logging import MetricWriter
+from onerec_jax.monitor import MetricWriter
 
 
 def _onerec(*args):
@@ -111,10 +111,10 @@ def test_eval_batch_size_does_not_change_the_metrics_of_a_moe_run(tmp_path, caps
         "checkpoint_every=3",
         "eval_every=0",
         "eval_requests=0",
-        "model.moe_experts=8",
-        "model.moe_dispatch=capacity",
+        "model.v1.moe.n_experts=8",
+        "model.v1.moe.dispatch=capacity",
     ]
-    cfg = config.resolve("experiments/v1_world_tiny.py", lambda: None, overrides)
+    cfg = config.resolve(config.load("experiments/v1_world_tiny.py"), overrides)
     loop.train(cfg, tmp_path / "run")
     capsys.readouterr()
     out = {}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onerec_jax import evaluate as ev
+from onerec_jax import ranking as ev
 from onerec_jax.data import sources
 from onerec_jax.data.events import EventLog
 

@@ -11,8 +11,8 @@ from _models import tiny_encoder
 from onerec_jax.data import schema, sources
 from onerec_jax.model.v1 import OneRecV1, V1Config
 from onerec_jax.model.v2 import OneRecV2, V2Config
-from onerec_jax.train import loop
 from onerec_jax.train import step as step_lib
+from onerec_jax.train.validation import mean_and_stderr
 
 SPEC = schema.SchemaSpec(pos_len=8, life_len=16)
 
@@ -88,7 +88,7 @@ def test_eval_loss_standard_error_is_the_ratio_estimators():
     rng = np.random.default_rng(0)
     items = rng.integers(0, 6, 4000).astype(np.float64)
     sums = items * 5.0 + rng.normal(0, 1, 4000) * np.sqrt(items)
-    mean, se = loop.mean_and_stderr(sums, items)
+    mean, se = mean_and_stderr(sums, items)
     assert mean == pytest.approx(sums.sum() / items.sum())
     # Bootstrap over requests agrees with the delta-method error within 10 %.
     boots = []
@@ -97,7 +97,7 @@ def test_eval_loss_standard_error_is_the_ratio_estimators():
         boots.append(sums[i].sum() / items[i].sum())
     assert se == pytest.approx(np.std(boots), rel=0.1)
     # Requests with no valid item carry no information; a lone request has no error bar.
-    m1, s1 = loop.mean_and_stderr(np.array([3.0, 0.0]), np.array([2.0, 0.0]))
+    m1, s1 = mean_and_stderr(np.array([3.0, 0.0]), np.array([2.0, 0.0]))
     assert m1 == 1.5 and np.isnan(s1)
 
 

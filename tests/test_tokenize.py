@@ -20,7 +20,7 @@ FAST = ["embed.steps=300", "embed.batch_size=512"]
 @pytest.fixture(scope="module")
 def movielens_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok_ml")
-    cfg = config_lib.resolve(None, build.get_config, FAST)
+    cfg = config_lib.resolve(config_lib.load(None, build.get_config), FAST)
     report = build.tokenize("movielens-100k", out, cfg, progress=False)
     return out, report
 
@@ -54,7 +54,7 @@ def test_alignment_raises_co_occurrence_recall(movielens_run):
 def test_refuses_to_overwrite(movielens_run):
     out, _ = movielens_run
     before = (out / sid.FILE_NAME).read_bytes()
-    cfg = config_lib.resolve(None, build.get_config, FAST)
+    cfg = config_lib.resolve(config_lib.load(None, build.get_config), FAST)
     with pytest.raises(FileExistsError, match="--overwrite"):
         build.tokenize("movielens-100k", out, cfg, progress=False)
     assert (out / sid.FILE_NAME).read_bytes() == before
@@ -106,14 +106,16 @@ def test_config_file_and_overrides(tmp_path):
         "    c.rq.n_codes = 16\n"
         "    return c\n"
     )
-    cfg = config_lib.resolve(str(f), build.get_config, ["rq.n_iters=3", "embed.holdout=0.2"])
+    cfg = config_lib.resolve(
+        config_lib.load(str(f), build.get_config), ["rq.n_iters=3", "embed.holdout=0.2"]
+    )
     assert (cfg.rq.n_codes, cfg.rq.n_iters, cfg.embed.holdout) == (16, 3, 0.2)
     with pytest.raises(config_lib.ConfigError, match="expected True or False"):
-        config_lib.resolve(None, build.get_config, ["rq.balanced=1"])
+        config_lib.resolve(config_lib.load(None, build.get_config), ["rq.balanced=1"])
     with pytest.raises(config_lib.ConfigError, match="expected int"):
-        config_lib.resolve(None, build.get_config, ["rq.n_codes=True"])
+        config_lib.resolve(config_lib.load(None, build.get_config), ["rq.n_codes=True"])
     with pytest.raises(config_lib.ConfigError, match=r"unknown config field 'rq\.seed'"):
-        config_lib.resolve(None, build.get_config, ["rq.seed=3"])
+        config_lib.resolve(config_lib.load(None, build.get_config), ["rq.seed=3"])
 
 
 def test_pairs_use_training_events_only():

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from onerec_jax import config as config_lib
+from onerec_jax import evaluate
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
-from onerec_jax.train import evaluation, loop
+from onerec_jax.train import loop
+from onerec_jax.train.run_config import load_run_config
 
 CONFIG = "experiments/v1_world_tiny.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,11 +98,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
     assert np.isfinite(sb["final_eval_loss"]) and sb["final_eval_loss"] > 0
     # A run written before fields were added still reads: drop two of them from config.json.
     saved = json.loads((b / "config.json").read_text())
-    del saved["rung"], saved["model"]["family"]
+    del saved["rung"], saved["model"]["family"], saved["model"]["v1"]["encoder"]["n_heads"]
     (b / "config.json").write_text(json.dumps(saved))
     # The resumed run evaluates through the CLI path's function: real items, metrics in range,
     # and the world's true engagement of what it recommends.
-    m = evaluation.evaluate_run(b, "test", beam=8, max_requests=8)
+    m = evaluate.evaluate_run(b, "test", beam=8, max_requests=8)
     assert m["step"] == 12 and m["n_requests"] == 8
     assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["recall@10"] <= m["recall@50"] <= 1.0
     for key in ("engagement@1", "engagement@5", "engagement@10", "engagement_logged"):
@@ -108,20 +110,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
 
 
 def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):
-    base = config_lib.load_file(os.path.join(ROOT, CONFIG))
+    base = config_lib.load(os.path.join(ROOT, CONFIG))
     with pytest.raises(config_lib.ConfigError, match="unknown config field"):
-        config_lib.apply_overrides(base, ["model.d_modl=3"])
-    cfg = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, [])
+        config_lib.resolve(base, ["model.v1.d_modl=3"])
+    cfg = config_lib.resolve(config_lib.load(os.path.join(ROOT, CONFIG)), [])
     # A table whose catalogue is not the source's.
     cfg.tokenizer_dir = str(_table(tmp_path / "other_tok", 1682))
     with pytest.raises(ValueError, match="covers 1682 items"):
         loop.train(cfg, tmp_path / "run")
-    missing = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, [])
+    missing = config_lib.resolve(config_lib.load(os.path.join(ROOT, CONFIG)), [])
     missing.tokenizer_dir = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no semantic-id table"):
         loop.train(missing, tmp_path / "run2")
     # A workdir holding another config's run is refused and left as it was.
-    changed = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, ["model.d_model=64"])
+    changed = config_lib.resolve(
+        config_lib.load(os.path.join(ROOT, CONFIG)), ["model.v1.encoder.d_model=64"]
+    )
     before = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(ValueError, match="different config"):
         loop.train(changed, tmp_path / "run")
@@ -139,7 +143,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tokenizer_dir, m
         "optim.warmup_steps=1",
         "optim.clip_norm=1e30",
     ]
-    cfg = config_lib.resolve(os.path.join(ROOT, CONFIG), lambda: None, overrides)
+    cfg = config_lib.resolve(config_lib.load(os.path.join(ROOT, CONFIG)), overrides)
     monkeypatch.chdir(tmp_path)  # a relative workdir, as the README's commands use
     with pytest.raises(FloatingPointError, match=r"at step (\d+); stopping\. Last good checkpoint"):
         loop.train(cfg, "run")
@@ -165,7 +169,7 @@ def test_eval_loss_at_step_s_is_that_of_the_state_after_s_steps(tmp_path, tokeni
     evals = {}
     for name, ckpt in (("every", 1), ("end", 100)):
         cfg = config_lib.resolve(
-            os.path.join(ROOT, CONFIG), lambda: None, [*common, f"checkpoint_every={ckpt}"]
+            config_lib.load(os.path.join(ROOT, CONFIG)), [*common, f"checkpoint_every={ckpt}"]
         )
         summary = loop.train(cfg, tmp_path / name)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
@@ -185,7 +189,7 @@ def test_eval_loss_at_step_s_is_that_of_the_state_after_s_steps(tmp_path, tokeni
 
 def test_a_world_run_from_before_the_time_cut_is_refused_and_kept(tmp_path, tokenizer_dir):
     cfg = config_lib.resolve(
-        os.path.join(ROOT, CONFIG), lambda: None, [f"tokenizer_dir={tokenizer_dir}"]
+        config_lib.load(os.path.join(ROOT, CONFIG)), [f"tokenizer_dir={tokenizer_dir}"]
     )
     old = json.loads(cfg.to_json())
     del old["world_seed"], old["world_split"]  # what a run's config.json held before the cut
@@ -193,13 +197,13 @@ def test_a_world_run_from_before_the_time_cut_is_refused_and_kept(tmp_path, toke
     run = tmp_path / "old_run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(old))
-    assert loop.load_run_config(run).eval_requests == cfg.eval_requests
+    assert load_run_config(run).eval_requests == cfg.eval_requests
     with pytest.raises(ValueError, match=r"old hash-stream splits.*new --workdir"):
         loop.train(cfg, run)
     with pytest.raises(ValueError, match="old hash-stream splits"):
-        evaluation.evaluate_run(run)
+        evaluate.evaluate_run(run)
     assert json.loads((run / "config.json").read_text()) == old
     # An old MovieLens run is not a world run: its split never changed.
     old["source"] = "movielens-100k"
     (run / "config.json").write_text(json.dumps(old))
-    assert loop.load_run_config(run).world_split == "time_cut"
+    assert load_run_config(run).world_split == "time_cut"

@@ -1,65 +1,83 @@
-"""The rungs: named model sizes as overrides of a training config.
+"""The rungs: named model sizes, each a set of dotted fields of a training config.
 
-A rung sets `model.*` and `data.*` fields of a training config (experiments/v1_world_tiny.py
-documents every field); `cfg.rung = NAME` applies it when the run starts, and the resolved
-fields are what the run's config.json records.
+A rung sets `model.*`, `data.*` and `tokenizer_codes` fields of a config
+(onerec_jax/configs/default.py documents every field). `cfg.rung = NAME` applies it when the
+config is resolved (onerec_jax/config.py: rung, then command-line overrides, then validation),
+and the resolved fields are what the run's config.json records.
 
-V1 rungs (OneRec technical report; widths from ../shared/DESIGN.md). The report names a rung
-by its parameter count and gives (layers, d_model, FFN, heads); we read "layers" as the total,
+V1 rungs (OneRec technical report). The report names a rung by its parameter count and gives
+(layers, d_model, FFN, heads): (4, 128, 256, 4) for 0.015B, (8, 1024, 2048, 8) for 0.121B and,
+with 24 experts, 0.935B (top-2) and 2.633B (24 layers, top-4). We read "layers" as the total,
 split evenly between encoder and decoder, dense FFNs as the plain two-matrix GELU MLP, and MoE
 experts as SwiGLU of width 2/3 * 4 * d rounded to 128 (2,688 at d = 1,024), routed in the
-decoder. That reading lands the two MoE rungs within 2 % of their names (table in the README,
+decoder. That reading lands the two MoE rungs within 2 % of their names (`onerec plan --list`,
 `python -m scaling.ladder` prints them). Two deviations, stated rather than hidden:
   - 0.121B counts ~0.17B here: the pathway projections (20 + 256 + 2,000 events of
     d + 512 + 5 * 128 features), the QFormer and an untied 24,577-way output head add ~50M
     the report's count evidently does not include or does not have;
-  - DESIGN.md says 2.633B has MoE "in both" stacks; with 24 experts of width 2,688 that would
-    be ~5.0B, so the rung routes experts in the decoder only (2.67B), which matches the name.
+  - experts in both stacks of the 2.633B rung, with 24 experts of width 2,688, would make
+    ~5.0B, so the rung routes experts in the decoder only (2.67B), which matches the name.
 Paper rungs use the report's context (20 short-term, 256 positive, 2,000 lifelong events,
 128 QFormer queries) and 3 x 8,192 codes; CPU rungs shrink all of it.
 
-V2 rungs (OneRec-V2; (d_model, layers, heads) from DESIGN.md): SwiGLU FFN of width 4 * d, which
-puts every dense rung's non-embedding count within 10 % of its name (0.1B is +8 %, 1B +9 %); the
-context processor's pathways run at width 256. The MoE rung is the 0.5B shape with 53 routed +
-1 shared experts of width 1,408, top-3, the first 2 blocks dense: 4.09B total, 0.52B active.
+V2 rungs (OneRec-V2 paper's (d_model, layers, heads) per size): SwiGLU FFN of width 4 * d,
+which puts every dense rung's non-embedding count within 10 % of its name (0.1B is +8 %, 1B
++9 %); the context processor's pathways run at width 256. The MoE rung is the 0.5B shape with
+53 routed + 1 shared experts of width 1,408, top-3, the first 2 blocks dense: 4.09B total,
+0.52B active.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
-
-# Paper context and embedding widths, shared by the paper-size V1 rungs.
-_PAPER = {
-    "data.short_len": 20,
-    "data.pos_len": 256,
-    "data.life_len": 2000,
-    "model.n_queries": 128,
-    "model.qformer_blocks": 1,
-    "model.author_dim": 512,
-    "model.feature_dim": 128,
-    "model.ffn": "mlp",
-    "tokenizer_codes": 8192,
-}
+# Paper context, shared by the paper-size rungs of both families.
+_PAPER_DATA = {"data.short_len": 20, "data.pos_len": 256, "data.life_len": 2000}
+# Paper pathway widths: 128 QFormer queries, author embeddings of 512, other features of 128.
+_PAPER_PATHWAYS = {"n_queries": 128, "qformer_blocks": 1, "author_dim": 512, "feature_dim": 128}
 
 
 def _expert_width(d: int) -> int:
-    """2/3 * 4 * d rounded to the nearest multiple of 128 (DESIGN.md)."""
+    """2/3 * 4 * d rounded to the nearest multiple of 128: a SwiGLU expert with the parameters
+    of a 4 * d GELU MLP."""
     return round(8 * d / 3 / 128) * 128
 
 
+def _section(prefix: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in fields.items()}
+
+
 def _v1(layers: int, d: int, ffn: int, heads: int, experts: int = 0, top_k: int = 2) -> dict:
+    """A paper-size V1 rung: both stacks at width d with GELU MLPs of width ffn."""
     return {
-        **_PAPER,
-        "model.d_model": d,
-        "model.enc_layers": layers // 2,
-        "model.dec_layers": layers // 2,
-        "model.d_ff": ffn,
-        "model.n_heads": heads,
-        "model.moe_experts": experts,
-        "model.moe_top_k": top_k,
-        "model.moe_d_ff": _expert_width(d) if experts else 0,
+        **_PAPER_DATA,
+        "tokenizer_codes": 8192,
+        "model.family": "v1",
+        **_section("model.v1", {"dec_layers": layers // 2, "n_heads": heads, "d_ff": ffn}),
+        "model.v1.ffn": "mlp",
+        **_section(
+            "model.v1.encoder",
+            {"d_model": d, "n_layers": layers // 2, "n_heads": heads, "d_ff": ffn, "ffn": "mlp"},
+        ),
+        **_section("model.v1.encoder", _PAPER_PATHWAYS),
+        **_section(
+            "model.v1.moe",
+            {"n_experts": experts, "top_k": top_k, "d_ff": _expert_width(d) if experts else 0},
+        ),
+    }
+
+
+def _cpu_v1(pos: int, life: int, d: int, ffn: int, enc: int, queries: int) -> dict:
+    """A CPU V1 rung: short context, small widths, 4 heads, 2 decoder blocks."""
+    return {
+        "data.pos_len": pos,
+        "data.life_len": life,
+        "model.family": "v1",
+        **_section("model.v1", {"dec_layers": 2, "n_heads": 4, "d_ff": ffn}),
+        **_section(
+            "model.v1.encoder",
+            {"d_model": d, "n_layers": enc, "n_heads": 4, "d_ff": ffn, "n_queries": queries},
+        ),
     }
 
 
@@ -69,43 +87,26 @@ V1_RUNGS: dict[str, dict[str, Any]] = {
     "v1-0.935b": _v1(8, 1024, 2048, 8, experts=24, top_k=2),
     "v1-2.633b": _v1(24, 1024, 2048, 8, experts=24, top_k=4),
     # CPU rungs: short context, small widths; minutes per thousand steps on 2 cores.
-    "v1-cpu-s": {
-        "data.pos_len": 32,
-        "data.life_len": 64,
-        "model.d_model": 64,
-        "model.n_heads": 4,
-        "model.d_ff": 128,
-        "model.enc_layers": 1,
-        "model.dec_layers": 2,
-        "model.n_queries": 16,
-    },
-    "v1-cpu-m": {
-        "data.pos_len": 64,
-        "data.life_len": 256,
-        "model.d_model": 128,
-        "model.n_heads": 4,
-        "model.d_ff": 512,
-        "model.enc_layers": 2,
-        "model.dec_layers": 2,
-        "model.n_queries": 32,
-    },
+    "v1-cpu-s": _cpu_v1(pos=32, life=64, d=64, ffn=128, enc=1, queries=16),
+    "v1-cpu-m": _cpu_v1(pos=64, life=256, d=128, ffn=512, enc=2, queries=32),
 }
 
 
 def _v2(d: int, layers: int, heads: int) -> dict:
+    """A paper-size V2 rung: SwiGLU FFNs of width 4 * d, context pathways at width 256."""
     return {
-        **_PAPER,
+        **_PAPER_DATA,
+        "tokenizer_codes": 8192,
         "model.family": "v2",
-        "model.loss": "mean",
-        "model.ffn": "swiglu",
-        "model.context_dim": 256,
-        "model.context_heads": 4,
-        "model.context_ff": 512,
-        "model.d_model": d,
-        "model.dec_layers": layers,
-        "model.n_heads": heads,
-        "model.d_ff": 4 * d,
-        "model.moe_experts": 0,
+        **_section(
+            "model.v2",
+            {"d_model": d, "n_layers": layers, "n_heads": heads, "d_ff": 4 * d, "ffn": "swiglu"},
+        ),
+        "model.v2.loss": "mean",
+        **_section("model.v2.context", {"d_model": 256, "n_heads": 4, "d_ff": 512}),
+        "model.v2.context.ffn": "swiglu",
+        **_section("model.v2.context", _PAPER_PATHWAYS),
+        "model.v2.moe.n_experts": 0,
     }
 
 
@@ -120,38 +121,26 @@ V2_RUNGS: dict[str, dict[str, Any]] = {
     # 53 routed + 1 shared SwiGLU experts of width 1,408, top-3, first 2 blocks dense.
     "v2-4b-a0.5b": {
         **_v2(1408, 14, 11),
-        "model.moe_experts": 53,
-        "model.moe_top_k": 3,
-        "model.moe_d_ff": 1408,
-        "model.moe_shared": 1,
-        "model.first_dense": 2,
+        **_section("model.v2.moe", {"n_experts": 53, "top_k": 3, "d_ff": 1408, "n_shared": 1}),
+        "model.v2.first_dense": 2,
     },
-}
-
-# V2 CPU rung: the decoder of v1-cpu-s (2 blocks of width 64) with no encoder stack, reading
-# the same pathways (context width 64) — the pair experiments/v1_vs_v2.py compares.
-V2_RUNGS["v2-cpu-s"] = {
-    **{k: v for k, v in V1_RUNGS["v1-cpu-s"].items() if k != "model.enc_layers"},
-    "model.family": "v2",
-    "model.loss": "mean",
-    "model.context_dim": 64,
-    "model.context_heads": 4,
-    "model.context_ff": 128,
+    # The decoder of v1-cpu-s (2 blocks of width 64) with no encoder stack, reading the same
+    # pathways at width 64: the pair experiments/v1_vs_v2.py compares.
+    "v2-cpu-s": {
+        "data.pos_len": 32,
+        "data.life_len": 64,
+        "model.family": "v2",
+        **_section("model.v2", {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128}),
+        "model.v2.loss": "mean",
+        **_section("model.v2.context", {"d_model": 64, "n_heads": 4, "d_ff": 128, "n_queries": 16}),
+    },
 }
 
 RUNGS = {**V1_RUNGS, **V2_RUNGS}
 
 
-def apply_rung(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """Set the rung's fields on `cfg` (in place) and return it; unknown rung -> one error."""
+def rung_fields(name: str) -> dict[str, Any]:
+    """The dotted config fields a rung sets; an unknown name is one error listing the rungs."""
     if name not in RUNGS:
         raise ValueError(f"unknown rung {name!r}; known rungs: {', '.join(sorted(RUNGS))}")
-    for dotted, value in RUNGS[name].items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise ValueError(f"rung {name} sets {dotted}, which the config does not have")
-        node[leaf] = value
-    return cfg
+    return dict(RUNGS[name])

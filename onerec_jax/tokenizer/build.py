@@ -21,8 +21,8 @@ from typing import Any
 import ml_collections
 
 from onerec_jax.data.sources import open_source
+from onerec_jax.monitor import MetricWriter
 from onerec_jax.tokenizer import embed, rq_kmeans, rq_vae, semantic_ids
-from onerec_jax.train.logging import MetricWriter
 
 
 def get_config() -> ml_collections.ConfigDict:

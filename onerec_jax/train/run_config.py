@@ -10,6 +10,9 @@ from typing import Any
 
 import ml_collections
 
+from onerec_jax import config
+from onerec_jax.configs import default
+
 
 def source_seed(cfg: ml_collections.ConfigDict) -> int:
     """The seed of the run's data source (the world itself): `world_seed`, or `seed` when it is
@@ -20,8 +23,8 @@ def source_seed(cfg: ml_collections.ConfigDict) -> int:
 
 
 # Config fields added after runs already existed, with the values that reproduce what those
-# runs did. A run's config.json that lacks one is read as if it held this value, so older
-# workdirs still evaluate and resume.
+# runs did (named as they were in the flat layout of the time). A run's config.json that lacks
+# one is read as if it held this value, so older workdirs still evaluate and resume.
 ADDED_FIELDS: dict[str, Any] = {
     "rung": "",
     "world_seed": -1,
@@ -41,26 +44,92 @@ ADDED_FIELDS: dict[str, Any] = {
     "model.g_kv": 0,
 }
 
+# Where each field of the old flat `model` section lives in the per-family sections: one old
+# field (e.g. `n_heads`, shared by V1's encoder and decoder) may feed several new ones.
+_FLAT_MODEL = {
+    "v1": {
+        "d_model": ("encoder.d_model",),
+        "n_heads": ("n_heads", "encoder.n_heads"),
+        "d_ff": ("d_ff", "encoder.d_ff"),
+        "ffn": ("ffn", "encoder.ffn"),
+        "enc_layers": ("encoder.n_layers",),
+        "dec_layers": ("dec_layers",),
+        "session_wise": ("session_wise",),
+        "loss": ("loss",),
+    },
+    "v2": {
+        "d_model": ("d_model",),
+        "n_heads": ("n_heads",),
+        "d_ff": ("d_ff",),
+        "ffn": ("ffn", "context.ffn"),
+        "dec_layers": ("n_layers",),
+        "first_dense": ("first_dense",),
+        "loss": ("loss",),
+        "l_kv": ("l_kv",),
+        "s_kv": ("s_kv",),
+        "g_kv": ("g_kv",),
+    },
+}
+_FLAT_PATHWAYS = {
+    f: ("{ctx}." + f,) for f in ("n_queries", "qformer_blocks", "author_dim", "feature_dim")
+}
+_FLAT_MOE = {
+    "moe_experts": "n_experts",
+    "moe_top_k": "top_k",
+    "moe_d_ff": "d_ff",
+    "moe_shared": "n_shared",
+    "moe_dispatch": "dispatch",
+}
 
-def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with every field of `ADDED_FIELDS` it lacks filled in, and renamed
-    fields under their new names."""
-    out = json.loads(json.dumps(saved))
+
+def _sectioned_model(flat: dict[str, Any]) -> dict[str, Any]:
+    """The old flat `model.*` fields of a run config as fields of its family's section."""
+    old = {k[len("model.") :]: flat.pop(k) for k in list(flat) if k.startswith("model.")}
+    family = old["family"]
+    ctx = "encoder" if family == "v1" else "context"
+    out = {"model.family": family}
+    table = {
+        **_FLAT_MODEL[family],
+        **{k: (v[0].format(ctx=ctx),) for k, v in _FLAT_PATHWAYS.items()},
+    }
+    for name, targets in table.items():
+        for t in targets:
+            out[f"model.{family}.{t}"] = old[name]
+    for name, field in _FLAT_MOE.items():
+        out[f"model.{family}.moe.{field}"] = old[name]
+    if family == "v2":
+        # 0 meant "the decoder's": the context section states its values.
+        out["model.v2.context.d_model"] = old["context_dim"] or old["d_model"]
+        out["model.v2.context.n_heads"] = old["context_heads"] or old["n_heads"]
+        out["model.v2.context.d_ff"] = old["context_ff"] or old["d_ff"]
+    return {**flat, **out}
+
+
+def upgrade_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A run config as written by any version, in today's fields: the default config with the
+    saved values set on it by `config.update` (the mechanism of rungs and overrides), after
+    filling `ADDED_FIELDS` and moving renamed fields to their new names."""
+    flat = config.flatten(saved)
     # eval_batches (batches of batch_size validation requests) became eval_requests.
-    if "eval_requests" not in out:
-        out["eval_requests"] = out.pop("eval_batches", 0) * out.get("batch_size", 0)
+    if "eval_requests" not in flat:
+        flat["eval_requests"] = flat.pop("eval_batches", 0) * flat.get("batch_size", 0)
     # World runs from before the per-user time cut (they have no world_seed, added with it)
     # drew every split from the same requests; `check_split` refuses them.
-    if "world_split" not in out:
-        old_world = str(out.get("source", "")).startswith("world:") and "world_seed" not in saved
-        out["world_split"] = "hash" if old_world else "time_cut"
-    for dotted, value in ADDED_FIELDS.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node.setdefault(leaf, value)
-    return out
+    if "world_split" not in flat:
+        old_world = str(flat.get("source", "")).startswith("world:") and "world_seed" not in flat
+        flat["world_split"] = "hash" if old_world else "time_cut"
+    if "model.d_model" in flat:  # the flat `model` section of configs before the families
+        for dotted, value in ADDED_FIELDS.items():
+            flat.setdefault(dotted, value)
+        flat = _sectioned_model(flat)
+    else:
+        flat = {k: v for k, v in ADDED_FIELDS.items() if "." not in k} | flat
+    cfg = default.get_config()
+    cfg.lock()
+    config.update(cfg, {"model.family": flat.get("model.family", "v1")}, "run config")
+    config.keep_family(cfg)
+    config.update(cfg, flat, "run config")
+    return cfg
 
 
 def check_split(cfg: Any, workdir: str | os.PathLike) -> None:
@@ -79,16 +148,21 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")
-    return ml_collections.ConfigDict(upgrade_config(json.loads(path.read_text())))
+    try:
+        return upgrade_config(json.loads(path.read_text()))
+    except (json.JSONDecodeError, config.ConfigError) as e:
+        raise ValueError(f"{path}: not a run config this version can read ({e})") from None
 
 
 def check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Refuse to resume a run under a different config (only `steps` may change), then write
+    the config to WORKDIR/config.json (atomically: a crash leaves the old file or the new)."""
     path = workdir / "config.json"
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
     if path.exists():
-        old = upgrade_config(json.loads(path.read_text()))
-        check_split(old, workdir)
-        new = json.loads(text)
+        saved = load_run_config(workdir)
+        check_split(saved, workdir)
+        old, new = config.flatten(saved.to_dict()), config.flatten(cfg.to_dict())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         # Only the step budget may change between a run and its resumption.
         changed = [k for k in changed if k != "steps"]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from onerec_jax import sharding
 from onerec_jax.model import moe as moe_lib
 from onerec_jax.model.v1 import loss_fn
 
@@ -96,7 +97,10 @@ def init_state(model: Any, tx: optax.GradientTransformation, batch: dict, key: j
     """A fresh state (unboxed float32 parameters) for `model` on inputs shaped like `batch`."""
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     # Jitted: op-by-op initialisation of a model this size takes seconds of dispatch.
-    variables = nn.unbox(jax.jit(model.init)(key, inputs, batch["target_codes"]))
+    boxed = jax.jit(model.init)(key, inputs, batch["target_codes"])
+    # Every parameter must name its axes by the rules table, or no mesh could lay it out.
+    sharding.check_logical(boxed["params"])
+    variables = nn.unbox(boxed)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -1,5 +1,7 @@
-"""TensorBoard scalars without TensorFlow, the run's hyper-parameters as JSON beside them, and
-the training progress display."""
+"""What a user watches: TensorBoard scalars without TensorFlow, hyper-parameters as JSON beside
+them, and progress (a bar on a terminal, plain lines in a log file). Used by every job that runs
+for long: training, the tokenizer, the demo.
+"""
 
 from __future__ import annotations
 

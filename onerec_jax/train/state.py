@@ -1,0 +1,108 @@
+"""What a run is made of, built the same way by `onerec train` and `onerec eval`: the semantic-id
+table, the model, the optimizer, and a fresh or restored training state."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from onerec_jax.data import schema
+from onerec_jax.data.sources import open_source
+from onerec_jax.model.v1 import OneRecV1
+from onerec_jax.model.v2 import OneRecV2
+from onerec_jax.tokenizer.semantic_ids import SemanticIds
+from onerec_jax.train import step as step_lib
+from onerec_jax.train.batches import schema_spec, zero_batch
+from onerec_jax.train.checkpointing import Checkpoints
+from onerec_jax.train.model_factory import build_model
+from onerec_jax.train.run_config import check_split, load_run_config, source_seed
+
+
+def table_dir(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """The run's semantic-id table: `tokenizer_dir`, or WORKDIR/tokenizer."""
+    return pathlib.Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else workdir / "tokenizer"
+
+
+def load_table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, build: bool) -> SemanticIds:
+    """The run's table; with `build`, WORKDIR/tokenizer is built first when it is missing (a
+    given `tokenizer_dir` is never built: a wrong path must fail, not start a tokenizer)."""
+    path = table_dir(cfg, workdir)
+    if build and not cfg.tokenizer_dir and not (path / "semantic_ids.npz").exists():
+        from onerec_jax.tokenizer import build as build_lib  # faiss-free but slow to import
+
+        tcfg = build_lib.get_config()
+        tcfg.seed = source_seed(cfg)
+        tcfg.rq.n_codes = cfg.tokenizer_codes
+        build_lib.tokenize(cfg.source, path, tcfg, progress=True)
+    return SemanticIds.load(path)
+
+
+def optimizer(
+    cfg: ml_collections.ConfigDict,
+) -> tuple[step_lib.OptimConfig, optax.GradientTransformation, optax.Schedule]:
+    """AdamW with warmup + cosine decay over the run's `steps` (onerec_jax/train/step.py)."""
+    ocfg = step_lib.OptimConfig(total_steps=cfg.steps, **cfg.optim.to_dict())
+    tx, schedule = step_lib.make_optimizer(ocfg)
+    return ocfg, tx, schedule
+
+
+def fresh_state(
+    cfg: ml_collections.ConfigDict,
+    model: OneRecV1 | OneRecV2,
+    tx: optax.GradientTransformation,
+    n_levels: int,
+) -> step_lib.TrainState:
+    """Step-0 state: parameters initialised from `seed`, optimizer moments at zero."""
+    zero = jax.tree.map(jnp.asarray, zero_batch(schema_spec(cfg), 2, n_levels))
+    return step_lib.init_state(model, tx, zero, jax.random.key(cfg.seed))
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's parts, built from its config and workdir."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    source: Any  # the training split
+    table: SemanticIds
+    model: OneRecV1 | OneRecV2
+    spec: schema.SchemaSpec
+
+
+def open_run(
+    cfg: ml_collections.ConfigDict, workdir: pathlib.Path, build_table: bool = False
+) -> Run:
+    """The training source, table and model of a run, checked against each other."""
+    source = open_source(cfg.source, seed=source_seed(cfg), split="train", order_seed=cfg.seed)
+    table = load_table(cfg, workdir, build_table)
+    if table.n_items != source.n_items:
+        raise ValueError(
+            f"tokenizer table {table_dir(cfg, workdir)} covers {table.n_items} items but "
+            f"{cfg.source} has {source.n_items}"
+        )
+    model = build_model(cfg, source, table.vocab)
+    return Run(cfg, workdir, source, table, model, schema_spec(cfg))
+
+
+def restore_latest(workdir: pathlib.Path) -> tuple[Run, step_lib.TrainState, int]:
+    """A finished (or interrupted) run as `onerec eval` reads it: its config as saved, its
+    parts, and the state of its newest checkpoint with that checkpoint's step."""
+    cfg = load_run_config(workdir)
+    check_split(cfg, workdir)
+    run = open_run(cfg, workdir)
+    _, tx, _ = optimizer(cfg)
+    ckpt = Checkpoints(workdir / "checkpoints")
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
+        state = ckpt.restore_state(step, fresh_state(cfg, run.model, tx, run.table.n_levels))
+    finally:
+        ckpt.close()
+    return run, state, step
