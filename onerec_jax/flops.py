@@ -23,9 +23,9 @@ count against XLA's `cost_analysis()` of the compiled program (with one layer pe
 stack: XLA counts the body of a scan's while loop once, whatever its trip count).
 
 This is not the "6 * params * tokens" rule: for an encoder-decoder that rule charges decoder
-weights for encoder tokens and counts lookups as matmuls (ANCHORS.md measured a ~1.9x
-overstatement at TIGER size); `six_nd` gives it for comparison, with the V2 paper's token
-count (context tokens + target tokens).
+weights for encoder tokens and counts lookups as matmuls (a ~1.9x overstatement at TIGER
+size); `six_nd` gives it for comparison, with the V2 paper's token count (context tokens +
+target tokens).
 """
 
 from __future__ import annotations

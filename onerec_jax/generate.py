@@ -86,8 +86,8 @@ def beam_search(
             codes = jnp.take_along_axis(carry["codes"], parent[..., None, None], axis=1)
             items = jnp.take_along_axis(carry["items"], parent[..., None], axis=1)
             carry = {
-                # Self-attention cache rows (axis 1) follow their beams; per-user K/V stay put.
-                "cache": {**cache, "self": jax.tree.map(lambda x, r=rows: x[:, r], cache["self"])},
+                # Self-attention cache rows follow their beams; per-user K/V stay put.
+                "cache": cache.take_rows(rows),
                 "token": code.reshape(-1) + lo,
                 "score": top,
                 "codes": codes.at[:, :, j, level].set(code),

@@ -35,3 +35,21 @@ def assert_padding_users_change_nothing(model, inputs, codes) -> None:
     for name in ("load", "max_load", "dropped", "aux_loss"):
         np.testing.assert_allclose(stats_p[name], stats[name], rtol=1e-5, err_msg=name)
     assert float(jnp.max(stats["dropped"])) > 0  # capacity binds, and binds the same way
+
+
+def param_listing(model, inputs, codes) -> list[str]:
+    """Every variable of `model` as "collection/path/to/leaf AxBxC", sorted: what a checkpoint
+    is keyed by (the variables are shapes only, nothing is computed)."""
+    import flax.linen as nn
+    import jax
+
+    shapes = jax.eval_shape(model.init, jax.random.key(0), inputs, codes)
+    return sorted(
+        "/".join(str(k.key) for k in path) + " " + "x".join(map(str, leaf.shape))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(shapes))
+    )
+
+
+def listed(text: str) -> list[str]:
+    """The non-empty lines of an inline listing."""
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -8,9 +8,10 @@ from _models import tiny_encoder
 
 from onerec_jax.data import schema, sources
 from onerec_jax.generate import beam_search
+from onerec_jax.model.decoder_block import KVCache
 from onerec_jax.model.moe import MoEConfig
-from onerec_jax.model.v1 import OneRecV1, V1Config
-from onerec_jax.model.v2 import OneRecV2, V2Config
+from onerec_jax.model.v1 import OneRecV1, V1Cache, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Cache, V2Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 
 SPEC = schema.SchemaSpec(pos_len=8, life_len=16)
@@ -79,7 +80,8 @@ def test_vocab_mismatch_is_an_error(setup):
 
 
 def test_beam_512_on_a_smaller_catalogue(setup, exact):
-    """The widest beam the issue names: every item found once, the rest empty (-inf)."""
+    """The widest beam generation is meant for, 512: every item found once, the rest empty
+    (-inf)."""
     model, variables, inputs, table = setup
     out = beam_search(model, variables, inputs, table.trie(), 512)
     items, logp = np.asarray(out["items"]), np.asarray(out["logprob"])
@@ -118,6 +120,7 @@ def test_cached_step_equals_full_prefix_logits(setup, session_wise):
         mem, mask = model.apply(variables, inputs, method=OneRecV1.encode)
         full, _ = model.apply(variables, mem, mask, inp, method=OneRecV1.logits)
         cache = model.apply(variables, mem, mask, 3 * g, method=OneRecV1.init_cache)
+        assert isinstance(cache, V1Cache)
 
         def one(cache, p):
             lg, cache = model.apply(variables, cache, inp[:, p], p, method=OneRecV1.step)
@@ -128,6 +131,28 @@ def test_cached_step_equals_full_prefix_logits(setup, session_wise):
 
     full, steps = both(variables)
     np.testing.assert_allclose(np.asarray(steps), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def test_caches_reorder_only_their_per_beam_rows():
+    """After a top-k, generation moves each beam's self-attention rows to its new slot
+    (`take_rows`); the per-user parts (cross-attention K/V, context sets, masks) stay."""
+    k = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4, 1, 1)  # [L, N, T, H, K]
+    kv = KVCache(k, -k)
+    rows = jnp.array([2, 2, 0])
+    user = jnp.ones((2, 1, 5, 1, 1))  # [L, B, S, H, K]
+    mask = jnp.ones((1, 5), bool)
+    for cache, moved_kv in (
+        (V1Cache(kv, (user, user), mask), lambda c: [c.self_kv]),
+        (V2Cache(kv, None, user, mask), lambda c: [c.dense_kv]),
+        (V2Cache(None, kv, user, mask), lambda c: [c.moe_kv]),
+    ):
+        moved = cache.take_rows(rows)
+        assert type(moved) is type(cache)
+        for new in moved_kv(moved):
+            np.testing.assert_array_equal(new.k, k[:, rows])
+            np.testing.assert_array_equal(new.v, -k[:, rows])
+        for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(moved), strict=True):
+            assert (a is b) == (a.shape[1] != 3)  # only the N = 3 beam rows are new arrays
 
 
 def test_session_wise_search_finds_the_exact_top_sessions(setup):

@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _models import assert_padding_users_change_nothing, tiny_encoder
+from _models import assert_padding_users_change_nothing, listed, param_listing, tiny_encoder
 
 from onerec_jax import sharding
 from onerec_jax.data import schema, sources
 from onerec_jax.model.moe import MoEConfig
-from onerec_jax.model.v1 import OneRecV1, V1Config, loss_fn
+from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.train.loss import loss_fn
 
 SPEC = schema.SchemaSpec(pos_len=16, life_len=32)
 VOCAB = (8, 8, 8, 3)
@@ -52,6 +53,79 @@ def test_shapes_finite_with_and_without_jit(batch, moe):
     if moe is not None:
         assert stats["load"].shape == (2, 4)  # one row per decoder layer
         assert v["moe_bias"]["blocks"]["MoE_0"]["bias"].shape == (2, 4)
+
+
+# Every variable of the MoE model below, captured before V1 and V2 shared one decoder block:
+# checkpoints are keyed by these paths, so a change here breaks restoring old runs.
+V1_VARIABLES = """
+moe_bias/blocks/MoE_0/bias 2x4
+params/blocks/MoE_0/router 2x32x4
+params/blocks/MoE_0/w_down 2x4x32x32
+params/blocks/MoE_0/w_gate 2x4x32x32
+params/blocks/MoE_0/w_up 2x4x32x32
+params/blocks/RMSNorm_0/scale 2x32
+params/blocks/RMSNorm_1/scale 2x32
+params/blocks/RMSNorm_2/scale 2x32
+params/blocks/cross_attn/key 2x32x4x8
+params/blocks/cross_attn/out 2x4x8x32
+params/blocks/cross_attn/query 2x32x4x8
+params/blocks/cross_attn/value 2x32x4x8
+params/blocks/self_attn/key 2x32x4x8
+params/blocks/self_attn/out 2x4x8x32
+params/blocks/self_attn/query 2x32x4x8
+params/blocks/self_attn/value 2x32x4x8
+params/dec_positions 5x32
+params/encoder/author_embed/embedding 129x64
+params/encoder/dur_embed/embedding 32x32
+params/encoder/encoder/block/Attention_0/key 2x32x4x8
+params/encoder/encoder/block/Attention_0/out 2x4x8x32
+params/encoder/encoder/block/Attention_0/query 2x32x4x8
+params/encoder/encoder/block/Attention_0/value 2x32x4x8
+params/encoder/encoder/block/RMSNorm_0/scale 2x32
+params/encoder/encoder/block/RMSNorm_1/scale 2x32
+params/encoder/encoder/block/SwiGLU_0/down/kernel 2x64x32
+params/encoder/encoder/block/SwiGLU_0/gate/kernel 2x32x64
+params/encoder/encoder/block/SwiGLU_0/up/kernel 2x32x64
+params/encoder/final_norm/scale 32
+params/encoder/flags_embed/embedding 256x32
+params/encoder/item_embed/embedding 501x32
+params/encoder/life_in/kernel 256x64
+params/encoder/life_out/kernel 64x32
+params/encoder/play_embed/embedding 32x32
+params/encoder/pos_in/kernel 256x64
+params/encoder/pos_out/kernel 64x32
+params/encoder/positions 41x32
+params/encoder/qformer0/Attention_0/key 32x4x8
+params/encoder/qformer0/Attention_0/out 4x8x32
+params/encoder/qformer0/Attention_0/query 32x4x8
+params/encoder/qformer0/Attention_0/value 32x4x8
+params/encoder/qformer0/RMSNorm_0/scale 32
+params/encoder/qformer0/RMSNorm_1/scale 32
+params/encoder/qformer0/SwiGLU_0/down/kernel 64x32
+params/encoder/qformer0/SwiGLU_0/gate/kernel 32x64
+params/encoder/qformer0/SwiGLU_0/up/kernel 32x64
+params/encoder/queries 4x32
+params/encoder/short_in/kernel 256x64
+params/encoder/short_out/kernel 64x32
+params/encoder/static0_embed/embedding 65536x32
+params/encoder/static1_embed/embedding 1024x32
+params/encoder/static2_embed/embedding 1024x32
+params/encoder/static3_embed/embedding 1024x32
+params/encoder/static4_embed/embedding 1024x32
+params/encoder/static_in/kernel 160x32
+params/encoder/static_out/kernel 32x32
+params/encoder/tag_embed/embedding 33x32
+params/encoder/tdelta_embed/embedding 32x32
+params/final_norm/scale 32
+params/head/kernel 32x28
+params/tokens/embedding 28x32
+"""
+
+
+def test_variable_paths_and_shapes_are_the_checkpoint_layout(batch):
+    enc, x, codes = batch
+    model = _model(enc, moe=MoEConfig(n_experts=4, top_k=2, d_ff=32))
+    assert param_listing(model, x, codes) == listed(V1_VARIABLES)
 
 
 def test_every_parameter_has_a_logical_rule(batch):

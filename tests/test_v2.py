@@ -1,16 +1,21 @@
 """OneRec-V2 lazy decoder: cached generation, grouped K/V sets, MoE stacks, training."""
 
+import pathlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _models import assert_padding_users_change_nothing, tiny_encoder
+from _models import assert_padding_users_change_nothing, listed, param_listing, tiny_encoder
 
 from onerec_jax import sharding
 from onerec_jax.data import schema, sources
 from onerec_jax.generate import beam_search
+from onerec_jax.model import decoder_block
 from onerec_jax.model.moe import MoEConfig
-from onerec_jax.model.v2 import OneRecV2, V2Config
+from onerec_jax.model.v1 import OneRecV1, V1Config
+from onerec_jax.model.v2 import OneRecV2, V2Cache, V2Config
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 from onerec_jax.train import step as step_lib
 
@@ -67,6 +72,8 @@ def test_cached_step_equals_full_logits_and_layers_read_their_set(data, case):
         ctx, mask = model.apply(variables, inputs, method="encode")
         full, _ = model.apply(variables, ctx, mask, inp, method="logits")
         cache = model.apply(variables, ctx, mask, 6, method="init_cache")
+        assert isinstance(cache, V2Cache)
+        assert (cache.moe_kv is None) == (cfg.moe is None)
 
         def one(cache, p):
             lg, cache = model.apply(variables, cache, inp[:, p], p, method="step")
@@ -89,6 +96,111 @@ def test_cached_step_equals_full_logits_and_layers_read_their_set(data, case):
         if stack in params:
             assert set(params[stack]["cross_attn"]) == {"query", "out"}
     assert ("moe" in params) == (cfg.moe is not None)
+
+
+# Every variable of the grouped-set MoE model below, captured before V1 and V2 shared one decoder
+# block: checkpoints are keyed by these paths, so a change here breaks restoring old runs.
+V2_VARIABLES = """
+moe_bias/moe/MoE_0/bias 2x4
+params/context/author_embed/embedding 129x64
+params/context/dur_embed/embedding 32x32
+params/context/flags_embed/embedding 256x32
+params/context/item_embed/embedding 501x16
+params/context/life_in/kernel 240x32
+params/context/life_out/kernel 32x16
+params/context/play_embed/embedding 32x32
+params/context/pos_in/kernel 240x32
+params/context/pos_out/kernel 32x16
+params/context/positions 33x16
+params/context/qformer0/Attention_0/key 16x4x4
+params/context/qformer0/Attention_0/out 4x4x16
+params/context/qformer0/Attention_0/query 16x4x4
+params/context/qformer0/Attention_0/value 16x4x4
+params/context/qformer0/RMSNorm_0/scale 16
+params/context/qformer0/RMSNorm_1/scale 16
+params/context/qformer0/SwiGLU_0/down/kernel 64x16
+params/context/qformer0/SwiGLU_0/gate/kernel 16x64
+params/context/qformer0/SwiGLU_0/up/kernel 16x64
+params/context/queries 4x16
+params/context/short_in/kernel 240x32
+params/context/short_out/kernel 32x16
+params/context/static0_embed/embedding 65536x32
+params/context/static1_embed/embedding 1024x32
+params/context/static2_embed/embedding 1024x32
+params/context/static3_embed/embedding 1024x32
+params/context/static4_embed/embedding 1024x32
+params/context/static_in/kernel 160x16
+params/context/static_out/kernel 16x16
+params/context/tag_embed/embedding 33x32
+params/context/tdelta_embed/embedding 32x32
+params/dec_positions 5x32
+params/dense/RMSNorm_0/scale 1x32
+params/dense/RMSNorm_1/scale 1x32
+params/dense/RMSNorm_2/scale 1x32
+params/dense/SwiGLU_0/down/kernel 1x64x32
+params/dense/SwiGLU_0/gate/kernel 1x32x64
+params/dense/SwiGLU_0/up/kernel 1x32x64
+params/dense/cross_attn/out 1x4x8x32
+params/dense/cross_attn/query 1x32x4x8
+params/dense/self_attn/key 1x32x4x8
+params/dense/self_attn/out 1x4x8x32
+params/dense/self_attn/query 1x32x4x8
+params/dense/self_attn/value 1x32x4x8
+params/final_norm/scale 32
+params/head/kernel 32x15
+params/kv/kernel 16x64
+params/kv_norm/scale 8
+params/moe/MoE_0/router 2x32x4
+params/moe/MoE_0/shared/down/kernel 2x32x32
+params/moe/MoE_0/shared/gate/kernel 2x32x32
+params/moe/MoE_0/shared/up/kernel 2x32x32
+params/moe/MoE_0/w_down 2x4x32x32
+params/moe/MoE_0/w_gate 2x4x32x32
+params/moe/MoE_0/w_up 2x4x32x32
+params/moe/RMSNorm_0/scale 2x32
+params/moe/RMSNorm_1/scale 2x32
+params/moe/RMSNorm_2/scale 2x32
+params/moe/cross_attn/out 2x4x8x32
+params/moe/cross_attn/query 2x32x4x8
+params/moe/self_attn/key 2x32x4x8
+params/moe/self_attn/out 2x4x8x32
+params/moe/self_attn/query 2x32x4x8
+params/moe/self_attn/value 2x32x4x8
+params/tokens/embedding 15x32
+"""
+
+
+def test_variable_paths_and_shapes_are_the_checkpoint_layout(data):
+    src, inputs, table = data
+    moe = MoEConfig(n_experts=4, top_k=2, d_ff=32, n_shared=1)
+    kw = dict(moe=moe, first_dense=1, l_kv=2, s_kv=2, g_kv=2, vocab=(5, 4, 3, 2))
+    model = OneRecV2(_cfg(src, table, **kw))
+    codes = jnp.zeros((3, 2, 4), jnp.int32)
+    assert param_listing(model, inputs, codes) == listed(V2_VARIABLES)
+
+
+def test_v1_and_v2_run_the_same_decoder_block(data):
+    """One block class serves both families (in their own orders), and the layer-scan helper
+    is the only place the model code scans layers."""
+    src, inputs, table = data
+    v1 = OneRecV1(V1Config(encoder=tiny_encoder(src, 8, 16), vocab=table.vocab, max_targets=2))
+    v2 = OneRecV2(_cfg(src, table, moe=MoEConfig(n_experts=4, d_ff=32), first_dense=1))
+    codes = jnp.zeros((3, 2, table.n_levels), jnp.int32)
+    for model in (v1, v2):
+        ran = set()
+
+        def spy(next_fun, args, kwargs, context, ran=ran):
+            ran.add(type(context.module))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(spy):
+            jax.eval_shape(model.init, jax.random.key(0), inputs, codes)
+        assert decoder_block.DecoderBlock in ran
+        # No block of its own: the only module class of the model's file that runs is the model.
+        assert {c for c in ran if c.__module__ == type(model).__module__} == {type(model)}
+    model_dir = pathlib.Path(decoder_block.__file__).parent
+    scans = sorted(p.name for p in model_dir.glob("*.py") if "nn.scan(" in p.read_text())
+    assert scans == ["layers.py"]
 
 
 def test_every_parameter_has_a_logical_rule(data):

@@ -203,3 +203,20 @@ class Attention(nn.Module):
         h, hd, d = self.w_out.shape
         y = matmul(o.reshape(*o.shape[:-2], h * hd), self.w_out.reshape(h * hd, d), self.dtype)
         return y.astype(self.dtype)
+
+
+def layer_stack(block: type[nn.Module], n_layers: int, in_axes: tuple) -> type[nn.Module]:
+    """`block` scanned over `n_layers` layers: one compiled body whatever the depth, every
+    parameter (and MoE bias) stacked on a leading axis named "layers" for sharding, each layer
+    initialised from its own key. `block.__call__(carry, *args)` must return (carry, y); the
+    y are stacked over layers. `in_axes` says, per argument after the carry, `0` (sliced per
+    layer) or `nn.broadcast` (the same for every layer; closed over, so it may hold Python
+    values). The one place the model code calls `nn.scan`."""
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, "moe_bias": 0},
+        split_rngs={"params": True},
+        in_axes=in_axes,
+        length=n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

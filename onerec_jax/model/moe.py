@@ -42,8 +42,7 @@ same rows at E = 8 and 28x at E = 32 (8,192 rows, 256 -> 512), i.e. it pays for 
 on every row. CPU runs of MoE models should use capacity dispatch; on GPU/TPU ragged_dot is a
 grouped matmul.
 
-Shapes (STYLE.md glossary): T tokens, D model width, F expert width, E experts, k chosen, C
-capacity.
+Shape suffixes (x_TxD): T tokens, D model width, F expert width, E experts, k chosen, C capacity.
 """
 
 from __future__ import annotations

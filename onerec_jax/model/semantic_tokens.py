@@ -1,4 +1,6 @@
-"""Pieces V1 and V2 share: the semantic-id token table, per-level losses, cached self-attention."""
+"""The semantic-id token layout V1 and V2 share: the Q levels' codes live at per-level offsets
+in one embedding table (BOS is its last id), teacher-forced decoder inputs, the per-level NLL
+read from each level's slice of one output head, and the mask of real target tokens."""
 
 from __future__ import annotations
 
@@ -7,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onerec_jax.model.layers import FFN_KINDS, Attention
+from onerec_jax.model.layers import FFN_KINDS
 
 
-class TokenTable:
+class SemanticVocab:
     """Mixin for model configs with `vocab` (codes per level), `loss` and `ffn` fields.
 
     Token ids of level l live at offset(l) + code in one embedding table; BOS is the last id.
@@ -29,7 +31,8 @@ class TokenTable:
     def n_tokens(self) -> int:
         return int(sum(self.vocab)) + 1
 
-    def check_common(self) -> None:
+    def check_shared_fields(self) -> None:
+        """Validate the fields V1 and V2 configs share (called from their __post_init__)."""
         name = type(self).__name__
         if self.loss not in ("sum", "mean"):
             raise ValueError(f"{name}.loss must be sum or mean, got {self.loss!r}")
@@ -40,7 +43,7 @@ class TokenTable:
 
 
 def teacher_forcing(
-    codes_BxMxQ: jax.Array, cfg: TokenTable, groups: int
+    codes_BxMxQ: jax.Array, cfg: SemanticVocab, groups: int
 ) -> tuple[jax.Array, jax.Array]:
     """Token-table ids of the target codes as `groups` sequences per request, [B * groups, T],
     and the decoder inputs: the same shifted right behind BOS."""
@@ -51,10 +54,10 @@ def teacher_forcing(
             f"for vocab {cfg.vocab}"
         )
     # Padding targets carry code -1 from the table; any in-range id will do (masked later).
-    ids = jnp.maximum(codes_BxMxQ, 0) + jnp.asarray(cfg.offsets)[None, None, :]
-    seq = ids.reshape(b * groups, -1)
-    bos = jnp.full((b * groups, 1), cfg.n_tokens - 1, jnp.int32)
-    return seq, jnp.concatenate([bos, seq[:, :-1]], axis=1)
+    ids_BxMxQ = jnp.maximum(codes_BxMxQ, 0) + jnp.asarray(cfg.offsets)[None, None, :]
+    seq_NxT = ids_BxMxQ.reshape(b * groups, -1)
+    bos_Nx1 = jnp.full((b * groups, 1), cfg.n_tokens - 1, jnp.int32)
+    return seq_NxT, jnp.concatenate([bos_Nx1, seq_NxT[:, :-1]], axis=1)
 
 
 def token_mask(codes_BxMxQ: jax.Array, groups: int) -> jax.Array:
@@ -67,29 +70,13 @@ def token_mask(codes_BxMxQ: jax.Array, groups: int) -> jax.Array:
     return jnp.broadcast_to(valid_BxM[:, :, None], (b, m, q)).reshape(b * groups, -1)
 
 
-def level_nll(logits_NxTxV: jax.Array, ids_NxT: jax.Array, cfg: TokenTable) -> jax.Array:
+def level_nll(logits_NxTxV: jax.Array, ids_NxT: jax.Array, cfg: SemanticVocab) -> jax.Array:
     """Next-token NLL [N, T] where position p holds a level-(p % Q) token id: each position is
     scored against its level's slice of the head only (T <= m * Q static positions)."""
     q = len(cfg.vocab)
     out = []
     for p in range(ids_NxT.shape[1]):
         lo, v = int(cfg.offsets[p % q]), cfg.vocab[p % q]
-        lg = logits_NxTxV[:, p, lo : lo + v]
-        out.append(optax.softmax_cross_entropy_with_integer_labels(lg, ids_NxT[:, p] - lo))
+        logits_NxV = logits_NxTxV[:, p, lo : lo + v]
+        out.append(optax.softmax_cross_entropy_with_integer_labels(logits_NxV, ids_NxT[:, p] - lo))
     return jnp.stack(out, axis=1)
-
-
-def cached_self_attention(
-    attn: Attention, h_Nx1xD: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Self-attention of one new position: its K/V are written into the cache at `pos`, and it
-    attends to positions <= pos. Returns (output, updated cache)."""
-    k, v = attn.project_kv(h_Nx1xD)
-    cache = (
-        jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos, axis=1),
-        jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos, axis=1),
-    )
-    n, length = h_Nx1xD.shape[0], cache[0].shape[1]
-    visible = jnp.arange(length) <= pos
-    mask = jnp.broadcast_to(visible[None, None, :], (n, 1, length))
-    return attn(h_Nx1xD, cache, mask), cache

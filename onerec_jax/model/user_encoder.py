@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from onerec_jax.data import schema
-from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
+from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn, layer_stack
 
 _EVENT_FIELDS = ("item", "author", "tag", "tdelta", "play", "dur", "flags")
 
@@ -62,30 +62,38 @@ def _embed(name: str, vocab: int, dim: int) -> nn.Embed:
 
 
 class _Block(nn.Module):
-    """Pre-norm block: attention (self, or cross to `mem`) then the FFN, both residual."""
+    """Pre-norm block: attention (self, or cross to `mem`) then the FFN, both residual.
+    Queries x [B, L, D]; `mask` [B, L or 1, S] over the keys (S = L for self-attention)."""
 
     cfg: EncoderConfig
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, mem: jax.Array | None, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, mem_BxSxD: jax.Array | None, mask_BxLxS: jax.Array
+    ) -> jax.Array:
         c = self.cfg
-        h = RMSNorm(dtype=self.dtype)(x)
-        kv = h if mem is None else mem
-        x = x + Attention(c.n_heads, c.d_model, dtype=self.dtype)(h, kv, mask)
-        x = x + ffn(c.ffn, c.d_ff, self.dtype)(RMSNorm(dtype=self.dtype)(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h_BxLxD = RMSNorm(dtype=self.dtype)(x_BxLxD)
+        kv = h_BxLxD if mem_BxSxD is None else mem_BxSxD
+        x_BxLxD = x_BxLxD + Attention(c.n_heads, c.d_model, dtype=self.dtype)(
+            h_BxLxD, kv, mask_BxLxS
+        )
+        x_BxLxD = x_BxLxD + ffn(c.ffn, c.d_ff, self.dtype)(RMSNorm(dtype=self.dtype)(x_BxLxD))
+        return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
 
 class _ScanBlock(nn.Module):
-    """_Block in nn.scan's (carry, x) -> (carry, y) form: one compiled block for all layers."""
+    """_Block in a scanned stack's (carry, x) -> (carry, y) form. The wrapper, not _Block
+    itself, is scanned so that the parameters keep their `encoder/block/...` paths."""
 
     cfg: EncoderConfig
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, mem: jax.Array | None, mask: jax.Array) -> tuple:
-        return _Block(self.cfg, self.dtype, name="block")(x, mem, mask), None
+    def __call__(
+        self, x_BxLxD: jax.Array, mem_BxSxD: jax.Array | None, mask_BxLxS: jax.Array
+    ) -> tuple[jax.Array, None]:
+        return _Block(self.cfg, self.dtype, name="block")(x_BxLxD, mem_BxSxD, mask_BxLxS), None
 
 
 class UserEncoder(nn.Module):
@@ -136,17 +144,21 @@ class UserEncoder(nn.Module):
         pos, pos_mask = events("pos")
         life, life_mask = events("life")
         b = static.shape[0]
-        q = self.param(
+        queries_NxD = self.param(
             "queries",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
             (c.n_queries, d),
         )
-        q = jnp.broadcast_to(q.astype(self.dtype)[None], (b, c.n_queries, d))
+        # The QFormer: N = n_queries learnable queries per user cross-attend to the lifelong
+        # events, compressing them to N tokens.
+        queries_BxNxD = jnp.broadcast_to(queries_NxD.astype(self.dtype)[None], (b, c.n_queries, d))
         for i in range(c.qformer_blocks):  # few (1-2) blocks; not a hot per-token loop
-            q = _Block(c, self.dtype, name=f"qformer{i}")(q, life, life_mask[:, None, :])
+            queries_BxNxD = _Block(c, self.dtype, name=f"qformer{i}")(
+                queries_BxNxD, life, life_mask[:, None, :]
+            )
 
-        x = jnp.concatenate([s.astype(self.dtype), short, pos, q], axis=1)
-        mask = jnp.concatenate(
+        x_BxSxD = jnp.concatenate([s.astype(self.dtype), short, pos, queries_BxNxD], axis=1)
+        mask_BxS = jnp.concatenate(
             [jnp.ones((b, 1), bool), short_mask, pos_mask, jnp.ones((b, c.n_queries), bool)], 1
         )
         positions = self.param(
@@ -154,16 +166,9 @@ class UserEncoder(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
             (c.n_tokens, d),
         )
-        x = x + positions.astype(self.dtype)[None]
+        x_BxSxD = x_BxSxD + positions.astype(self.dtype)[None]
         if not self.stack:
-            return x, mask
-        blocks = nn.scan(
-            _ScanBlock,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = blocks(c, self.dtype, name="encoder")(x, None, mask[:, None, :])
-        return RMSNorm(dtype=self.dtype, name="final_norm")(x), mask
+            return x_BxSxD, mask_BxS
+        blocks = layer_stack(_ScanBlock, c.n_layers, (nn.broadcast, nn.broadcast))
+        x_BxSxD, _ = blocks(c, self.dtype, name="encoder")(x_BxSxD, None, mask_BxS[:, None, :])
+        return RMSNorm(dtype=self.dtype, name="final_norm")(x_BxSxD), mask_BxS

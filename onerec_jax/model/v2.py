@@ -17,7 +17,8 @@ query axis, so the context K/V are computed once per user.
 
 Generation uses the same `encode` / `init_cache` / `step` interface as V1 (generate.py). As in
 V1, padded target items' positions are masked out of the MoE in training, and decoding routes
-the MoE dropless whatever the configured dispatch.
+the MoE dropless whatever the configured dispatch. The block is `decoder_block.DecoderBlock`
+in its lazy order, the one V1 shares.
 """
 
 from __future__ import annotations
@@ -28,21 +29,28 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from onerec_jax.model.common import (
-    TokenTable,
-    cached_self_attention,
+from onerec_jax.model.decoder_block import (
+    DecoderBlock,
+    KVCache,
+    LayerInputs,
+    Mode,
+    SharedInputs,
+)
+from onerec_jax.model.layers import Dense, RMSNorm, layer_stack
+from onerec_jax.model.moe import MoEConfig
+from onerec_jax.model.semantic_tokens import (
+    SemanticVocab,
     level_nll,
     teacher_forcing,
     token_mask,
 )
-from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn
-from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
 
 
 @dataclasses.dataclass(frozen=True)
-class V2Config(TokenTable):
+class V2Config(SemanticVocab):
     context: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)  # pathways only
     n_layers: int = 2
     d_model: int = 128
@@ -72,7 +80,7 @@ class V2Config(TokenTable):
         n_dense = self.n_layers if self.moe is None else self.first_dense
         if not 0 <= n_dense <= self.n_layers:
             raise ValueError(f"V2Config: first_dense {self.first_dense} > n_layers")
-        self.check_common()
+        self.check_shared_fields()
 
     @property
     def kv_heads(self) -> int:
@@ -91,57 +99,30 @@ class V2Config(TokenTable):
         return layer * self.l_kv // self.n_layers
 
 
-class _Block(nn.Module):
-    """One lazy-decoder block; `use_moe` picks the FFN. Modes as V1's block: `layer` has no
-    cache (training: whole sequences; `shared` may hold the MoE's `token_mask` [N, T]) or this
-    layer's self-attention cache (one new position; the MoE routes dropless)."""
+@struct.dataclass
+class V2Cache:
+    """Decoding state of N = G * B rows (G per user, contiguous; `OneRecV2.init_cache`)."""
 
-    cfg: V2Config
-    dtype: jnp.dtype
-    use_moe: bool
+    dense_kv: KVCache | None  # [first_dense, N, T_max, H, K]; None without that stack
+    moe_kv: KVCache | None  # [n_layers - first_dense, N, T_max, H, K]; likewise
+    kv_sets: jax.Array  # the user's context K/V sets [L_kv, B, S, S_kv, G, K] (`encode`)
+    mem_mask: jax.Array  # [B, S]
 
-    @nn.compact
-    def __call__(self, x: jax.Array, layer: Any, shared: dict[str, Any]) -> tuple[jax.Array, Any]:
-        c = self.cfg
-        n, t, d = x.shape
-        idx, cache_in = layer["index"], layer.get("cache")
-        # Cross-attention: this layer's K/V set, picked by its index (no projection here).
-        kv_set = jax.lax.dynamic_index_in_dim(shared["kv_set_of_layer"], idx, keepdims=False)
-        ctx = jax.lax.dynamic_index_in_dim(shared["ctx"], kv_set, keepdims=False)
-        k, v = ctx[:, :, 0], ctx[:, :, -1]  # [B, S, G, K]; the same tensor when S_kv = 1
-        h = RMSNorm(dtype=self.dtype)(x)
-        b = shared["cross"].shape[0]
-        cross = Attention(c.n_heads, c.d_model, self.dtype, kv_proj=False, name="cross_attn")
-        folded = h.reshape(b, (n // b) * t, d)  # a user's sequences share its context
-        x = x + cross(folded, (k, v), shared["cross"]).reshape(n, t, d)
-        h = RMSNorm(dtype=self.dtype)(x)
-        self_attn = Attention(c.n_heads, c.d_model, dtype=self.dtype, name="self_attn")
-        cache = None
-        if cache_in is None:
-            x = x + self_attn(h, h, shared["causal"])
-        else:
-            y, cache = cached_self_attention(self_attn, h, cache_in, shared["pos"])
-            x = x + y
-        h = RMSNorm(dtype=self.dtype)(x)
-        if self.use_moe and cache_in is None:
-            y, stats = MoE(c.moe, dtype=self.dtype)(h, shared.get("token_mask"))
-        elif self.use_moe:
-            y, stats = MoE(c.moe, dtype=self.dtype)(h, dispatch="dropless")
-        else:
-            y, stats = ffn(c.ffn, c.d_ff, self.dtype)(h), None
-        x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
-        return x, (stats, cache)
+    def take_rows(self, rows_N: jax.Array) -> V2Cache:
+        """Row r of the self-attention caches taken from row `rows_N[r]`; per-user parts stay."""
+        return self.replace(
+            dense_kv=None if self.dense_kv is None else self.dense_kv.take_rows(rows_N),
+            moe_kv=None if self.moe_kv is None else self.moe_kv.take_rows(rows_N),
+        )
 
 
 def _stack(cfg: V2Config, dtype: jnp.dtype, use_moe: bool, length: int, name: str) -> nn.Module:
-    return nn.scan(
-        _Block,
-        variable_axes={"params": 0, "moe_bias": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast),
-        length=length,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, dtype, use_moe, name=name)
+    """`length` lazy blocks, scanned; MoE FFNs if `use_moe`, else the dense FFN."""
+    stack = layer_stack(DecoderBlock, length, (0, nn.broadcast, nn.broadcast))
+    moe = cfg.moe if use_moe else None
+    return stack(
+        cfg.n_heads, cfg.d_model, cfg.d_ff, cfg.ffn, moe, lazy=True, dtype=dtype, name=name
+    )
 
 
 class OneRecV2(nn.Module):
@@ -178,33 +159,38 @@ class OneRecV2(nn.Module):
     def encode(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Context K/V sets [L_kv, B, S, S_kv, G, K] (RMS-normalised) and their mask [B, S]."""
         c = self.cfg
-        x, mask = self.context(batch)
-        b, s, _ = x.shape
-        kv = self.kv(x).reshape(b, s, c.l_kv, c.s_kv, c.kv_heads, c.head_dim)
+        x_BxSxD, mask_BxS = self.context(batch)
+        b, s, _ = x_BxSxD.shape
+        kv = self.kv(x_BxSxD).reshape(b, s, c.l_kv, c.s_kv, c.kv_heads, c.head_dim)
         kv = self.kv_norm(kv)  # one RMSNorm over each head of each set
-        return jnp.moveaxis(kv, 2, 0), mask
+        return jnp.moveaxis(kv, 2, 0), mask_BxS
 
-    def _blocks(self, x: jax.Array, caches: Any, shared: dict[str, Any]) -> tuple:
+    def _blocks(
+        self,
+        x_NxTxD: jax.Array,
+        caches: tuple[KVCache | None, KVCache | None],
+        shared: SharedInputs,
+        mode: Mode,
+    ) -> tuple[jax.Array, Any, tuple[KVCache | None, KVCache | None]]:
+        """The dense stack, then the MoE stack (each absent when it has no layers). Returns
+        (x, the MoE stack's stats or None, the two stacks' updated caches)."""
         c = self.cfg
-        shared = {
-            **shared,
-            "kv_set_of_layer": jnp.asarray([c.kv_set(i) for i in range(c.n_layers)]),
-        }
-        stats, new = None, {}
-        for name, stack, lo, hi in (
-            ("dense", self.dense_blocks, 0, c.n_dense),
-            ("moe", self.moe_blocks, c.n_dense, c.n_layers),
-        ):
+        stats, new = None, []
+        for stack, lo, hi, cache, is_moe in (
+            (self.dense_blocks, 0, c.n_dense, caches[0], False),
+            (self.moe_blocks, c.n_dense, c.n_layers, caches[1], True),
+        ):  # two stacks, not a loop over layers
             if stack is None:
+                new.append(None)
                 continue
-            layer = {"index": jnp.arange(lo, hi)}
-            if caches is not None:
-                layer["cache"] = caches[name]
-            x, (st, cache) = stack(x, layer, shared)
-            if name == "moe":
-                stats = st
-            new[name] = cache
-        return x, stats, new
+            # The context K/V set each layer of the stack reads (static: from the config).
+            kv_set_L = jnp.asarray([c.kv_set(i) for i in range(lo, hi)])
+            layer = LayerInputs(kv_set=kv_set_L, self_kv=cache)
+            x_NxTxD, out = stack(x_NxTxD, layer, shared, mode)
+            if is_moe:
+                stats = out.moe_stats
+            new.append(out.self_kv)
+        return x_NxTxD, stats, (new[0], new[1])
 
     # -- training --------------------------------------------------------------------------
     def __call__(
@@ -228,41 +214,49 @@ class OneRecV2(nn.Module):
         """Logits [N, T, n_tokens]; N = G * B rows, a user's rows contiguous. `valid` marks
         the positions of real target items for the MoE (None: all)."""
         n, length = tokens_NxT.shape
-        x = self.tokens(tokens_NxT).astype(self.dtype)
-        x = x + self.positions[:length].astype(self.dtype)[None]
-        causal = jnp.broadcast_to(
+        x_NxTxD = self.tokens(tokens_NxT).astype(self.dtype)
+        x_NxTxD = x_NxTxD + self.positions[:length].astype(self.dtype)[None]
+        causal_NxTxT = jnp.broadcast_to(
             jnp.tril(jnp.ones((length, length), bool))[None], (n, length, length)
         )
-        shared = {"ctx": ctx, "cross": mask[:, None, :], "causal": causal}
-        if valid_NxT is not None:
-            shared["token_mask"] = valid_NxT
-        x, stats, _ = self._blocks(x, None, shared)
-        return self.head(self.final_norm(x)).astype(jnp.float32), stats
+        shared = SharedInputs(
+            cross_mask=mask[:, None, :],
+            kv_sets=ctx,
+            causal=causal_NxTxT,
+            valid=valid_NxT,
+        )
+        x_NxTxD, stats, _ = self._blocks(x_NxTxD, (None, None), shared, Mode.TRAIN)
+        return self.head(self.final_norm(x_NxTxD)).astype(jnp.float32), stats
 
     # -- generation ------------------------------------------------------------------------
-    def init_cache(self, ctx: jax.Array, mask: jax.Array, rows: int) -> dict[str, Any]:
+    def init_cache(self, ctx: jax.Array, mask: jax.Array, rows: int) -> V2Cache:
+        """Decoding state for `rows` = G * B sequences (G per user, contiguous): the context
+        K/V sets of `encode` (already per user, nothing to prefill) and empty self-attention
+        caches."""
         c = self.cfg
-        shape = (rows, len(c.vocab) + 1, c.n_heads, c.head_dim)
 
-        def empty(layers: int) -> tuple[jax.Array, jax.Array]:
-            z = jnp.zeros((layers, *shape), self.dtype)
-            return (z, z)
+        def empty(layers: int) -> KVCache | None:
+            if not layers:
+                return None
+            length = len(c.vocab) + 1
+            return KVCache.empty(layers, rows, length, c.n_heads, c.head_dim, self.dtype)
 
-        caches = {}
-        if c.n_dense:
-            caches["dense"] = empty(c.n_dense)
-        if c.n_layers - c.n_dense:
-            caches["moe"] = empty(c.n_layers - c.n_dense)
-        return {"self": caches, "ctx": ctx, "mem_mask": mask}
+        return V2Cache(
+            dense_kv=empty(c.n_dense),
+            moe_kv=empty(c.n_layers - c.n_dense),
+            kv_sets=ctx,
+            mem_mask=mask,
+        )
 
     def step(
-        self, cache: dict[str, Any], tokens_N: jax.Array, pos: jax.Array | int
-    ) -> tuple[jax.Array, dict[str, Any]]:
+        self, cache: V2Cache, tokens_N: jax.Array, pos: jax.Array | int
+    ) -> tuple[jax.Array, V2Cache]:
         """Next-token logits [N, n_tokens] after feeding `tokens` at `pos`; the updated cache."""
         pos = jnp.asarray(pos, jnp.int32)
-        p = jax.lax.dynamic_slice_in_dim(self.positions, pos, 1, axis=0).astype(self.dtype)
-        x = self.tokens(tokens_N[:, None]).astype(self.dtype) + p[None]
-        shared = {"ctx": cache["ctx"], "cross": cache["mem_mask"][:, None, :], "pos": pos}
-        x, _, new = self._blocks(x, cache["self"], shared)
-        logits = self.head(self.final_norm(x)).astype(jnp.float32)[:, 0]
-        return logits, {**cache, "self": new}
+        p_1xD = jax.lax.dynamic_slice_in_dim(self.positions, pos, 1, axis=0).astype(self.dtype)
+        x_Nx1xD = self.tokens(tokens_N[:, None]).astype(self.dtype) + p_1xD[None]
+        shared = SharedInputs(cross_mask=cache.mem_mask[:, None, :], kv_sets=cache.kv_sets, pos=pos)
+        caches = (cache.dense_kv, cache.moe_kv)
+        x_Nx1xD, _, (dense_kv, moe_kv) = self._blocks(x_Nx1xD, caches, shared, Mode.DECODE)
+        logits_NxV = self.head(self.final_norm(x_Nx1xD)).astype(jnp.float32)[:, 0]
+        return logits_NxV, cache.replace(dense_kv=dense_kv, moe_kv=moe_kv)

@@ -24,7 +24,7 @@ import optax
 
 from onerec_jax import sharding
 from onerec_jax.model import moe as moe_lib
-from onerec_jax.model.v1 import loss_fn
+from onerec_jax.train.loss import loss_fn
 
 _NOT_MODEL_INPUTS = ("user_id", "request_ts", "target_codes")
 
