@@ -25,6 +25,7 @@ from typing import Any
 
 import ml_collections
 
+from onerec_jax.configs import default
 from onerec_jax.model import rungs
 
 FAMILIES = ("v1", "v2")
@@ -162,8 +163,32 @@ def resolve(
     update(cfg, fields, "--config")
     if "model" in cfg and "family" in cfg.model:
         keep_family(cfg, touched=fields)
+        if rung and rungs.rung_fields(rung)["model.family"] != cfg.model.family:
+            raise ConfigError(
+                f"rung {rung} is a {rungs.rung_fields(rung)['model.family']} model but "
+                f"model.family is {cfg.model.family}; pick a rung of that family"
+            )
+        check_training_fields(cfg)
     validate(cfg)
     return cfg
+
+
+def check_training_fields(cfg: ml_collections.ConfigDict) -> None:
+    """A training config has exactly the fields of the default config (for its family): a
+    field of its own would be recorded in the run's config.json but read by nothing, and a
+    missing one would fail deep inside the run."""
+    ref = default.get_config()
+    ref.lock()
+    update(ref, {"model.family": cfg.model.family}, "default config")
+    keep_family(ref)
+    have, want = set(flatten(cfg.to_dict())), set(flatten(ref.to_dict()))
+    if have - want:
+        raise ConfigError(
+            f"config fields {sorted(have - want)} are not fields of a training config "
+            "(onerec_jax/configs/default.py lists them all)"
+        )
+    if want - have:
+        raise ConfigError(f"the config lacks the training fields {sorted(want - have)}")
 
 
 def check_resolved(cfg: ml_collections.ConfigDict) -> None:
@@ -179,6 +204,17 @@ def keep_family(cfg: ml_collections.ConfigDict, touched: Mapping[str, Any] = ())
     family = cfg.model.family
     if family not in FAMILIES:
         raise ConfigError(f"model.family must be one of {FAMILIES}, got {family!r}")
+    if not isinstance(cfg.model.get(family), ml_collections.ConfigDict):
+        flat = "d_model" in cfg.model  # the layout before the per-family sections
+        raise ConfigError(
+            f"the config has no model.{family} section"
+            + (
+                " (its model fields are the old flat layout: derive the config from "
+                "onerec_jax/configs/default.py, where model.v1 / model.v2 hold them)"
+                if flat
+                else ""
+            )
+        )
     for key in touched:
         parts = key.split(".")
         if len(parts) > 2 and parts[0] == "model" and parts[1] in FAMILIES and parts[1] != family:

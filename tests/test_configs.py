@@ -76,6 +76,23 @@ def test_resolve_applies_the_rung_then_the_overrides_then_validates():
         config.load("no_such_config")
 
 
+def test_configs_a_run_could_not_resume_are_refused_before_anything_is_written():
+    # A field of its own would be saved in config.json and make the run unreadable later.
+    extra = default.get_config()
+    extra.notes = "x"
+    with pytest.raises(config.ConfigError, match=r"\['notes'\] are not fields"):
+        config.resolve(extra)
+    # A rung of one family with a model of the other would record a rung it did not train.
+    with pytest.raises(config.ConfigError, match="rung v1-cpu-s is a v1 model"):
+        config.resolve(default.get_config(), ["rung=v1-cpu-s", "model.family=v2"])
+    # A config written for the old flat model layout gets one error that says so.
+    flat = default.get_config()
+    del flat.model.v1
+    flat.model.d_model = 32
+    with pytest.raises(config.ConfigError, match=r"no model\.v1 section.*old flat layout"):
+        config.resolve(flat)
+
+
 # config.json of runs written before the per-family sections (flat `model`), as they were.
 OLD_V1 = {
     "batch_size": 32, "bf16": False, "checkpoint_every": 50, "eval_every": 50,

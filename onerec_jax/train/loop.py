@@ -123,15 +123,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                 pending = (done, metrics, ev)
                 if kill_at and done == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
+                # Read the flag once: a SIGTERM between two reads would stop without a save.
+                preempted = preemption.requested
                 checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
-                if checkpoint_due or preemption.requested:
+                if checkpoint_due or preempted:
                     log.record(*pending)  # never checkpoint a state whose loss was not finite
                     pending = None
                     t = time.perf_counter()
                     counters.wall_s = wall_before + t - t0
                     ckpt.save(done, state, data, dataclasses.asdict(counters))
                     log.throughput.pause(time.perf_counter() - t)
-                if preemption.requested:
+                if preempted:
                     status = "preempted"
                     break
                 loss = counters.train_loss

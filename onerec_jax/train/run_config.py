@@ -150,7 +150,7 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")
     try:
         return upgrade_config(json.loads(path.read_text()))
-    except (json.JSONDecodeError, config.ConfigError) as e:
+    except (json.JSONDecodeError, config.ConfigError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a run config this version can read ({e})") from None
 
 
