@@ -98,6 +98,14 @@ def get_config() -> ml_collections.ConfigDict:
     v2.context.feature_dim = 8
     v2.moe = moe_section()
 
+    # The device mesh (onerec_jax/sharding.py): sizes of its four axes, their product the number
+    # of devices; -1 = the devices left. May change between a run and its resumption.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data parallelism (parameters replicated)
+    c.mesh.fsdp = 1  # fully-sharded data parallelism (parameters and moments split)
+    c.mesh.tensor = 1  # tensor parallelism (heads, FFN width, vocabulary)
+    c.mesh.expert = 1  # expert parallelism (routed experts)
+
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-3  # peak
     c.optim.warmup_steps = 20

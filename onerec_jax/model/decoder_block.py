@@ -170,7 +170,9 @@ class DecoderBlock(nn.Module):
                 y_NxTxD, stats = moe(h_NxTxD, shared.valid)
             else:  # DECODE: dropless (see Mode)
                 y_NxTxD, stats = moe(h_NxTxD, dispatch="dropless")
-        x_NxTxD = nn.with_logical_constraint(x_NxTxD + y_NxTxD, ("batch", "length", "embed"))
+        x_NxTxD = nn.with_logical_constraint(
+            x_NxTxD + y_NxTxD, ("activation_batch", "activation_length", "activation_embed")
+        )
         return x_NxTxD, LayerOutputs(moe_stats=stats, self_kv=self_kv)
 
     def _self_attention(

@@ -79,7 +79,9 @@ class _Block(nn.Module):
             h_BxLxD, kv, mask_BxLxS
         )
         x_BxLxD = x_BxLxD + ffn(c.ffn, c.d_ff, self.dtype)(RMSNorm(dtype=self.dtype)(x_BxLxD))
-        return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(
+            x_BxLxD, ("activation_batch", "activation_length", "activation_embed")
+        )
 
 
 class _ScanBlock(nn.Module):
@@ -124,7 +126,9 @@ class UserEncoder(nn.Module):
         def events(p: str) -> tuple[jax.Array, jax.Array]:
             feats = [tables[f](batch[f"{p}_{f}"].astype(jnp.int32)) for f in _EVENT_FIELDS]
             x = jnp.concatenate(feats, axis=-1)
-            x = nn.leaky_relu(Dense(2 * d, ("feature", "mlp"), dtype=self.dtype, name=f"{p}_in")(x))
+            # The input is the concatenated feature widths: a model-width axis ("embed"), not
+            # the rows of a feature table ("feature").
+            x = nn.leaky_relu(Dense(2 * d, ("embed", "mlp"), dtype=self.dtype, name=f"{p}_in")(x))
             x = Dense(d, ("mlp", "embed"), dtype=self.dtype, name=f"{p}_out")(x)
             return x.astype(self.dtype), batch[f"{p}_mask"]
 
@@ -137,7 +141,7 @@ class UserEncoder(nn.Module):
             ],
             axis=-1,
         )
-        s = nn.leaky_relu(Dense(d, ("feature", "mlp"), dtype=self.dtype, name="static_in")(s))
+        s = nn.leaky_relu(Dense(d, ("embed", "mlp"), dtype=self.dtype, name="static_in")(s))
         s = Dense(d, ("mlp", "embed"), dtype=self.dtype, name="static_out")(s)[:, None, :]
 
         short, short_mask = events("short")

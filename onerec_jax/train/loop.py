@@ -29,10 +29,9 @@ import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from onerec_jax import config, flops
+from onerec_jax import config, flops, sharding
 from onerec_jax.data import pipeline
 from onerec_jax.data.sources import distinct_requests, repeat_warning
 from onerec_jax.monitor import Progress
@@ -67,6 +66,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     """Run (or resume) training; returns the summary written to WORKDIR/summary.json."""
     config.check_resolved(cfg)
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    if cfg.batch_size % sharding.batch_shards(mesh):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} does not split over the mesh's batch axes "
+            f"(data x fsdp x expert = {sharding.batch_shards(mesh)})"
+        )
     check_split(cfg, workdir)
     check_workdir_config(cfg, workdir)
     run = state_lib.open_run(cfg, workdir, build_table=True)
@@ -75,9 +80,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if repeats:
         warnings.warn(f"{workdir}: {repeats}", stacklevel=2)
     ocfg, tx, schedule = state_lib.optimizer(cfg)
-    state = state_lib.fresh_state(cfg, run.model, tx, run.table.n_levels)
+    state, shardings = state_lib.sharded_state(cfg, run.model, tx, run.table.n_levels, mesh)
     counts = flops.counts(run.model)
-    validation = Validation(cfg, run.spec, run.table.codes, run.model)
+    validation = Validation(cfg, run.spec, run.table.codes, run.model, mesh)
     ds = pipeline.make_dataset(
         run.source,
         run.spec,
@@ -94,7 +99,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     log = RunLog(cfg, workdir, start, counters, counts.flops_train, ckpt.latest_step)
     if start == 0:
         log.writer.hparams(cfg.to_dict() | {"params": counts.params_total})
-    step_fn = step_lib.jit_train_step(run.model, tx, schedule, ocfg)
+    step_fn = step_lib.jit_train_step(run.model, tx, schedule, ocfg, mesh, shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
     kill_at = int(os.environ.get("ONEREC_TEST_SIGKILL_AT_STEP", "0"))  # crash tests only
     t0, wall_before = time.perf_counter(), counters.wall_s
     status = "finished"
@@ -104,7 +110,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     try:
         with Preemption() as preemption:
             for step in range(start, cfg.steps):
-                batch = jax.tree.map(jnp.asarray, next(data))
+                # A global array from this process's rows of the batch.
+                batch = jax.tree.map(
+                    lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(data)
+                )
                 rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
                 state, metrics = step_fn(state, batch, rng)
                 done = step + 1
@@ -153,4 +162,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         eval_requests=validation.n_requests,
         distinct_train_requests=n_distinct,
         wall_s_this_run=time.perf_counter() - t0,
+        mesh=dict(mesh.shape),
+        params_sharded_fraction=sharding.sharded_fraction(state.params),
     )

@@ -155,8 +155,9 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Refuse to resume a run under a different config (only `steps` may change), then write
-    the config to WORKDIR/config.json (atomically: a crash leaves the old file or the new)."""
+    """Refuse to resume a run under a different config (only `steps` and `mesh` may change),
+    then write the config to WORKDIR/config.json (atomically: a crash leaves the old file or
+    the new)."""
     path = workdir / "config.json"
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
     if path.exists():
@@ -164,8 +165,9 @@ def check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) 
         check_split(saved, workdir)
         old, new = config.flatten(saved.to_dict()), config.flatten(cfg.to_dict())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        # Only the step budget may change between a run and its resumption.
-        changed = [k for k in changed if k != "steps"]
+        # Only the step budget and the device mesh may change between a run and its
+        # resumption (a checkpoint restores onto any mesh).
+        changed = [k for k in changed if k != "steps" and not k.startswith("mesh.")]
         if changed:
             raise ValueError(
                 f"{workdir} holds a run with a different config (fields {changed}); "

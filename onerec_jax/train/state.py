@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh
 
+from onerec_jax import sharding
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
 from onerec_jax.model.v1 import OneRecV1
@@ -61,6 +63,42 @@ def fresh_state(
     """Step-0 state: parameters initialised from `seed`, optimizer moments at zero."""
     zero = jax.tree.map(jnp.asarray, zero_batch(schema_spec(cfg), 2, n_levels))
     return step_lib.init_state(model, tx, zero, jax.random.key(cfg.seed))
+
+
+def sharded_state(
+    cfg: ml_collections.ConfigDict,
+    model: OneRecV1 | OneRecV2,
+    tx: optax.GradientTransformation,
+    n_levels: int,
+    mesh: Mesh,
+) -> tuple[step_lib.TrainState, Any]:
+    """`fresh_state` created already laid out on `mesh` (no device ever holds the whole state)
+    and the state's shardings: parameters by their logical names (onerec_jax/sharding.py),
+    optimizer moments like their parameters, counters and MoE biases replicated. The values
+    equal `fresh_state`'s (JAX's counter-based RNG does not depend on the layout)."""
+    zero = jax.tree.map(jnp.asarray, zero_batch(schema_spec(cfg), 2, n_levels))
+    key = jax.random.key(cfg.seed)
+    inputs = {k: v for k, v in zero.items() if k not in step_lib.NOT_MODEL_INPUTS}
+    boxed = jax.eval_shape(model.init, key, inputs, zero["target_codes"])
+    params = sharding.shardings(boxed["params"], mesh)
+    rep = sharding.replicated(mesh)
+
+    def init(k: jax.Array) -> step_lib.TrainState:
+        return step_lib.init_state(model, tx, zero, k)
+
+    abstract = jax.eval_shape(init, key)
+    opt = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, params, transform_non_params=lambda _: rep
+    )
+    shardings = step_lib.TrainState(
+        step=rep,
+        params=params,
+        opt_state=opt,
+        moe_bias=jax.tree.map(lambda _: rep, abstract.moe_bias),
+    )
+    with sharding.rules_on(mesh):
+        state = jax.jit(init, out_shardings=shardings)(key)
+    return state, shardings
 
 
 @dataclasses.dataclass

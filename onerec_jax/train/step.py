@@ -26,7 +26,7 @@ from onerec_jax import sharding
 from onerec_jax.model import moe as moe_lib
 from onerec_jax.train.loss import loss_fn
 
-_NOT_MODEL_INPUTS = ("user_id", "request_ts", "target_codes")
+NOT_MODEL_INPUTS = ("user_id", "request_ts", "target_codes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ class TrainState:
 
 def init_state(model: Any, tx: optax.GradientTransformation, batch: dict, key: jax.Array):
     """A fresh state (unboxed float32 parameters) for `model` on inputs shaped like `batch`."""
-    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     # Jitted: op-by-op initialisation of a model this size takes seconds of dispatch.
     boxed = jax.jit(model.init)(key, inputs, batch["target_codes"])
     # Every parameter must name its axes by the rules table, or no mesh could lay it out.
@@ -111,7 +111,7 @@ def init_state(model: Any, tx: optax.GradientTransformation, batch: dict, key: j
 
 
 def _micro_loss(params, moe_bias, model, batch, aux_weight):
-    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     nll, stats = model.apply(
         {"params": params, "moe_bias": moe_bias}, inputs, batch["target_codes"]
     )
@@ -203,7 +203,7 @@ def eval_loss(
     per-item loss of its valid target items) and `items` [B] (their number), so the caller can
     form the item-weighted mean and its standard error over requests. The MoE is routed
     dropless (`dropless`), so each request's loss is its own."""
-    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     model = dropless(model)
     nll, _ = model.apply(
         {"params": state.params, "moe_bias": state.moe_bias}, inputs, batch["target_codes"]
@@ -222,7 +222,31 @@ def _update_biases(tree: Any, load_LxE: jax.Array, rate: float) -> Any:
     return jax.tree.unflatten(treedef, [moe_lib.update_bias(leaves[0], load_LxE, rate)])
 
 
-def jit_train_step(model: Any, tx: optax.GradientTransformation, schedule, cfg: OptimConfig):
-    """train_step jitted with the state donated (its buffers are reused for the new state)."""
+def jit_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    cfg: OptimConfig,
+    mesh: Any = None,
+    state_shardings: Any = None,
+):
+    """train_step jitted with the state donated (its buffers are reused for the new state).
+
+    With a mesh: the state keeps `state_shardings`, the batch is split over the mesh's batch
+    axes, and the model runs under the logical-axis rules (onerec_jax/sharding.py)."""
     fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg)
-    return jax.jit(fn, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    rep = sharding.replicated(mesh)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
+
+    def call(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+        with sharding.rules_on(mesh):  # traced (on the first call) under the rules
+            return jitted(state, batch, rng)
+
+    return call

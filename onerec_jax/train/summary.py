@@ -26,6 +26,8 @@ def write_summary(
     eval_requests: int,
     distinct_train_requests: int,
     wall_s_this_run: float,
+    mesh: dict[str, int],
+    params_sharded_fraction: float,
 ) -> dict[str, Any]:
     """Write WORKDIR/summary.json and return it: parameters, analytic FLOPs per sample and in
     total, samples and tokens seen, final train and validation loss, wall time."""
@@ -52,6 +54,9 @@ def write_summary(
         # passes over the training split's distinct requests; > 1 means data repeated
         "data_passes": steps_done * cfg.batch_size / distinct_train_requests,
         "vocab": list(run.table.vocab),
+        "mesh": mesh,  # the device mesh of this session (onerec_jax/sharding.py)
+        # share of the parameter elements split over devices (the rest replicated)
+        "params_sharded_fraction": params_sharded_fraction,
         "wall_s_this_run": round(wall_s_this_run, 2),
         # training wall time of every session up to the last checkpoint (a finished run's
         # whole training time, unchanged by running it again)

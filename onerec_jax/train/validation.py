@@ -3,6 +3,7 @@ set of validation requests, with its standard error over requests."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from onerec_jax import sharding
 from onerec_jax.data import schema
 from onerec_jax.data.sources import distinct_requests, open_source
 from onerec_jax.train import step as step_lib
@@ -63,11 +65,22 @@ class Validation:
     """`validation(state) -> (loss, standard error)` on the run's fixed validation requests
     (`eval_requests` of them; none when 0, and then `enabled` is False)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, spec: schema.SchemaSpec, codes: Any, model):
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        spec: schema.SchemaSpec,
+        codes: Any,
+        model: Any,
+        mesh: Any = None,
+    ):
         if cfg.eval_requests:
             self.batches, self.n_requests = validation_batches(cfg, spec, codes)
         else:
             self.batches, self.n_requests = [], 0
+        if mesh is not None:  # requests split over the batch axes, as in training
+            put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+            self.batches = [jax.tree.map(put, b) for b in self.batches]
+        self.mesh = mesh
         self._loss = jax.jit(functools.partial(step_lib.eval_loss, model=model))
 
     @property
@@ -75,7 +88,8 @@ class Validation:
         return bool(self.batches)
 
     def __call__(self, state: Any) -> tuple[float, float]:
-        out = [self._loss(state, b) for b in self.batches]
+        with sharding.rules_on(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            out = [self._loss(state, b) for b in self.batches]
         sums = np.concatenate([np.asarray(m["loss_sum"]) for m in out])
         items = np.concatenate([np.asarray(m["items"]) for m in out])
         return mean_and_stderr(sums, items)

@@ -1,0 +1,157 @@
+"""The device mesh: the rules table, sharded state and train step on simulated CPU devices.
+
+Multi-device runs need `--xla_force_host_platform_device_count` before JAX starts, so they run
+in subprocesses (tests/_mesh_step.py; `onerec train`). Tolerances: a sharded step reorders
+float32 sums (all-reduces over shards), so loss and gradients match one device to ~1e-7
+relative (measured); the tests allow 1e-5, and 1e-4 for losses after several optimizer steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from onerec_jax import sharding
+from onerec_jax.tokenizer.semantic_ids import SemanticIds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def test_mesh_shape_fills_the_rest_and_rejects_what_cannot_be():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == {
+        "data": 4,
+        "fsdp": 2,
+        "tensor": 1,
+        "expert": 1,
+    }
+    assert sharding.mesh_shape({"expert": 4, "data": 2}, 8)["tensor"] == 1
+    with pytest.raises(ValueError, match="needs 4 devices, have 8"):
+        sharding.mesh_shape({"data": 2, "fsdp": 2}, 8)
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        sharding.mesh_shape({"data": -1, "tensor": 3}, 8)
+    with pytest.raises(ValueError, match="at most one may be -1"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.mesh_shape({"model": 2}, 2)
+
+
+def test_two_logical_axes_on_one_mesh_axis_are_caught():
+    # "feature" and "mlp" both map to "tensor": one of them would silently stay whole.
+    bad = {"w": nn.LogicallyPartitioned(jnp.zeros((4, 4)), ("feature", "mlp"))}
+    with pytest.raises(ValueError, match="'feature' and 'mlp' both map to mesh axis 'tensor'"):
+        sharding.check_logical(bad)
+    sharding.check_logical({"w": nn.LogicallyPartitioned(jnp.zeros((4, 4)), ("embed", "mlp"))})
+
+
+def test_a_dimension_a_mesh_axis_does_not_divide_stays_whole():
+    mesh = jax.sharding.AbstractMesh((2, 2, 2, 1), sharding.MESH_AXES)
+    assert sharding._divisible(P("tensor", "fsdp"), (33, 8), mesh) == P(None, "fsdp")
+    assert sharding._divisible(P(("data", "fsdp")), (6,), mesh) == P("data")
+    assert sharding._divisible(P(("data", "fsdp")), (8,), mesh) == P(("data", "fsdp"))
+
+
+def _mesh_step(families: str, *meshes: str) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "tests/_mesh_step.py", families, *meshes],
+        cwd=ROOT,
+        env={**_env(8), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _check(rows: list[dict]) -> None:
+    for r in rows:
+        assert r["same_init"], r  # initialised sharded, the values of one device
+        assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), r
+        assert r["grad_rel_err"] < 1e-5, r
+        if r["mesh"].get("fsdp", 1) > 1:
+            assert r["sharded_fraction"] == 1.0, r  # every parameter split
+        elif r["mesh"].get("expert", 1) > 1:
+            assert r["sharded_fraction"] > 0.05, r  # the experts split
+
+
+def test_v1_moe_on_fsdp_and_tensor_and_v2_moe_on_experts_match_one_device():
+    rows = _mesh_step("v1", "data=2,fsdp=2,tensor=2") + _mesh_step("v2", "data=2,expert=4")
+    assert len(rows) == 4
+    _check(rows)
+
+
+@pytest.mark.slow
+def test_both_moe_families_on_every_mesh_match_one_device():
+    rows = _mesh_step("v1,v2", "data=8", "data=2,fsdp=2,tensor=2", "data=2,expert=4")
+    assert len(rows) == 8
+    _check(rows)
+
+
+def _train(workdir, tok, devices: int, *extra: str, env: dict | None = None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "onerec_jax.cli",
+        "train",
+        "--config",
+        "experiments/v1_world_tiny.py",
+        "--workdir",
+        str(workdir),
+        f"--config.tokenizer_dir={tok}",
+        "--config.steps=6",
+        "--config.checkpoint_every=2",
+        "--config.eval_every=2",
+        "--config.log_every=1",
+        "--config.batch_size=8",
+        "--config.model.v1.moe.n_experts=4",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**_env(devices), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _metrics(workdir) -> dict:
+    rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: (r["train/loss"], r.get("eval/loss")) for r in rows}
+
+
+def test_a_run_killed_on_one_mesh_resumes_on_another_and_matches_one_device(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, 16, 500) for _ in range(3)], 1)
+    tok = tmp_path / "tok"
+    SemanticIds.from_codes(codes, (16, 16, 16)).save(tok)
+    one = _train(tmp_path / "one", tok, 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    mesh_a = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    kill = {"ONEREC_TEST_SIGKILL_AT_STEP": "5"}
+    killed = _train(tmp_path / "mesh", tok, 4, *mesh_a, env=kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # The mesh may change between a run and its resumption: here to pure data parallelism.
+    resumed = _train(tmp_path / "mesh", tok, 4, "--config.mesh.data=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in ref:
+        np.testing.assert_allclose(got[step][0], ref[step][0], rtol=1e-4, err_msg=str(step))
+        if ref[step][1] is not None:
+            np.testing.assert_allclose(got[step][1], ref[step][1], rtol=1e-4)
+    summary = json.loads((tmp_path / "mesh" / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["status"] == "finished"
+    assert summary["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
