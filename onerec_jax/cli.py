@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -78,7 +79,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_devices(n: int) -> None:
+    """Start JAX with `n` CPU devices (it reads XLA_FLAGS once, when its backend starts)."""
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.device_count() != n:
+            raise ValueError(f"JAX already started with {jax.device_count()} devices, not {n}")
+        return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def _plan(args: argparse.Namespace) -> int:
+    if args.compile:
+        _simulate_devices(args.devices)
+        from scaling.compile_plan import compile_plan, parse_mesh
+
+        row = compile_plan(
+            args.rung,
+            parse_mesh(args.mesh),
+            args.batch,
+            device_memory=args.device_memory,
+            n_items=args.items,
+            bf16=args.bf16,
+        )
+        print(json.dumps(row, sort_keys=True) if args.json else _lines(row))
+        return 0
     from scaling import ladder
 
     if args.list:
@@ -87,12 +115,15 @@ def _plan(args: argparse.Namespace) -> int:
     if not args.rung:
         raise ValueError("onerec plan needs --rung NAME (--list shows them)")
     row = ladder.plan(args.rung, n_items=args.items, context_len=args.context_len)
-    if args.json:
-        print(json.dumps(row, sort_keys=True))
-    else:
-        for k, v in row.items():
-            print(f"{k:28s} {v:,}" if isinstance(v, int) else f"{k:28s} {v}")
+    print(json.dumps(row, sort_keys=True) if args.json else _lines(row))
     return 0
+
+
+def _lines(row: dict) -> str:
+    return "\n".join(
+        f"{k:28s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:28s} {v}"
+        for k, v in row.items()
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--items", type=int, default=20_000, help="catalogue size for the id tables")
     pl.add_argument(
         "--context-len", type=int, default=512, help="context tokens in the paper's accounting"
+    )
+    pl.add_argument(
+        "--compile",
+        action="store_true",
+        help="lower and compile the sharded train step ahead of time (per-device memory, fits)",
+    )
+    pl.add_argument("--devices", type=int, default=8, help="with --compile: simulated devices")
+    pl.add_argument("--mesh", default="", help="with --compile: e.g. data=8,fsdp=8 (-1: the rest)")
+    pl.add_argument("--batch", type=int, default=64, help="with --compile: requests per step")
+    pl.add_argument("--bf16", action="store_true", help="with --compile: bf16 compute")
+    pl.add_argument(
+        "--device-memory", type=float, default=80e9, help="with --compile: bytes per device"
     )
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(fn=_plan)

@@ -155,3 +155,29 @@ def test_a_run_killed_on_one_mesh_resumes_on_another_and_matches_one_device(tmp_
     summary = json.loads((tmp_path / "mesh" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["status"] == "finished"
     assert summary["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
+
+
+def _plan(mesh: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "onerec_jax.cli", "plan", "--rung", "v1-cpu-s", "--compile"]
+    cmd += ["--devices", "4", "--mesh", mesh, "--batch", "8", "--json", *extra]
+    out = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_plan_compiles_the_sharded_step_and_fsdp_shrinks_the_state_per_device():
+    """`onerec plan --compile` on 4 simulated devices (the CLI starts JAX with them): with
+    fsdp = 4 each device holds a quarter of the float32 state (16 bytes per parameter: params,
+    two moments, and the gradient), with data = 4 all of it; the memory limit decides `fits`."""
+    data = _plan("data=4", "--device-memory", "3e7")
+    fsdp = _plan("fsdp=4", "--device-memory", "3e7")
+    assert data["mesh"]["data"] == 4 and fsdp["mesh"]["fsdp"] == 4 and data["devices"] == 4
+    state_bytes = 12 * data["params_total"]  # params + two AdamW moments, float32
+    assert data["per_device_arguments_bytes"] >= state_bytes
+    assert fsdp["per_device_arguments_bytes"] < 0.5 * data["per_device_arguments_bytes"]
+    assert (data["fits"], fsdp["fits"]) == (False, True)
+    assert data["per_device_bytes"] > 3e7 > fsdp["per_device_bytes"] > 0
+    assert fsdp["flops_per_step"] > 0

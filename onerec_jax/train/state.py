@@ -65,17 +65,17 @@ def fresh_state(
     return step_lib.init_state(model, tx, zero, jax.random.key(cfg.seed))
 
 
-def sharded_state(
+def state_layout(
     cfg: ml_collections.ConfigDict,
     model: OneRecV1 | OneRecV2,
     tx: optax.GradientTransformation,
     n_levels: int,
     mesh: Mesh,
-) -> tuple[step_lib.TrainState, Any]:
-    """`fresh_state` created already laid out on `mesh` (no device ever holds the whole state)
-    and the state's shardings: parameters by their logical names (onerec_jax/sharding.py),
-    optimizer moments like their parameters, counters and MoE biases replicated. The values
-    equal `fresh_state`'s (JAX's counter-based RNG does not depend on the layout)."""
+) -> tuple[Any, jax.Array, step_lib.TrainState, Any]:
+    """How the training state lies on `mesh`, nothing allocated: (init function, its key, the
+    abstract state, the state's shardings). Parameters by their logical names
+    (onerec_jax/sharding.py), optimizer moments like their parameters, counters and MoE biases
+    replicated."""
     zero = jax.tree.map(jnp.asarray, zero_batch(schema_spec(cfg), 2, n_levels))
     key = jax.random.key(cfg.seed)
     inputs = {k: v for k, v in zero.items() if k not in step_lib.NOT_MODEL_INPUTS}
@@ -90,12 +90,22 @@ def sharded_state(
     opt = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, params, transform_non_params=lambda _: rep
     )
-    shardings = step_lib.TrainState(
-        step=rep,
-        params=params,
-        opt_state=opt,
-        moe_bias=jax.tree.map(lambda _: rep, abstract.moe_bias),
-    )
+    moe_bias = jax.tree.map(lambda _: rep, abstract.moe_bias)
+    shardings = step_lib.TrainState(step=rep, params=params, opt_state=opt, moe_bias=moe_bias)
+    return init, key, abstract, shardings
+
+
+def sharded_state(
+    cfg: ml_collections.ConfigDict,
+    model: OneRecV1 | OneRecV2,
+    tx: optax.GradientTransformation,
+    n_levels: int,
+    mesh: Mesh,
+) -> tuple[step_lib.TrainState, Any]:
+    """`fresh_state` created already laid out on `mesh` (no device ever holds the whole
+    state), and its shardings (`state_layout`). The values equal `fresh_state`'s: JAX's
+    counter-based RNG does not depend on the layout."""
+    init, key, _, shardings = state_layout(cfg, model, tx, n_levels, mesh)
     with sharding.rules_on(mesh):
         state = jax.jit(init, out_shardings=shardings)(key)
     return state, shardings

@@ -244,9 +244,20 @@ def jit_train_step(
         out_shardings=(state_shardings, rep),
         donate_argnums=0,
     )
+    return _UnderRules(jitted, mesh)
 
-    def call(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        with sharding.rules_on(mesh):  # traced (on the first call) under the rules
-            return jitted(state, batch, rng)
 
-    return call
+class _UnderRules:
+    """A jitted function traced (on its first call, or when lowered) under the mesh and the
+    logical-axis rules, so the model's activation constraints take effect."""
+
+    def __init__(self, jitted: Any, mesh: Any):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with sharding.rules_on(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with sharding.rules_on(self.mesh):
+            return self.jitted.lower(*args)
