@@ -25,9 +25,13 @@ def plan(rung: str, devices: int, batch: int, memory: float) -> dict:
     cmd += ["--devices", str(devices), "--mesh", f"fsdp={devices}", "--batch", str(batch)]
     cmd += ["--device-memory", str(memory), "--json"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"rung": rung, "devices": devices, "error": "compile timed out (1800 s)"}
     if out.returncode:
-        return {"rung": rung, "devices": devices, "error": out.stderr.strip().splitlines()[-1]}
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        return {"rung": rung, "devices": devices, "error": last}
     return json.loads(out.stdout)
 
 

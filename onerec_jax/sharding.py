@@ -70,12 +70,16 @@ def _mesh_axes(logical: str | None) -> tuple[str, ...]:
 
 def mesh_shape(axes: Mapping[str, int], n_devices: int) -> dict[str, int]:
     """Sizes of the four mesh axes from `axes` (missing ones are 1; one axis may be -1, "the
-    devices left"); their product must be `n_devices`."""
+    devices left", and when `data` and one other axis are -1, the other one takes them);
+    their product must be `n_devices`."""
     unknown = set(axes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
     shape = {a: int(axes.get(a, 1)) for a in MESH_AXES}
     rest = [a for a, n in shape.items() if n == -1]
+    if len(rest) == 2 and shape["data"] == -1:
+        # `data` takes the rest by default; another axis asked for it instead.
+        shape["data"], rest = 1, [a for a in rest if a != "data"]
     if len(rest) > 1 or any(n == 0 or n < -1 for n in shape.values()):
         raise ValueError(f"mesh {shape}: sizes must be >= 1, and at most one may be -1")
     fixed = int(np.prod([n for n in shape.values() if n != -1]))

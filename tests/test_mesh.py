@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
 
 
 def test_mesh_shape_fills_the_rest_and_rejects_what_cannot_be():
@@ -36,12 +37,14 @@ def test_mesh_shape_fills_the_rest_and_rejects_what_cannot_be():
         "expert": 1,
     }
     assert sharding.mesh_shape({"expert": 4, "data": 2}, 8)["tensor"] == 1
+    # `data` takes the rest by default; another axis at -1 takes it instead.
+    assert sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)["fsdp"] == 8
     with pytest.raises(ValueError, match="needs 4 devices, have 8"):
         sharding.mesh_shape({"data": 2, "fsdp": 2}, 8)
     with pytest.raises(ValueError, match="not a multiple of 3"):
         sharding.mesh_shape({"data": -1, "tensor": 3}, 8)
     with pytest.raises(ValueError, match="at most one may be -1"):
-        sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+        sharding.mesh_shape({"fsdp": -1, "tensor": -1}, 8)
     with pytest.raises(ValueError, match="unknown mesh axes"):
         sharding.mesh_shape({"model": 2}, 2)
 
@@ -166,8 +169,8 @@ def _plan(mesh: str, *extra: str) -> dict:
 
 def test_plan_compiles_the_sharded_step_and_fsdp_shrinks_the_state_per_device():
     """`onerec plan --compile` on 4 simulated devices (the CLI starts JAX with them): with
-    fsdp = 4 each device holds a quarter of the float32 state (16 bytes per parameter: params,
-    two moments, and the gradient), with data = 4 all of it; the memory limit decides `fits`."""
+    fsdp = 4 each device holds a quarter of the float32 state (12 bytes per parameter: params
+    and two AdamW moments), with data = 4 all of it; the memory limit decides `fits`."""
     data = _plan("data=4", "--device-memory", "3e7")
     fsdp = _plan("fsdp=4", "--device-memory", "3e7")
     assert data["mesh"]["data"] == 4 and fsdp["mesh"]["fsdp"] == 4 and data["devices"] == 4
@@ -176,4 +179,4 @@ def test_plan_compiles_the_sharded_step_and_fsdp_shrinks_the_state_per_device():
     assert fsdp["per_device_arguments_bytes"] < 0.5 * data["per_device_arguments_bytes"]
     assert (data["fits"], fsdp["fits"]) == (False, True)
     assert data["per_device_bytes"] > 3e7 > fsdp["per_device_bytes"] > 0
-    assert fsdp["flops_per_step"] > 0
+    assert fsdp["flops_per_step"] == data["flops_per_step"] > 0  # the same step, analytic

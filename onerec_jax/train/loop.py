@@ -67,10 +67,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     config.check_resolved(cfg)
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
-    if cfg.batch_size % sharding.batch_shards(mesh):
+    micro_batch = cfg.batch_size // cfg.optim.grad_accum
+    if micro_batch % sharding.batch_shards(mesh):
         raise ValueError(
-            f"batch_size {cfg.batch_size} does not split over the mesh's batch axes "
-            f"(data x fsdp x expert = {sharding.batch_shards(mesh)})"
+            f"micro-batch {micro_batch} (batch_size / optim.grad_accum) does not split over the "
+            f"mesh's batch axes (data x fsdp x expert = {sharding.batch_shards(mesh)})"
         )
     check_split(cfg, workdir)
     check_workdir_config(cfg, workdir)
@@ -110,7 +111,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     try:
         with Preemption() as preemption:
             for step in range(start, cfg.steps):
-                # A global array from this process's rows of the batch.
+                # A global array from the batch (one process: all its rows).
                 batch = jax.tree.map(
                     lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(data)
                 )
