@@ -108,9 +108,9 @@ def _train(workdir, tok, devices: int, *extra: str, env: dict | None = None):
         "--workdir",
         str(workdir),
         f"--config.tokenizer_dir={tok}",
-        "--config.steps=6",
+        "--config.steps=4",
         "--config.checkpoint_every=2",
-        "--config.eval_every=2",
+        "--config.eval_every=4",
         "--config.log_every=1",
         "--config.batch_size=8",
         "--config.model.v1.moe.n_experts=4",
@@ -139,20 +139,20 @@ def test_a_run_killed_on_one_mesh_resumes_on_another_and_matches_one_device(tmp_
     one = _train(tmp_path / "one", tok, 1)
     assert one.returncode == 0, one.stderr[-2000:]
     mesh_a = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-    kill = {"ONEREC_TEST_SIGKILL_AT_STEP": "5"}
+    kill = {"ONEREC_TEST_SIGKILL_AT_STEP": "3"}
     killed = _train(tmp_path / "mesh", tok, 4, *mesh_a, env=kill)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # The mesh may change between a run and its resumption: here to pure data parallelism.
     resumed = _train(tmp_path / "mesh", tok, 4, "--config.mesh.data=4")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ref, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
-    assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
     for step in ref:
         np.testing.assert_allclose(got[step][0], ref[step][0], rtol=1e-4, err_msg=str(step))
         if ref[step][1] is not None:
             np.testing.assert_allclose(got[step][1], ref[step][1], rtol=1e-4)
     summary = json.loads((tmp_path / "mesh" / "summary.json").read_text())
-    assert summary["step"] == 6 and summary["status"] == "finished"
+    assert summary["step"] == 4 and summary["status"] == "finished"
     assert summary["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
 
 
