@@ -23,13 +23,7 @@ from onerec_jax.train import state as state_lib
 from onerec_jax.train import step as step_lib
 from onerec_jax.train.batches import schema_spec, zero_batch
 from onerec_jax.train.model_factory import build_model
-
-
-class _Catalogue:
-    """Catalogue sizes for the id tables of a plan (no data is read)."""
-
-    def __init__(self, n_items: int):
-        self.n_items, self.n_authors, self.n_tags = n_items, max(n_items // 10, 1), 256
+from scaling.ladder import Catalogue
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -56,7 +50,7 @@ def compile_plan(
     overrides += [f"mesh.{k}={v}" for k, v in mesh_axes.items()]  # data: the rest (-1)
     cfg = config.resolve(default.get_config(), overrides)
     codes = cfg.tokenizer_codes or 128
-    model = build_model(cfg, _Catalogue(n_items), (codes,) * 3)
+    model = build_model(cfg, Catalogue(n_items), (codes,) * 3)
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     if batch % sharding.batch_shards(mesh):
         raise ValueError(f"batch {batch} does not split over {sharding.batch_shards(mesh)} shards")

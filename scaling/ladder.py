@@ -22,7 +22,7 @@ from onerec_jax.train.model_factory import build_model
 __all__ = ["RUNGS", "V1_RUNGS", "V2_RUNGS", "main", "plan", "rung_config"]
 
 
-class _Catalogue:
+class Catalogue:
     """Catalogue sizes for the id tables of a plan (no data is read)."""
 
     def __init__(self, n_items: int):
@@ -45,7 +45,7 @@ def plan(name: str, n_items: int = 20_000, context_len: int = 512) -> dict[str, 
     3 target tokens)."""
     cfg = rung_config(name)
     codes = cfg.tokenizer_codes or 128
-    model = build_model(cfg, _Catalogue(n_items), (codes,) * 3)
+    model = build_model(cfg, Catalogue(n_items), (codes,) * 3)
     c = flops.counts(model)
     # Only active weights cost FLOPs: the routed experts a token skips are left out.
     decoder_active = c.params_decoder - (c.params_total - c.params_active)

@@ -70,9 +70,8 @@ _FLAT_MODEL = {
         "g_kv": ("g_kv",),
     },
 }
-_FLAT_PATHWAYS = {
-    f: ("{ctx}." + f,) for f in ("n_queries", "qformer_blocks", "author_dim", "feature_dim")
-}
+# Pathway fields: the same names in V1's `encoder` and V2's `context` section.
+_FLAT_PATHWAYS = ("n_queries", "qformer_blocks", "author_dim", "feature_dim")
 _FLAT_MOE = {
     "moe_experts": "n_experts",
     "moe_top_k": "top_k",
@@ -88,10 +87,7 @@ def _sectioned_model(flat: dict[str, Any]) -> dict[str, Any]:
     family = old["family"]
     ctx = "encoder" if family == "v1" else "context"
     out = {"model.family": family}
-    table = {
-        **_FLAT_MODEL[family],
-        **{k: (v[0].format(ctx=ctx),) for k, v in _FLAT_PATHWAYS.items()},
-    }
+    table = {**_FLAT_MODEL[family], **{k: (f"{ctx}.{k}",) for k in _FLAT_PATHWAYS}}
     for name, targets in table.items():
         for t in targets:
             out[f"model.{family}.{t}"] = old[name]
