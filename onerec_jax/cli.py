@@ -51,10 +51,44 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_processes(args: argparse.Namespace) -> None:
+    """jax.distributed for a multi-process run (onerec_jax/distributed.py), before JAX starts."""
+    from onerec_jax import distributed
+
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        force=args.distributed,
+        heartbeat_s=args.heartbeat_s,
+    )
+
+
+def _add_process_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process runs (one command per host; SLURM srun, Open MPI and TPU pods are detected)"
+    )
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0 .. N-1")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="start jax.distributed from the cluster's environment (e.g. a Cloud TPU VM slice)",
+    )
+    g.add_argument(
+        "--heartbeat-s",
+        type=int,
+        default=100,
+        help="seconds without a heartbeat after which a peer counts as dead and the run stops",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from onerec_jax import config
     from onerec_jax.train import loop
 
+    _start_processes(args)
     cfg = config.resolve(config.load(args.config), args.overrides)
     summary = loop.train(cfg, args.workdir)
     print(json.dumps(summary, sort_keys=True))
@@ -63,13 +97,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from onerec_jax.evaluate import evaluate_run
+    from scaling.compile_plan import parse_mesh
 
+    _start_processes(args)
     metrics = evaluate_run(
         args.workdir,
         args.split,
         beam=args.beam,
         batch=args.batch_size,
         max_requests=args.max_requests,
+        mesh=parse_mesh(args.mesh) if args.mesh else None,  # None: the run's own mesh
     )
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
@@ -104,6 +141,8 @@ def _plan(args: argparse.Namespace) -> int:
             device_memory=args.device_memory,
             n_items=args.items,
             bf16=args.bf16,
+            remat=args.remat,
+            moment_dtype=args.moment_dtype,
         )
         print(json.dumps(row, sort_keys=True) if args.json else _lines(row))
         return 0
@@ -177,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default, v1_ml100k, v1_world_small, v1_vs_v2)",
     )
     tr.add_argument("--workdir", required=True, help="checkpoints, logs and summary go here")
+    _add_process_flags(tr)
     tr.set_defaults(fn=_train)
 
     evp = sub.add_parser("eval", help="Recall/NDCG@K of a run's newest checkpoint")
@@ -185,7 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--beam", type=int, default=128, help="beam width of the search")
     evp.add_argument("--batch-size", type=int, default=64, help="requests per beam search")
     evp.add_argument("--max-requests", type=int, default=None, help="evaluate only the first N")
+    evp.add_argument(
+        "--mesh",
+        default="",
+        help="device mesh of the search, e.g. data=4 or data=-1 (-1: the rest); default the "
+        "run's own (its config's mesh section)",
+    )
     evp.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_process_flags(evp)
     evp.set_defaults(fn=_eval)
 
     pl = sub.add_parser("plan", help="parameters and FLOPs of a named rung (nothing allocated)")
@@ -204,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mesh", default="", help="with --compile: e.g. data=8,fsdp=8 (-1: the rest)")
     pl.add_argument("--batch", type=int, default=64, help="with --compile: requests per step")
     pl.add_argument("--bf16", action="store_true", help="with --compile: bf16 compute")
+    pl.add_argument(
+        "--remat",
+        default="none",
+        help="with --compile: rematerialisation of the layer stacks, none | full | dots",
+    )
+    pl.add_argument(
+        "--moment-dtype",
+        default="float32",
+        help="with --compile: AdamW moments stored in float32 | bfloat16",
+    )
     pl.add_argument(
         "--device-memory", type=float, default=80e9, help="with --compile: bytes per device"
     )

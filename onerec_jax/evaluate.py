@@ -9,24 +9,33 @@ contexts are scored alike. It is then cut to K_max = 50 and scored with
 item-kNN baselines); the protocol is recorded in the eval JSON. On the world, `engagement@K`
 is the true expected reward (the generator's engagement model) of the top K recommended items,
 next to `engagement_logged`, that of the items the logging policy actually served.
+
+The search runs on a device mesh (onerec_jax/sharding.py): the run's own by default, or one
+given for the machine at hand (`onerec eval --mesh data=-1`). The checkpoint is restored
+straight into the mesh's layout and each batch of requests is split over its batch axes
+(`onerec_jax.generate.beam_search_on_mesh`); the metrics do not depend on the mesh. With
+several JAX processes each one reads the same requests and gets the same metrics; only
+process 0 writes the eval JSON.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from onerec_jax import ranking as ev
+from onerec_jax import sharding
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
-from onerec_jax.generate import beam_search
-from onerec_jax.train.run_config import source_seed
-from onerec_jax.train.state import restore_latest
+from onerec_jax.generate import beam_search_on_mesh, on_mesh
+from onerec_jax.train.run_config import load_run_config, source_seed
+from onerec_jax.train.state import restore_latest, run_mesh
 
 ENGAGEMENT_KS = (1, 5, 10)
 
@@ -61,17 +70,21 @@ def evaluate_run(
     beam: int = 128,
     batch: int = 64,
     max_requests: int | None = None,
+    mesh: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
     `max_requests`, default 2048, of the world's unbounded splits), `batch` requests per beam
-    search (the metrics may not depend on it)."""
+    search (the metrics may not depend on it), on the mesh `mesh` ({"data": -1}, say; default
+    the run's own `mesh` section, an error if it does not fit the devices here). A batch is
+    padded up to a multiple of the mesh's batch shards (pad rows dropped)."""
     if batch < 1:
         raise ValueError(f"eval batch size must be >= 1, got {batch}")
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
-    run, state, step = restore_latest(workdir)
+    devices = run_mesh(load_run_config(workdir), mesh)
+    run, state, step = restore_latest(workdir, devices)
     cfg, model, table, spec = run.cfg, run.model, run.table, run.spec
     variables = {"params": state.params, "moe_bias": state.moe_bias}
-    trie = table.trie()
+    trie = on_mesh(table.trie(), sharding.replicated(devices))  # placed once, read by all
     src = open_source(cfg.source, seed=source_seed(cfg), split=split)
     n = len(src) if src.kind != "world" else 2048  # the world's splits are unbounded
     n = min(n, max_requests or n)
@@ -84,11 +97,11 @@ def evaluate_run(
         b = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
         pad = batch - len(idx)  # one compiled shape: pad the last batch with copies
         inputs = {
-            k: jnp.asarray(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v)
+            k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v
             for k, v in b.items()
             if k not in ("user_id", "request_ts")
         }
-        out = beam_search(model, variables, inputs, trie, beam)
+        out = beam_search_on_mesh(model, variables, inputs, trie, beam, devices)
         # Session-wise models: the items of the sessions, best session first.
         items = np.asarray(out["sessions" if "sessions" in out else "items"])[: len(idx)]
         items = items.reshape(len(idx), -1)
@@ -110,5 +123,6 @@ def evaluate_run(
             metrics[f"engagement@{k}"] = float(np.nanmean(r[:, :k]))
         metrics["engagement_logged"] = float(np.nanmean(np.concatenate(target_reward)))
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
-    (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # every process computed the same metrics: one file
+        (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

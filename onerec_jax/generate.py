@@ -17,30 +17,42 @@ generate `max_targets` items per beam, the trie restarting at the root after eac
 loop over items is a `lax.scan` and the Q (<= 4) levels inside it are unrolled at trace time,
 because each level's trie arrays have their own shapes. Items of one session are not forced to
 be distinct.
+
+On a device mesh (`beam_search_on_mesh`) the requests are split over the mesh's batch axes
+(onerec_jax/sharding.py) and the parameters keep their training layout. Each `data` shard
+runs its own search (`shard_map`), so a request's W beams and their caches stay on its
+devices; the searches give one device's items (tested on 4 simulated devices,
+tests/test_mesh_eval.py).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from onerec_jax import sharding
 from onerec_jax.model.v1 import OneRecV1
 from onerec_jax.model.v2 import OneRecV2
 from onerec_jax.tokenizer.semantic_ids import Trie
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam"))
-def beam_search(
+def search(
     model: OneRecV1 | OneRecV2,
     variables: Any,
     inputs: dict[str, jax.Array],
     trie: Trie,
     beam: int,
 ) -> dict[str, jax.Array]:
-    """Top `beam` results per request, best first.
+    """Top `beam` results per request, best first (`beam_search` is this function jitted;
+    `_gathered` traces it unjitted, under other logical-axis rules than a jit cache of it
+    would see).
 
     Returns `items` [B, W] (0 where fewer than W items exist), `logprob` [B, W] (sum over the
     generated codes; -inf for those) and `codes` [B, W, Q]. Session-wise models also return
@@ -107,3 +119,92 @@ def beam_search(
         out["sessions"] = carry["items"]
         out["session_codes"] = carry["codes"]
     return out
+
+
+beam_search = jax.jit(search, static_argnames=("model", "beam"))
+
+
+def on_mesh(tree: Any, where: NamedSharding) -> Any:
+    """A tree of host arrays (or arrays already laid out as `where`) as global arrays laid out
+    as `where`. Every process holds the whole host array and JAX asks each one only for the
+    slices its own devices hold, so this works with several processes too."""
+
+    def one(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == where:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, where, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree)
+
+
+# Inside the per-`data`-shard search below, `data` is a manual axis: the model's batch
+# constraints may name only the batch axes left to XLA.
+_IN_SHARD_RULES = tuple(
+    (name, tuple(a for a in target if a != "data") if target == sharding.BATCH_AXES else target)
+    for name, target in sharding.RULES
+)
+
+
+@functools.cache
+def _gathered(mesh: Mesh) -> Any:
+    """`beam_search` of a batch split over the mesh's batch axes, as one independent search
+    per `data` shard (`shard_map`). The beam bookkeeping gathers rows by index (cache rows
+    follow their beams, trie nodes their parents); over one flat batch split across devices
+    XLA cannot tell that a beam's parent lives on its own device, and all-gathers the whole
+    self-attention cache at every level. Per shard, those gathers stay on the shard's
+    devices. Parameters are replicated over `data` (sharding.RULES), so a shard reads them
+    where they are; their `fsdp` / `tensor` / `expert` splits, and the part of the batch on
+    `fsdp` and `expert`, are left to XLA's partitioner. The results come back replicated on
+    every device, so that each process can read them whole (a process cannot read shards
+    that live on another process's devices)."""
+    batch, whole = PartitionSpec("data"), PartitionSpec()
+
+    def per_data_shard(
+        model: OneRecV1 | OneRecV2, variables: Any, inputs: Any, trie: Trie, beam: int
+    ) -> dict[str, jax.Array]:
+        def one(variables: Any, inputs: Any, trie: Trie) -> dict[str, jax.Array]:
+            with nn.logical_axis_rules(_IN_SHARD_RULES):
+                return search(model, variables, inputs, trie, beam)
+
+        # check_vma off: the model's layer scans (nn.scan) start carries from constants that
+        # the step turns into per-shard values, a carry type change that shard_map's
+        # varying-axes check rejects; nothing in the search reduces over `data`, so the
+        # check would have nothing to catch.
+        per_shard = jax.shard_map(
+            one,
+            mesh=mesh,
+            in_specs=(whole, batch, whole),
+            out_specs=batch,
+            axis_names={"data"},
+            check_vma=False,
+        )
+        return per_shard(variables, inputs, trie)
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(per_data_shard, static_argnames=("model", "beam"), out_shardings=rep)
+
+
+def beam_search_on_mesh(
+    model: OneRecV1 | OneRecV2,
+    variables: Any,
+    inputs: Mapping[str, np.ndarray],
+    trie: Trie,
+    beam: int,
+    mesh: Mesh,
+) -> dict[str, np.ndarray]:
+    """`beam_search` of host `inputs` [B, ...] with the requests split over the batch axes of
+    `mesh` (`variables` laid out on it, as `onerec_jax.train.state.restore_latest` gives
+    them); the results come back as host arrays [B, ...] in every process.
+
+    B need not divide over the batch shards: the batch is padded with copies of its last
+    request, whose results are dropped (a request's beams do not depend on its batch mates:
+    MoE layers decode dropless)."""
+    b = len(next(iter(inputs.values())))
+    pad = -b % sharding.batch_shards(mesh)
+    host = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in inputs.items()}
+    split = on_mesh(host, sharding.batch_sharding(mesh))
+    trie = on_mesh(trie, sharding.replicated(mesh))
+    with sharding.rules_on(mesh):
+        out = _gathered(mesh)(model, variables, split, trie, beam)
+    return {k: np.asarray(v)[:b] for k, v in out.items()}

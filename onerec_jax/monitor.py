@@ -48,19 +48,20 @@ class MetricWriter:
 
 class Progress:
     """A bar on a terminal; on a file (CI, batch-job logs) a plain line every ~5 % of the run
-    instead of a stream of carriage-return frames."""
+    instead of a stream of carriage-return frames. Disabled: silent (the other processes of a
+    multi-host run, whose main process reports)."""
 
-    def __init__(self, start: int, total: int):
-        self.total = total
+    def __init__(self, start: int, total: int, enabled: bool = True):
+        self.total, self.enabled = total, enabled
         self.tty = sys.stderr.isatty()
         self.every = max(1, total // 20)
-        self.bar = tqdm(initial=start, total=total, desc="train") if self.tty else None
+        self.bar = tqdm(initial=start, total=total, desc="train") if self.tty and enabled else None
 
     def update(self, done: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}")
-        elif done % self.every == 0 or done == self.total:
+        elif self.enabled and (done % self.every == 0 or done == self.total):
             print(f"train: step {done}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -44,9 +44,13 @@ def compile_plan(
     device_memory: float = 80e9,
     n_items: int = 20_000,
     bf16: bool = False,
+    remat: str = "none",
+    moment_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Compile rung `name`'s train step at `batch` requests on `mesh_axes` over all devices."""
-    overrides = [f"rung={name}", f"batch_size={batch}", f"bf16={bf16}"]
+    """Compile rung `name`'s train step at `batch` requests on `mesh_axes` over all devices,
+    with the memory options `remat` and `moment_dtype` (onerec_jax/configs/default.py)."""
+    overrides = [f"rung={name}", f"batch_size={batch}", f"bf16={bf16}", f"remat={remat}"]
+    overrides += [f"optim.moment_dtype={moment_dtype}"]
     overrides += [f"mesh.{k}={v}" for k, v in mesh_axes.items()]  # data: the rest (-1)
     cfg = config.resolve(default.get_config(), overrides)
     codes = cfg.tokenizer_codes or 128
@@ -83,6 +87,8 @@ def compile_plan(
         "devices": int(mesh.devices.size),
         "batch": batch,
         "bf16": bf16,
+        "remat": remat,
+        "moment_dtype": moment_dtype,
         "params_total": params,
         "per_device_bytes": int(per_device),
         "per_device_arguments_bytes": int(mem.argument_size_in_bytes),

@@ -104,6 +104,16 @@ def test_process_shards_are_disjoint_equal_and_cover_the_epoch():
     assert len(set(users)) == 942 and set(users) <= set(range(1, 944))
 
 
+def test_the_shards_of_a_batch_are_the_rows_of_one_process_batch_in_order():
+    # A multi-host run must train on the single-host batches, row for row.
+    src = sources.open_source("world:tiny")
+    whole = _take(_ds(src, batch_size=6), 2)
+    parts = [_take(_ds(src, batch_size=3, shard_index=i, shard_count=2), 2) for i in range(2)]
+    for step in range(2):
+        joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in whole[step]}
+        assert _equal(whole[step], joined)
+
+
 def test_workers_give_the_same_batches_and_state():
     src = sources.open_source("world:tiny")
     serial = _take(_ds(src), 6)

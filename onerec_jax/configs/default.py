@@ -45,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_requests = 256  # validation requests per eval (all of a smaller split); 0: no eval loss
     c.keep_checkpoints = 3  # newest checkpoints kept on disk
     c.bf16 = False  # bf16 compute (parameters and optimizer stay float32)
+    # Activation rematerialisation of the scanned layer stacks (onerec_jax/model/layers.py):
+    # "none" | "full" (recompute each layer in the backward pass) | "dots" (keep the weight
+    # matmuls' outputs, recompute the rest). Trades compute for memory; the results are the
+    # same, so it may change between a run and its resumption.
+    c.remat = "none"
 
     c.data = ml_collections.ConfigDict()
     c.data.short_len = 20  # short-term pathway events
@@ -112,4 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
     c.optim.grad_accum = 1  # micro-batches per step
+    # dtype the AdamW moments are stored in between steps: "float32" | "bfloat16" (half the
+    # optimizer memory; the update is still computed in float32, parameters stay float32)
+    c.optim.moment_dtype = "float32"
     return c

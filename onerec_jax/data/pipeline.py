@@ -1,8 +1,13 @@
 """The grain input pipeline: any source -> model-ready batches.
 
-    MapDataset.range(len) -> shuffle (logged sources) -> repeat -> slice by process
-      -> batch indices -> build the batch (pathways strictly before the target, pad/truncate)
-      -> IterDataset -> multiprocessing workers
+    MapDataset.range(len) -> shuffle (logged sources) -> repeat -> batch indices (global batch)
+      -> this process's rows -> build the batch (pathways strictly before the target,
+      pad/truncate) -> IterDataset -> multiprocessing workers
+
+Process p of n takes rows [p*B, (p+1)*B) of every global batch of n*B examples, so the global
+array the n processes assemble (jax.make_array_from_process_local_data) holds the same rows in
+the same order as one process reading n*B: a multi-host run trains on exactly the batches of a
+single-host run (row order matters where experts have a capacity, which drops later tokens).
 
 Batching happens on the indices, before the build, so a batch is a fixed set of examples whatever
 the number of workers: each worker builds whole batches and grain interleaves them in order, so
@@ -51,6 +56,17 @@ def _index_array(indices: list[int]) -> np.ndarray:
     return np.asarray(indices, np.int64)
 
 
+class ShardRows(grain.transforms.Map):
+    """Global batch indices [n*B] -> this shard's contiguous rows [B]."""
+
+    def __init__(self, shard_index: int, shard_count: int):
+        self.shard_index, self.shard_count = shard_index, shard_count
+
+    def map(self, indices: np.ndarray) -> np.ndarray:
+        # A last, partial batch splits evenly too: every epoch holds a multiple of n examples.
+        return indices.reshape(self.shard_count, -1)[self.shard_index]
+
+
 class BuildBatch(grain.transforms.Map):
     """indices [B] -> batch dict; picklable so spawned workers can rebuild it."""
 
@@ -75,7 +91,7 @@ def make_dataset(
 
     Args:
       shard_index, shard_count: this process's shard; default jax.process_index()/process_count(),
-        so each host of a multi-host run reads a disjoint part of every epoch.
+        so each host of a multi-host run reads its own rows of every global batch.
       transform: applied to each built batch (in the workers), e.g. adding semantic-id codes.
     """
     if config.batch_size < 1:
@@ -99,8 +115,10 @@ def make_dataset(
     if len(ds) == 0:
         raise ValueError(f"{len(source)} examples cannot be split over {shard_count} shards")
     ds = ds.repeat(config.num_epochs)
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=_index_array)
+    global_batch = config.batch_size * shard_count
+    ds = ds.batch(global_batch, drop_remainder=config.drop_remainder, batch_fn=_index_array)
+    if shard_count > 1:
+        ds = ds.map(ShardRows(shard_index, shard_count))
     ds = ds.map(BuildBatch(source, spec))
     if transform is not None:
         ds = ds.map(transform)

@@ -205,13 +205,57 @@ class Attention(nn.Module):
         return y.astype(self.dtype)
 
 
-def layer_stack(block: type[nn.Module], n_layers: int, in_axes: tuple) -> type[nn.Module]:
+# Activation rematerialisation of a scanned stack (the config's `remat`): what the forward pass
+# of one layer keeps for the backward pass. The scan always keeps each layer's input (its
+# carry); inside a layer:
+#   none  everything (no recomputation);
+#   full  nothing: the backward pass runs the layer's forward again;
+#   dots  the outputs of matmuls without batch dimensions, i.e. the weight matmuls, which
+#         `matmul` writes as 2-D dots. Attention's score and value einsums carry batch
+#         dimensions (`attend`), so the [B, H, L, S] scores and probabilities, the largest
+#         activations for long contexts and cheap to recompute, are not kept. (`checkpoint_dots`
+#         would keep those too.)
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str) -> None:
+    """Raise one ValueError naming the config field when `remat` is not a policy."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"config field remat: unknown rematerialisation policy {remat!r}; "
+            f"expected one of {tuple(REMAT_POLICIES)}"
+        )
+
+
+def layer_stack(
+    block: type[nn.Module],
+    n_layers: int,
+    in_axes: tuple,
+    remat: str = "none",
+    static_argnums: tuple[int, ...] = (),
+) -> type[nn.Module]:
     """`block` scanned over `n_layers` layers: one compiled body whatever the depth, every
     parameter (and MoE bias) stacked on a leading axis named "layers" for sharding, each layer
     initialised from its own key. `block.__call__(carry, *args)` must return (carry, y); the
     y are stacked over layers. `in_axes` says, per argument after the carry, `0` (sliced per
     layer) or `nn.broadcast` (the same for every layer; closed over, so it may hold Python
-    values). The one place the model code calls `nn.scan`."""
+    values). The one place the model code calls `nn.scan`.
+
+    `remat` (REMAT_POLICIES) checkpoints each layer; the parameters keep their names and
+    shapes, so a checkpoint restores whatever the policy. A rematerialised block's Python-valued
+    arguments (a `Mode`) must be named in `static_argnums`, positions in `block.__call__`
+    counting `self` as 0 (flax's convention)."""
+    check_remat(remat)
+    if remat != "none":
+        # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward
+        # pass anyway, and the CSE barrier only costs (flax's `checkpoint` docstring).
+        block = nn.remat(
+            block, prevent_cse=False, policy=REMAT_POLICIES[remat], static_argnums=static_argnums
+        )
     return nn.scan(
         block,
         variable_axes={"params": 0, "moe_bias": 0},

@@ -44,6 +44,7 @@ class EncoderConfig:
     short_len: int = 20
     pos_len: int = 256
     life_len: int = 2000
+    remat: str = "none"  # activation rematerialisation of the encoder stack (REMAT_POLICIES)
 
     @property
     def n_tokens(self) -> int:
@@ -173,6 +174,6 @@ class UserEncoder(nn.Module):
         x_BxSxD = x_BxSxD + positions.astype(self.dtype)[None]
         if not self.stack:
             return x_BxSxD, mask_BxS
-        blocks = layer_stack(_ScanBlock, c.n_layers, (nn.broadcast, nn.broadcast))
+        blocks = layer_stack(_ScanBlock, c.n_layers, (nn.broadcast, nn.broadcast), c.remat)
         x_BxSxD, _ = blocks(c, self.dtype, name="encoder")(x_BxSxD, None, mask_BxS[:, None, :])
         return RMSNorm(dtype=self.dtype, name="final_norm")(x_BxSxD), mask_BxS

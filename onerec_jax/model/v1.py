@@ -59,6 +59,7 @@ class V1Config(SemanticVocab):
     max_targets: int = 5  # m
     session_wise: bool = False
     loss: str = "sum"  # "sum" | "mean" over the levels
+    remat: str = "none"  # activation rematerialisation of the decoder stack (layers.REMAT_POLICIES)
 
     def __post_init__(self) -> None:
         self.check_shared_fields()
@@ -101,7 +102,10 @@ class OneRecV1(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
             (length, c.d_model),
         )
-        stack = layer_stack(DecoderBlock, c.dec_layers, (0, nn.broadcast, nn.broadcast))
+        # Argument 4 of DecoderBlock.__call__ (self counting as 0) is the Python-valued Mode.
+        stack = layer_stack(
+            DecoderBlock, c.dec_layers, (0, nn.broadcast, nn.broadcast), c.remat, (4,)
+        )
         self.blocks = stack(
             c.n_heads, c.d_model, c.d_ff, c.ffn, c.moe, lazy=False, dtype=self.dtype
         )

@@ -65,6 +65,7 @@ class V2Config(SemanticVocab):
     l_kv: int = 1  # sets of layers with their own context K/V
     s_kv: int = 1  # 1: one tensor is both key and value; 2: separate keys and values
     g_kv: int = 0  # key/value heads (grouped-query); 0 = n_heads
+    remat: str = "none"  # activation rematerialisation of the decoder stacks (REMAT_POLICIES)
 
     session_wise = False  # V2 decodes items point-wise (generate.py reads this)
 
@@ -118,7 +119,8 @@ class V2Cache:
 
 def _stack(cfg: V2Config, dtype: jnp.dtype, use_moe: bool, length: int, name: str) -> nn.Module:
     """`length` lazy blocks, scanned; MoE FFNs if `use_moe`, else the dense FFN."""
-    stack = layer_stack(DecoderBlock, length, (0, nn.broadcast, nn.broadcast))
+    # Argument 4 of DecoderBlock.__call__ (self counting as 0) is the Python-valued Mode.
+    stack = layer_stack(DecoderBlock, length, (0, nn.broadcast, nn.broadcast), cfg.remat, (4,))
     moe = cfg.moe if use_moe else None
     return stack(
         cfg.n_heads, cfg.d_model, cfg.d_ff, cfg.ffn, moe, lazy=True, dtype=dtype, name=name

@@ -9,6 +9,7 @@ import pathlib
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
@@ -28,6 +29,7 @@ class Checkpoints:
     def restore(self, step: int, state: Any, data: Any) -> tuple[Any, dict[str, Any]]:
         """The state and counters saved at `step`; `data` (the grain iterator) is moved to
         its saved position in place. `state` gives the structure (its values are replaced)."""
+        self._check_processes(step)
         out = self._mngr.restore(
             step,
             args=ocp.args.Composite(
@@ -37,6 +39,19 @@ class Checkpoints:
             ),
         )
         return out["state"], dict(out["meta"])
+
+    def _check_processes(self, step: int) -> None:
+        """The data position is saved per process (grain: process_I-of-N.json), so a run
+        resumes on as many processes as it ran on (its mesh may change, not its hosts)."""
+        saved = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        if not saved:
+            return
+        n = int(saved[0].stem.rsplit("-of-", 1)[1])
+        if n != jax.process_count():
+            raise ValueError(
+                f"{self.directory / str(step)} was saved by {n} process(es); resume it with "
+                f"{n} (this run has {jax.process_count()}), or start a new --workdir"
+            )
 
     def restore_state(self, step: int, state: Any) -> Any:
         """The training state alone (evaluation reads no data iterator)."""

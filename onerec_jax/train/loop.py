@@ -9,7 +9,10 @@
   - dispatches step N before reading step N-1's metrics (the host never waits on the device
     except at logs and saves); a NaN/Inf loss stops the run with an error that names the step
     and the last good checkpoint, and no checkpoint is written after it (run_log.py);
-  - SIGTERM (preemption) saves the current step and returns cleanly;
+  - SIGTERM (preemption) saves the current step and returns cleanly (with several processes,
+    on a step JAX's preemption service makes every process agree on: distributed.py);
+  - with several processes (onerec_jax/distributed.py), each reads its share of every batch
+    and only the main process writes config.json, the tokenizer, logs and summary.json;
   - measures the teacher-forced loss of the state after step s on the first `eval_requests`
     validation requests every `eval_every` steps and at the end (eval/loss, with its standard
     error over requests, eval/loss_se: validation.py);
@@ -20,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -31,7 +35,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from onerec_jax import config, flops, sharding
+from onerec_jax import config, distributed, flops, sharding
 from onerec_jax.data import pipeline
 from onerec_jax.data.sources import distinct_requests, repeat_warning
 from onerec_jax.monitor import Progress
@@ -67,6 +71,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     config.check_resolved(cfg)
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    main, n_processes = distributed.is_main(), jax.process_count()
+    if cfg.batch_size % n_processes:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} does not split over the run's {n_processes} processes"
+        )
     micro_batch = cfg.batch_size // cfg.optim.grad_accum
     if micro_batch % sharding.batch_shards(mesh):
         raise ValueError(
@@ -74,31 +83,40 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             f"mesh's batch axes (data x fsdp x expert = {sharding.batch_shards(mesh)})"
         )
     check_split(cfg, workdir)
-    check_workdir_config(cfg, workdir)
-    run = state_lib.open_run(cfg, workdir, build_table=True)
+    check_workdir_config(cfg, workdir, write=main)
+    if main:  # the others read the table once it is on the (shared) disk
+        state_lib.load_table(cfg, workdir, build=True)
+    distributed.barrier("onerec: config and tokenizer written")
+    run = state_lib.open_run(cfg, workdir)
     n_distinct = distinct_requests(run.source)
     repeats = repeat_warning(run.source, cfg.steps * cfg.batch_size)
-    if repeats:
+    if repeats and main:
         warnings.warn(f"{workdir}: {repeats}", stacklevel=2)
     ocfg, tx, schedule = state_lib.optimizer(cfg)
-    state, shardings = state_lib.sharded_state(cfg, run.model, tx, run.table.n_levels, mesh)
     counts = flops.counts(run.model)
     validation = Validation(cfg, run.spec, run.table.codes, run.model, mesh)
     ds = pipeline.make_dataset(
         run.source,
         run.spec,
-        pipeline.PipelineConfig(batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers),
+        # This process's rows of every batch (the pipeline shards by jax.process_index()).
+        pipeline.PipelineConfig(
+            batch_size=cfg.batch_size // n_processes, seed=cfg.seed, workers=cfg.workers
+        ),
         transform=AddCodes(run.table.codes),
     )
     data = iter(ds)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     counters = Counters()
-    if start:
-        state, meta = ckpt.restore(start, state, data)
+    levels = run.table.n_levels
+    if start:  # restored straight onto the mesh: no fresh state is initialised first
+        target, shardings = state_lib.restore_target(cfg, run.model, tx, levels, mesh)
+        state, meta = ckpt.restore(start, target, data)
         counters = Counters.from_meta(meta)
-    log = RunLog(cfg, workdir, start, counters, counts.flops_train, ckpt.latest_step)
-    if start == 0:
+    else:
+        state, shardings = state_lib.sharded_state(cfg, run.model, tx, levels, mesh)
+    log = RunLog(cfg, workdir, start, counters, counts.flops_train, ckpt.latest_step, write=main)
+    if start == 0 and main:
         log.writer.hparams(cfg.to_dict() | {"params": counts.params_total})
     step_fn = step_lib.jit_train_step(run.model, tx, schedule, ocfg, mesh, shardings)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -107,11 +125,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     status = "finished"
     # pending: (step, its metrics, its validation loss or None), recorded one step late
     pending: tuple[int, Any, tuple[float, float] | None] | None = None
-    bar = Progress(start, cfg.steps)
+    bar = Progress(start, cfg.steps, enabled=main)
     try:
-        with Preemption() as preemption:
+        # Several processes: JAX's preemption service owns SIGTERM (it must see it to make
+        # the processes agree on a step), so no Python handler replaces its own.
+        with (
+            Preemption() if n_processes == 1 else contextlib.nullcontext(Preemption()) as preemption
+        ):
             for step in range(start, cfg.steps):
-                # A global array from the batch (one process: all its rows).
+                # A global array from every process's rows of the batch.
                 batch = jax.tree.map(
                     lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(data)
                 )
@@ -134,7 +156,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                 if kill_at and done == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 # Read the flag once: a SIGTERM between two reads would stop without a save.
-                preempted = preemption.requested
+                preempted = distributed.preemption_agreed(done, preemption.requested)
                 checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
                 if checkpoint_due or preempted:
                     log.record(*pending)  # never checkpoint a state whose loss was not finite
@@ -165,4 +187,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         wall_s_this_run=time.perf_counter() - t0,
         mesh=dict(mesh.shape),
         params_sharded_fraction=sharding.sharded_fraction(state.params),
+        processes=n_processes,
+        write=main,
     )

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from onerec_jax.model.layers import check_remat
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig
 from onerec_jax.model.v1 import OneRecV1, V1Config
@@ -23,6 +24,7 @@ def build_model(
     family = cfg.model.family
     if family not in ("v1", "v2"):
         raise ValueError(f"model.family must be 'v1' or 'v2', got {family!r}")
+    check_remat(cfg.remat)  # before anything is built: one error naming the field
     section = cfg.model[family].to_dict()
     pathways = section.pop("encoder" if family == "v1" else "context")
     encoder = EncoderConfig(
@@ -35,10 +37,18 @@ def build_model(
         short_len=cfg.data.short_len,
         pos_len=cfg.data.pos_len,
         life_len=cfg.data.life_len,
+        remat=cfg.remat,
     )
     moe = section.pop("moe")
     moe = MoEConfig(**{**moe, "d_ff": moe["d_ff"] or section["d_ff"]}) if moe["n_experts"] else None
-    common = {"moe": moe, "vocab": tuple(vocab), "max_targets": cfg.data.max_targets}
+    # `remat` is a top-level field (like `bf16`, it changes memory, not the model), one
+    # policy for every scanned stack of the model.
+    common = {
+        "moe": moe,
+        "vocab": tuple(vocab),
+        "max_targets": cfg.data.max_targets,
+        "remat": cfg.remat,
+    }
     dtype = jnp.bfloat16 if cfg.bf16 else jnp.float32
     if family == "v1":
         return OneRecV1(V1Config(encoder=encoder, **section, **common), dtype=dtype)

@@ -42,7 +42,16 @@ ADDED_FIELDS: dict[str, Any] = {
     "model.l_kv": 1,
     "model.s_kv": 1,
     "model.g_kv": 0,
+    "remat": "none",
+    "optim.moment_dtype": "float32",
 }
+
+# Fields a run may change when it resumes: they change where the state lies and how much memory
+# a step takes, not what it computes (a checkpoint restores onto any mesh; rematerialisation
+# recomputes the same activations). `optim.moment_dtype` is not one of them: bf16 moments round
+# differently, so the resumed run would not be the run it continues.
+RESUMABLE_CHANGES = ("steps", "remat")
+RESUMABLE_SECTIONS = ("mesh.",)
 
 # Where each field of the old flat `model` section lives in the per-family sections: one old
 # field (e.g. `n_heads`, shared by V1's encoder and decoder) may feed several new ones.
@@ -150,10 +159,13 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: not a run config this version can read ({e})") from None
 
 
-def check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Refuse to resume a run under a different config (only `steps` and `mesh` may change),
-    then write the config to WORKDIR/config.json (atomically: a crash leaves the old file or
-    the new)."""
+def check_workdir_config(
+    cfg: ml_collections.ConfigDict, workdir: pathlib.Path, write: bool = True
+) -> None:
+    """Refuse to resume a run under a different config (only `RESUMABLE_CHANGES` and the
+    fields of `RESUMABLE_SECTIONS` may change), then, with `write` (the main process of a
+    multi-host run), write the config to WORKDIR/config.json (atomically: a crash leaves the
+    old file or the new)."""
     path = workdir / "config.json"
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
     if path.exists():
@@ -161,14 +173,18 @@ def check_workdir_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) 
         check_split(saved, workdir)
         old, new = config.flatten(saved.to_dict()), config.flatten(cfg.to_dict())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        # Only the step budget and the device mesh may change between a run and its
-        # resumption (a checkpoint restores onto any mesh).
-        changed = [k for k in changed if k != "steps" and not k.startswith("mesh.")]
+        changed = [
+            k
+            for k in changed
+            if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
+        ]
         if changed:
             raise ValueError(
                 f"{workdir} holds a run with a different config (fields {changed}); "
                 "use a new --workdir or the same config"
             )
+    if not write:
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)

@@ -70,7 +70,8 @@ class RunLog:
 
     A non-finite loss raises FloatingPointError naming the step and the last good checkpoint.
     Every `log_every` steps (and at evals and the last step) the scalars go to TensorBoard and
-    metrics.jsonl, with throughput and model FLOP/s by the analytic count (onerec_jax/flops.py).
+    metrics.jsonl (only when `write`: the main process), with throughput and model FLOP/s by
+    the analytic count (onerec_jax/flops.py).
     """
 
     def __init__(
@@ -81,13 +82,17 @@ class RunLog:
         counters: Counters,
         flops_per_sample: float,
         last_checkpoint: Any,
+        write: bool = True,
     ):
         self.cfg, self.counters, self.flops = cfg, counters, flops_per_sample
+        self.write = write  # False on the other processes of a multi-host run
         self.last_checkpoint = last_checkpoint  # () -> step of the newest checkpoint or None
         self.checkpoint_dir = workdir / "checkpoints"
         self.path = workdir / "metrics.jsonl"
-        truncate_metrics(self.path, start)
-        self.writer = MetricWriter(workdir / "tb")
+        self.writer = None
+        if write:
+            truncate_metrics(self.path, start)
+            self.writer = MetricWriter(workdir / "tb")
         self.throughput = Throughput()
 
     def record(self, step: int, metrics: Any, ev: tuple[float, float] | None) -> None:
@@ -104,6 +109,8 @@ class RunLog:
         self.counters.items_seen += float(m["train/items"])
         self.counters.train_loss = loss
         self.throughput.started(step)
+        if self.writer is None:
+            return
         if not (step % self.cfg.log_every == 0 or step == self.cfg.steps or ev is not None):
             return
         scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
@@ -119,4 +126,5 @@ class RunLog:
             f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

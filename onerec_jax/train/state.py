@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -111,6 +112,23 @@ def sharded_state(
     return state, shardings
 
 
+def restore_target(
+    cfg: ml_collections.ConfigDict,
+    model: OneRecV1 | OneRecV2,
+    tx: optax.GradientTransformation,
+    n_levels: int,
+    mesh: Mesh,
+) -> tuple[Any, Any]:
+    """What a checkpoint is restored onto, nothing allocated: the abstract state with each
+    leaf's sharding on `mesh` (orbax reads every device's shard straight into place), and
+    those shardings."""
+    _, _, abstract, shardings = state_layout(cfg, model, tx, n_levels, mesh)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return target, shardings
+
+
 @dataclasses.dataclass
 class Run:
     """A run's parts, built from its config and workdir."""
@@ -138,19 +156,44 @@ def open_run(
     return Run(cfg, workdir, source, table, model, schema_spec(cfg))
 
 
-def restore_latest(workdir: pathlib.Path) -> tuple[Run, step_lib.TrainState, int]:
+def run_mesh(cfg: ml_collections.ConfigDict, axes: Mapping[str, int] | None = None) -> Mesh:
+    """The mesh a run is evaluated on, over all devices: `axes` ({"data": -1}, say), or the
+    run's own `mesh` section. A run trained on 8 devices and read where there are 2 fails with
+    a clear error naming both, not with a silently different layout: its `fsdp`/`tensor`
+    split may be what makes it fit in memory, so choosing another mesh is the caller's call."""
+    want = dict(axes) if axes is not None else cfg.mesh.to_dict()
+    try:
+        return sharding.make_mesh(want)
+    except ValueError as e:
+        if axes is not None:
+            raise
+        raise ValueError(
+            f"the run's mesh {want} does not fit the {jax.device_count()} devices here ({e}); "
+            "choose one that does, e.g. `onerec eval --mesh data=-1`"
+        ) from None
+
+
+def restore_latest(
+    workdir: pathlib.Path, mesh: Mesh | None = None
+) -> tuple[Run, step_lib.TrainState, int]:
     """A finished (or interrupted) run as `onerec eval` reads it: its config as saved, its
-    parts, and the state of its newest checkpoint with that checkpoint's step."""
+    parts, and the state of its newest checkpoint with that checkpoint's step, restored
+    straight onto `mesh` (default: `run_mesh`, the run's own) in the layout of `state_layout`:
+    orbax reads each device's shard into place and no state is initialised first, so a device
+    never holds more than its share of the layout (the optimizer moments are restored too:
+    the checkpoint is one item)."""
     cfg = load_run_config(workdir)
     check_split(cfg, workdir)
     run = open_run(cfg, workdir)
+    mesh = run_mesh(cfg) if mesh is None else mesh
     _, tx, _ = optimizer(cfg)
+    target, _ = restore_target(cfg, run.model, tx, run.table.n_levels, mesh)
     ckpt = Checkpoints(workdir / "checkpoints")
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
-        state = ckpt.restore_state(step, fresh_state(cfg, run.model, tx, run.table.n_levels))
+        state = ckpt.restore_state(step, target)
     finally:
         ckpt.close()
     return run, state, step

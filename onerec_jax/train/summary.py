@@ -28,9 +28,12 @@ def write_summary(
     wall_s_this_run: float,
     mesh: dict[str, int],
     params_sharded_fraction: float,
+    processes: int = 1,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Write WORKDIR/summary.json and return it: parameters, analytic FLOPs per sample and in
-    total, samples and tokens seen, final train and validation loss, wall time."""
+    """Write WORKDIR/summary.json (when `write`: the main process) and return it: parameters,
+    analytic FLOPs per sample and in total, samples and tokens seen, final train and
+    validation loss, wall time."""
     cfg = run.cfg
     last_loss = float("nan") if counters.train_loss is None else counters.train_loss
     summary = {
@@ -57,11 +60,14 @@ def write_summary(
         "mesh": mesh,  # the device mesh of this session (onerec_jax/sharding.py)
         # share of the parameter elements split over devices (the rest replicated)
         "params_sharded_fraction": params_sharded_fraction,
+        "processes": processes,  # JAX processes of this session (hosts of a multi-host run)
         "wall_s_this_run": round(wall_s_this_run, 2),
         # training wall time of every session up to the last checkpoint (a finished run's
         # whole training time, unchanged by running it again)
         "wall_s_total": round(counters.wall_s, 2),
     }
+    if not write:
+        return summary
     path = pathlib.Path(run.workdir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -21,7 +21,7 @@ from onerec_jax.train.run_config import source_seed
 
 def validation_batches(
     cfg: ml_collections.ConfigDict, spec: schema.SchemaSpec, codes: np.ndarray
-) -> tuple[list[dict[str, jax.Array]], int]:
+) -> tuple[list[dict[str, np.ndarray]], int]:
     """The first `eval_requests` requests of the validation split (all of a smaller split), in
     batches of batch_size; the last batch is padded with requests whose targets are masked, so
     every batch has one compiled shape and the padding carries no loss."""
@@ -38,8 +38,16 @@ def validation_batches(
             # Item 0 gives -1 codes, so the padding is no target for the loss nor the MoE.
             batch["target_mask"][b - pad :] = False
             batch["target_item"][b - pad :] = 0
-        out.append(jax.tree.map(jax.numpy.asarray, add_codes.map(batch)))
+        out.append(add_codes.map(batch))
     return out, n
+
+
+def global_rows(mesh: Any, host: np.ndarray) -> jax.Array:
+    """A batch every process holds whole, as one global array split over the mesh's batch
+    axes (each process copies only the rows of its own devices)."""
+    return jax.make_array_from_callback(
+        host.shape, sharding.batch_sharding(mesh), lambda index: host[index]
+    )
 
 
 def mean_and_stderr(loss_sums: np.ndarray, items: np.ndarray) -> tuple[float, float]:
@@ -77,11 +85,17 @@ class Validation:
             self.batches, self.n_requests = validation_batches(cfg, spec, codes)
         else:
             self.batches, self.n_requests = [], 0
-        if mesh is not None:  # requests split over the batch axes, as in training
-            put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
-            self.batches = [jax.tree.map(put, b) for b in self.batches]
         self.mesh = mesh
-        self._loss = jax.jit(functools.partial(step_lib.eval_loss, model=model))
+        loss = functools.partial(step_lib.eval_loss, model=model)
+        if mesh is None:
+            self.batches = [jax.tree.map(jax.numpy.asarray, b) for b in self.batches]
+            self._loss = jax.jit(loss)
+            return
+        # Requests split over the batch axes, as in training. Every process built the same
+        # batches, so each puts its own devices' rows (`global_rows`); the per-request sums come
+        # back replicated, readable on every process of a multi-host run.
+        self.batches = [jax.tree.map(functools.partial(global_rows, mesh), b) for b in self.batches]
+        self._loss = jax.jit(loss, out_shardings=sharding.replicated(mesh))
 
     @property
     def enabled(self) -> bool:
