@@ -51,7 +51,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_processes(args: argparse.Namespace) -> None:
+def _start_processes(args: argparse.Namespace, preemption: bool = True) -> None:
     """jax.distributed for a multi-process run (onerec_jax/distributed.py), before JAX starts."""
     from onerec_jax import distributed
 
@@ -60,6 +60,7 @@ def _start_processes(args: argparse.Namespace) -> None:
         args.num_processes,
         args.process_id,
         force=args.distributed,
+        preemption=preemption,
         heartbeat_s=args.heartbeat_s,
     )
 
@@ -99,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
     from onerec_jax.evaluate import evaluate_run
     from scaling.compile_plan import parse_mesh
 
-    _start_processes(args)
+    _start_processes(args, preemption=False)  # eval saves nothing: SIGTERM just stops it
     metrics = evaluate_run(
         args.workdir,
         args.split,

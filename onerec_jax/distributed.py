@@ -50,11 +50,14 @@ def initialize(
     process_id: int | None = None,
     *,
     force: bool = False,
+    preemption: bool = True,
     heartbeat_s: int = 100,
     init_timeout_s: int = 300,
 ) -> bool:
     """Start jax.distributed when a multi-process launch is asked for or detected; returns
-    whether it started. Call before JAX computes anything (it fixes the set of devices)."""
+    whether it started. Call before JAX computes anything (it fixes the set of devices).
+    `preemption`: JAX's preemption service takes SIGTERM over (training agrees on a step to
+    save at); a command that saves nothing (eval) leaves SIGTERM its default, fatal effect."""
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and any(x is None for x in explicit):
         raise ValueError(
@@ -72,6 +75,7 @@ def initialize(
         return False
     # Collectives between CPU processes (tests on localhost; ignored by GPU and TPU backends).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_preemption_service", preemption)
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes,
@@ -80,6 +84,16 @@ def initialize(
         heartbeat_timeout_seconds=heartbeat_s,
     )
     return True
+
+
+def same_on_all(value: int) -> int:
+    """Process 0's `value`, on every process."""
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def is_main() -> bool:

@@ -93,12 +93,39 @@ def mesh_shape(axes: Mapping[str, int], n_devices: int) -> dict[str, int]:
     return shape
 
 
+# How devices (numbered process by process) fill the mesh: `tensor` innermost, so a tensor
+# group is neighbouring devices (one host's: tensor parallelism talks the most), and the batch
+# axes outermost, so each process's devices hold one contiguous block of every batch, the rows
+# the input pipeline gives it (`check_process_rows`).
+_DEVICE_ORDER = ("data", "fsdp", "expert", "tensor")
+
+
 def make_mesh(axes: Mapping[str, int] | None = None, devices: Any = None) -> Mesh:
     """A mesh with the four named axes over `devices` (default: all); see `mesh_shape`."""
     devs = np.asarray(jax.devices() if devices is None else devices)
     shape = mesh_shape(dict(axes or {"data": -1}), devs.size)
-    grid = devs.reshape(tuple(shape[a] for a in MESH_AXES))
+    grid = devs.reshape(tuple(shape[a] for a in _DEVICE_ORDER))
+    grid = grid.transpose([_DEVICE_ORDER.index(a) for a in MESH_AXES])
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_process_rows(mesh: Mesh, batch: int) -> None:
+    """Raise unless this process's devices hold exactly rows [p*B/n, (p+1)*B/n) of a global
+    batch of B rows, the rows process p of n reads (onerec_jax/data/pipeline.py). It fails
+    when a batch shard spans processes (a `tensor` axis larger than one process's devices):
+    each process would then hand JAX rows that belong elsewhere and train on a wrong batch."""
+    n, p = jax.process_count(), jax.process_index()
+    if n == 1:
+        return
+    held: set[int] = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((batch,)).values():
+        held.update(range(*index[0].indices(batch)))
+    if held != set(range(p * batch // n, (p + 1) * batch // n)):
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: a batch shard spans processes, so process {p}'s devices "
+            f"do not hold its own 1/{n} of the batch; keep `tensor` within one process's "
+            f"{jax.local_device_count()} devices"
+        )
 
 
 def check_logical(tree: Any) -> None:

@@ -359,3 +359,9 @@ def test_plan_compiles_with_the_memory_options():
     assert rows["full", "float32"]["per_device_temp_bytes"] < base["per_device_temp_bytes"]
     assert rows["full", "float32"]["remat"] == "full"
     assert rows["none", "bfloat16"]["moment_dtype"] == "bfloat16"
+
+
+def test_bf16_moments_refuse_a_b2_whose_steps_would_round_away():
+    with pytest.raises(ValueError, match=r"bfloat16 moments need optim.b2 <= 0.98 \(got 0.999\)"):
+        step_lib.make_optimizer(step_lib.OptimConfig(moment_dtype="bfloat16", b2=0.999))
+    step_lib.make_optimizer(step_lib.OptimConfig(moment_dtype="float32", b2=0.999))

@@ -4,8 +4,9 @@ four devices; a kill and resume on the same two processes; a dead peer.
 
 The end-to-end runs are slow (three to four trainings with their compiles on 2 cores): run them
 with `pytest -m slow tests/test_multihost.py`. Tolerance: the two layouts reduce the same float32
-sums in another order (and the batch rows sit in another order: each process reads every other
-example), so losses match to ~1e-6 relative; the tests allow 1e-4, as tests/test_mesh.py.
+sums in another order, so losses match to ~1e-6 relative; the tests allow 1e-4, as
+tests/test_mesh.py. (The global batch is row for row the one-process batch: process p reads
+rows [p*B/n, (p+1)*B/n) of it, tests/test_pipeline.py.)
 """
 
 import json
@@ -64,7 +65,7 @@ def _env(devices: int) -> dict:
     return {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def _processes(workdir, tok, n: int = 2, env: dict | None = None, heartbeat: int = 30):
+def _processes(workdir, tok, n=2, env=None, heartbeat=30, extra=()):
     """Start the n processes of one run; returns the Popen objects."""
     port = _port()
     procs = []
@@ -73,7 +74,7 @@ def _processes(workdir, tok, n: int = 2, env: dict | None = None, heartbeat: int
         flags += ["--process-id", str(i), "--heartbeat-s", str(heartbeat)]
         procs.append(
             subprocess.Popen(
-                _cmd(workdir, tok, *flags),
+                _cmd(workdir, tok, *flags, *extra),
                 cwd=ROOT,
                 env={**_env(2), **((env or {}).get(i, {}))},
                 stdout=subprocess.PIPE,
@@ -118,7 +119,11 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path, tok):
     assert [rc for rc, _ in killed] == [-9, -9], killed[0][1][-2000:] + killed[1][1][-2000:]
     data_files = sorted(p.name for p in (tmp_path / "two/checkpoints/2/data").iterdir())
     assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files
-    resumed = _wait(_processes(tmp_path / "two", tok))
+    # Resumed on {tensor 2, expert 2}: tensor groups must stay within a process (each
+    # process's devices then hold its own rows of the batch); before the mesh laid tensor
+    # outside expert, each process's rows went to the other's devices: a wrong batch.
+    mesh = ["--config.mesh.data=1", "--config.mesh.tensor=2", "--config.mesh.expert=2"]
+    resumed = _wait(_processes(tmp_path / "two", tok, extra=mesh))
     assert [rc for rc, _ in resumed] == [0, 0], resumed[0][1][-3000:] + resumed[1][1][-3000:]
     ref, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
@@ -128,7 +133,12 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path, tok):
             np.testing.assert_allclose(got[step][1], ref[step][1], rtol=1e-4)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["processes"] == 2
-    assert summary["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
+    assert summary["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2, "expert": 2}
+    # A tensor axis wider than one process's devices would split batch shards over processes.
+    wide = ["--config.mesh.data=1", "--config.mesh.tensor=4", "--config.steps=6"]
+    refused = _wait(_processes(tmp_path / "two", tok, extra=wide))
+    assert [rc for rc, _ in refused] == [2, 2]
+    assert "a batch shard spans processes" in refused[0][1]
     # A run saved by two processes does not silently resume on one.
     more = ["--config.steps=6", "--config.mesh.fsdp=2"]
     single = subprocess.run(

@@ -82,6 +82,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             f"micro-batch {micro_batch} (batch_size / optim.grad_accum) does not split over the "
             f"mesh's batch axes (data x fsdp x expert = {sharding.batch_shards(mesh)})"
         )
+    sharding.check_process_rows(mesh, cfg.batch_size)
     check_split(cfg, workdir)
     check_workdir_config(cfg, workdir, write=main)
     if main:  # the others read the table once it is on the (shared) disk
@@ -106,7 +107,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     )
     data = iter(ds)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    start = ckpt.latest_step() or 0
+    # Every process resumes from process 0's newest step (a shared filesystem's caches may
+    # show the processes different newest checkpoints).
+    start = distributed.same_on_all(ckpt.latest_step() or 0)
     counters = Counters()
     levels = run.table.n_levels
     if start:  # restored straight onto the mesh: no fresh state is initialised first

@@ -112,6 +112,11 @@ def _adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransfor
         return optax.adamw(
             schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
         )
+    if 1 - cfg.b2 < 0.02:  # see `stored_in`: below ~2 % a step rounds away in bf16
+        raise ValueError(
+            f"config field optim.moment_dtype: bfloat16 moments need optim.b2 <= 0.98 (got "
+            f"{cfg.b2}): bf16 rounds away second-moment steps smaller than ~0.4 %"
+        )
     # optax.adamw's own chain with the Adam scaling swapped: the same state tree.
     adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2)
     return optax.chain(
