@@ -23,6 +23,10 @@ FAMILY = {
     "v1": ["model.v1.moe.n_experts=4", "model.v1.moe.top_k=2"],
     "v2": ["rung=v2-cpu-s", "model.v2.moe.n_experts=4", "model.v2.first_dense=1"],
 }
+# Dropless dispatch: on an `expert` mesh, tokens go to the expert shards by all-to-all
+# (onerec_jax/model/expert_parallel.py).
+FAMILY["v1-dropless"] = [*FAMILY["v1"], "model.v1.moe.dispatch=dropless"]
+FAMILY["v2-dropless"] = [*FAMILY["v2"], "model.v2.moe.dispatch=dropless"]
 
 
 def main() -> None:
@@ -53,9 +57,8 @@ def main() -> None:
                 return step_lib._micro_loss(params, moe_bias, model, batch, 0.0)
 
             with sharding.rules_on(mesh):
-                (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-                    state.params
-                )
+                lowered = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(state.params)
+                (total, metrics), grads = lowered.compile()(state.params)
             out = {
                 "loss": float(total / metrics["items"]),
                 "grads": [np.asarray(g) for g in jax.tree.leaves(grads)],
@@ -77,6 +80,7 @@ def main() -> None:
                     np.array_equal(a, r) for a, r in zip(out["params"], ref["params"], strict=True)
                 ),
                 "sharded_fraction": sharding.sharded_fraction(state.params),
+                "all_to_all": "all_to_all" in lowered.as_text(),
             }
             print(json.dumps(row), flush=True)
 

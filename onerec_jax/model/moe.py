@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onerec_jax.model import expert_parallel
 from onerec_jax.model.layers import SwiGLU, dense_init
 
 
@@ -209,7 +210,10 @@ class MoE(nn.Module):
         w_up = expert_param("w_up", (e, d, f), ("expert", "embed", "mlp"))
         w_down = expert_param("w_down", (e, f, d), ("expert", "mlp", "embed"))
         weights = (w_gate, w_up, w_down)
-        if dispatch == "dropless":
+        if dispatch == "dropless" and expert_parallel.expert_shards(e, t) > 1:
+            # Tokens sent to the expert shards by all-to-all (onerec_jax/model/expert_parallel.py)
+            y_TxKxD, kept = expert_parallel.dropless_all_to_all(x_TxD, experts, valid_T, *weights)
+        elif dispatch == "dropless":
             y_TxKxD, kept = _experts_dropless(x_TxD, experts, valid_T, *weights)
         else:
             t_valid = jnp.sum(valid_T, dtype=jnp.int32).astype(jnp.float32)
