@@ -104,10 +104,14 @@ def test_one_moe_layer_dispatches_by_all_to_all_and_matches_one_device():
         timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.splitlines()[-1])
-    assert r["all_to_all"], r  # the explicit dispatch ran, not XLA's partitioner
-    assert r["y_max"] <= 1e-5 and r["loss_rel"] <= 1e-5, r
-    assert r["grad_max"] <= 1e-5 * r["grad_scale"], r
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["all_to_all"] for r in rows] == [True, False], rows  # {data 2, expert 2}, {data 4}
+    for r in rows:
+        # Each device routes its own 12 of the 48 tokens (XLA's partitioner gathered all 48
+        # router scores for the top-k, even on a pure data mesh).
+        assert r["top_k_rows"] == [12], r
+        assert r["y_max"] <= 1e-5 and r["loss_rel"] <= 1e-5, r
+        assert r["grad_max"] <= 1e-5 * r["grad_scale"], r
 
 
 @pytest.mark.slow
@@ -118,7 +122,7 @@ def test_expert_parallel_all_to_all_matches_one_device():
     rows = _mesh_step("v1-dropless,v2-dropless", "data=2,expert=4", "fsdp=2,expert=2,tensor=2")
     assert len(rows) == 6
     _check(rows)
-    assert [r["all_to_all"] for r in rows] == [False, True, True] * 2
+    assert [r["all_to_all"] for r in rows] == [False, True, True] * 2  # none on 1 device
 
 
 def _train(workdir, tok, devices: int, *extra: str, env: dict | None = None):

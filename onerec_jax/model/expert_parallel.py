@@ -1,12 +1,13 @@
 """Expert parallelism with explicit token dispatch: `shard_map` and two all-to-alls.
 
-When a mesh with an `expert` axis of size P > 1 is in effect (onerec_jax/sharding.py), the
-dropless MoE layers dispatch this way instead of leaving XLA's partitioner to move tokens:
+When a mesh is in effect (onerec_jax/sharding.py; its `expert` axis of size P, 1 included),
+the dropless MoE layers dispatch this way instead of leaving XLA's partitioner to place them:
 
-  1. each device routes its own tokens (the batch is split over data x fsdp x expert) and
-     writes every valid (token, expert) slot into a send buffer [P, S, D], row block j for the
-     device of expert shard j, S = T_local * k rows per destination (so nothing is ever dropped,
-     whatever the routing), with the slot's expert index within shard j;
+  1. each device routes its own tokens (the batch is split over data x fsdp x expert: the
+     router's top-k runs on the device's T_local tokens, not on gathered scores) and writes
+     every valid (token, expert) slot into a send buffer [P, S, D], row block j for the
+     device of expert shard j, S = T_local * k rows per destination (so nothing is ever
+     dropped, whatever the routing), with the slot's expert index within shard j;
   2. all_to_all over `expert`: each device receives the slots routed to its E / P experts;
   3. the local experts run as one grouped matmul (`jax.lax.ragged_dot`) over the received rows
      sorted by expert, empty rows sorted last and outside every group;
@@ -22,6 +23,7 @@ split over `tensor`: the tensor devices of an expert shard repeat its expert mat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -34,16 +36,18 @@ AXIS = "expert"
 
 
 def expert_shards(n_experts: int, tokens: int) -> int:
-    """P, the size of the mesh's `expert` axis in effect, when explicit dispatch applies: a
-    mesh is set (sharding.rules_on), no axis is already manual (inside another shard_map, e.g.
-    beam search per data shard), P divides the experts and the batch axes divide the tokens
-    (a 2-request init batch may not). 1 otherwise: XLA's partitioner then moves the tokens."""
+    """P, the size of the mesh's `expert` axis (1 included), when per-device dispatch applies:
+    a mesh is set (sharding.rules_on), no axis is already manual (inside another shard_map,
+    e.g. beam search per data shard), P divides the experts and the batch axes divide the
+    tokens (a 2-request init batch may not). 0 otherwise: XLA's partitioner then places the
+    whole layer (which, even on a pure data mesh, gathers every token's router scores for the
+    top-k and sorts all slots globally: why the per-device path is taken for P = 1 too)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or AXIS not in mesh.axis_names or mesh.manual_axes:
-        return 1
-    p = mesh.shape[AXIS]
-    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-    return p if p > 1 and n_experts % p == 0 and tokens % shards == 0 else 1
+    if mesh.empty or mesh.manual_axes:
+        return 0
+    p = mesh.shape.get(AXIS, 1)
+    shards = math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH_AXES)
+    return p if n_experts % p == 0 and tokens % shards == 0 else 0
 
 
 def _local_experts(rows_RxD, ids_R, w_gate, w_up, w_down):
@@ -62,7 +66,8 @@ def _local_experts(rows_RxD, ids_R, w_gate, w_up, w_down):
     return jnp.where((ids_R < e_local)[:, None], y, 0.0)
 
 
-def _per_device(x_TxD, experts_TxK, valid_T, w_gate, w_up, w_down):
+def _per_device(router, x_TxD, w_router, bias_E, valid_T, w_gate, w_up, w_down):
+    experts_TxK, gates_TxK, probs_TxE = router(x_TxD, w_router, bias_E)
     t, k = experts_TxK.shape
     d = x_TxD.shape[-1]
     p = jax.lax.axis_size(AXIS)
@@ -85,18 +90,20 @@ def _per_device(x_TxD, experts_TxK, valid_T, w_gate, w_up, w_down):
     back = jax.lax.all_to_all(y.reshape(p, s, d), AXIS, 0, 0, tiled=True)
     y_slots = back[dest, jnp.minimum(pos, s - 1)]
     y_slots = jnp.where(valid[:, None], y_slots, 0.0)
-    return y_slots.reshape(t, k, d), valid.reshape(t, k)
+    return experts_TxK, gates_TxK, probs_TxE, y_slots.reshape(t, k, d), valid.reshape(t, k)
 
 
-def dropless_all_to_all(x_TxD, experts_TxK, valid_T, w_gate, w_up, w_down):
-    """The dropless expert outputs [T, k, D] and kept slots [T, k] (= valid) with tokens
-    dispatched to the expert shards by all-to-all (module docstring). Call under a mesh whose
-    `expert` axis `expert_shards` reports > 1."""
-    batch = PartitionSpec(sharding.BATCH_AXES)
+def dropless_all_to_all(router, x_TxD, w_router, bias_E, valid_T, w_gate, w_up, w_down):
+    """Route each device's tokens with `router(x, w_router, bias) -> (experts [T, k], gates
+    [T, k], probs [T, E])` and dispatch them to the expert shards by all-to-all (module
+    docstring); returns those three and the expert outputs [T, k, D] and kept slots [T, k]
+    (= valid), all split over the batch axes. Call under a mesh for which `expert_shards`
+    is not 0."""
+    batch, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
     experts = PartitionSpec(AXIS)
     fn = jax.shard_map(
-        _per_device,
-        in_specs=(batch, batch, batch, experts, experts, experts),
-        out_specs=(batch, batch),
+        functools.partial(_per_device, router),
+        in_specs=(batch, whole, whole, batch, experts, experts, experts),
+        out_specs=(batch,) * 5,
     )
-    return fn(x_TxD, experts_TxK, valid_T, w_gate, w_up, w_down)
+    return fn(x_TxD, w_router, bias_E, valid_T, w_gate, w_up, w_down)

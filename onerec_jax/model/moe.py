@@ -48,6 +48,7 @@ Shape suffixes (x_TxD): T tokens, D model width, F expert width, E experts, k ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -200,7 +201,6 @@ class MoE(nn.Module):
             "router", nn.with_logical_partitioning(dense_init, ("embed", "expert")), (d, e)
         )
         bias = self.variable("moe_bias", "bias", lambda: jnp.zeros(e, jnp.float32))
-        experts, gates, probs = route(x_TxD, w_router, bias.value, c.top_k)
 
         def expert_param(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
             init = nn.with_logical_partitioning(dense_init, axes)
@@ -210,16 +210,23 @@ class MoE(nn.Module):
         w_up = expert_param("w_up", (e, d, f), ("expert", "embed", "mlp"))
         w_down = expert_param("w_down", (e, f, d), ("expert", "mlp", "embed"))
         weights = (w_gate, w_up, w_down)
-        if dispatch == "dropless" and expert_parallel.expert_shards(e, t) > 1:
-            # Tokens sent to the expert shards by all-to-all (onerec_jax/model/expert_parallel.py)
-            y_TxKxD, kept = expert_parallel.dropless_all_to_all(x_TxD, experts, valid_T, *weights)
-        elif dispatch == "dropless":
-            y_TxKxD, kept = _experts_dropless(x_TxD, experts, valid_T, *weights)
+        if dispatch == "dropless" and expert_parallel.expert_shards(e, t):
+            # On a mesh: each device routes its own tokens and they reach their experts by
+            # all-to-all (onerec_jax/model/expert_parallel.py).
+            router = functools.partial(route, k=c.top_k)
+            routed = expert_parallel.dropless_all_to_all(
+                router, x_TxD, w_router, bias.value, valid_T, *weights
+            )
+            experts, gates, probs, y_TxKxD, kept = routed
         else:
-            t_valid = jnp.sum(valid_T, dtype=jnp.int32).astype(jnp.float32)
-            limit = expert_capacity(c, t_valid).astype(jnp.int32)
-            args = (c.capacity(t), limit)
-            y_TxKxD, kept = _experts_capacity(x_TxD, experts, valid_T, *weights, *args)
+            experts, gates, probs = route(x_TxD, w_router, bias.value, c.top_k)
+            if dispatch == "dropless":
+                y_TxKxD, kept = _experts_dropless(x_TxD, experts, valid_T, *weights)
+            else:
+                t_valid = jnp.sum(valid_T, dtype=jnp.int32).astype(jnp.float32)
+                limit = expert_capacity(c, t_valid).astype(jnp.int32)
+                args = (c.capacity(t), limit)
+                y_TxKxD, kept = _experts_capacity(x_TxD, experts, valid_T, *weights, *args)
         # `kept` is False for masked tokens, so their routed output is exactly zero.
         y_TxD = jnp.einsum("tk,tkd->td", gates * kept, y_TxKxD.astype(jnp.float32))
         if c.n_shared:
