@@ -88,8 +88,10 @@ def _check(rows: list[dict]) -> None:
             assert r["sharded_fraction"] > 0.05, r  # the experts split
 
 
-# Slow (about 2 min of compiles on 2 cores): the default suite's mesh coverage is the resume
-# test below (V1-MoE trained on {fsdp 2, tensor 2} then {data 4}) and the compiled plans.
+# Slow (about 2 min of compiles on 2 cores), as is the end-to-end resume test below (2 min):
+# the default suite's mesh coverage is the rules, the MoE layer's all-to-all dispatch and the
+# compiled plans; `make test-slow` runs the rest (tests/test_multihost.py also resumes a run
+# on another mesh).
 @pytest.mark.slow
 def test_both_moe_families_on_every_mesh_match_one_device():
     rows = _mesh_step("v1,v2", "data=8", "data=2,fsdp=2,tensor=2", "data=2,expert=4")
@@ -159,6 +161,7 @@ def _metrics(workdir) -> dict:
     return {r["step"]: (r["train/loss"], r.get("eval/loss")) for r in rows}
 
 
+@pytest.mark.slow
 def test_a_run_killed_on_one_mesh_resumes_on_another_and_matches_one_device(tmp_path):
     rng = np.random.default_rng(0)
     codes = np.stack([rng.integers(0, 16, 500) for _ in range(3)], 1)
