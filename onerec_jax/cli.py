@@ -159,6 +159,40 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from scaling import fit
+
+    rows = fit.load_table(args.table)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if args.by and args.by not in r:
+            raise ValueError(f"{args.table}: a row has no column {args.by!r} to group by")
+        groups.setdefault(str(r[args.by]) if args.by else "all", []).append(r)
+    out = {}
+    for name, group in sorted(groups.items()):
+        source = f"{args.table} ({args.by}={name})" if args.by else str(args.table)
+        common = {"n_column": args.n_column, "loss_column": args.loss_column, "source": source}
+        if args.law == "isoflop":
+            out[name] = fit.isoflop(group, **common)
+        else:
+            out[name] = fit.fit(group, args.law, bootstrap=args.bootstrap, **common)
+    result = out if args.by else out["all"]
+    if args.json:
+        print(json.dumps(result, sort_keys=True, allow_nan=False))
+        return 0
+    for name, r in out.items():
+        if "params" in r:
+            fitted = ", ".join(
+                f"{k} = {v:.4g} [{r['ci95'][k][0]:.4g}, {r['ci95'][k][1]:.4g}]"
+                if k in r["ci95"] else f"{k} = {v:.4g}"
+                for k, v in r["params"].items()
+            )  # fmt: skip
+            print(f"{name}: {r['law']} over {r['n_points']} runs: {fitted}; R^2 {r['r2']:.4f}")
+        else:
+            print(f"{name}: isoflop {json.dumps(r, sort_keys=True)}")
+    return 0
+
+
 def _lines(row: dict) -> str:
     return "\n".join(
         f"{k:28s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:28s} {v}"
@@ -267,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(fn=_plan)
+
+    ft = sub.add_parser("fit", help="fit a scaling law to a JSONL results table (scaling/fit.py)")
+    ft.add_argument("--table", required=True, help="JSONL, one row per run")
+    ft.add_argument("--law", required=True, choices=("power-n", "power-c", "chinchilla", "isoflop"))
+    ft.add_argument("--by", default=None, help="fit each value of this column apart (family)")
+    ft.add_argument("--n-column", default="n_active", help="the parameter count N")
+    ft.add_argument("--loss-column", default="loss", help="the loss to fit")
+    ft.add_argument("--bootstrap", type=int, default=200, help="refits for the 95%% intervals")
+    ft.add_argument("--json", action="store_true", help="print one JSON object")
+    ft.set_defaults(fn=_fit)
     return parser
 
 
