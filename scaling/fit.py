@@ -212,11 +212,11 @@ def isoflop(
             raise ValueError(f"{source}: budget {c:g} has {int(sel.sum())} points; need >= 3")
         logn = np.log(cols[n_column][sel])
         a, b, _ = np.polyfit(logn, cols[loss_column][sel], 2)
-        n_star = math.exp(-b / (2 * a)) if a > 0 else float("nan")
-        inside = a > 0 and logn.min() <= math.log(n_star) <= logn.max()
-        per_budget.append(
-            {"budget": float(c), "curvature": float(a), "n_opt": n_star, "ok": inside}
-        )
+        log_opt = -b / (2 * a) if a > 0 else None  # a <= 0: no minimum
+        inside = bool(log_opt is not None and logn.min() <= log_opt <= logn.max())
+        n_star = math.exp(log_opt) if inside else None  # null in the JSON when left out
+        row = {"budget": float(c), "curvature": float(a), "n_opt": n_star, "ok": inside}
+        per_budget.append(row)
         if inside:
             used_c.append(c)
             used_n.append(n_star)

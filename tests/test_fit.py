@@ -63,6 +63,16 @@ def test_isoflop_parabolas_give_the_compute_optimal_exponent():
     want = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
     assert abs(r["n_opt_exponent"] - want) < 0.03, r
     assert r["n_opt_exponent"] + r["d_opt_exponent"] == pytest.approx(1.0)
+    # Budgets whose minimum lies beyond their sizes, or that have none: reported, left out.
+    for losses in ((3.0, 2.9, 2.85), (3.0, 3.2, 3.0)):
+        odd = [
+            {"n_active": n, "loss": x, "budget": 1.0}
+            for n, x in zip((1, 2, 4), losses, strict=True)
+        ]
+        bad = fit.isoflop(rows + odd)
+        assert bad["budgets"][0]["budget"] == 1.0 and not bad["budgets"][0]["ok"]
+        assert bad["n_opt_exponent"] == r["n_opt_exponent"]
+        json.dumps(bad, allow_nan=False)
 
 
 @pytest.mark.parametrize(
