@@ -82,3 +82,18 @@ def test_onerec_plan_cli(capsys):
     assert row["train_state_bytes_unsharded"] == 16 * row["params_total"]
     assert cli.main(["plan", "--rung", "nope", "--json"]) == 2
     assert "unknown rung 'nope'" in capsys.readouterr().err
+
+
+def test_micro_rungs_span_a_cpu_sweep_and_match_their_names():
+    # At least 6 sizes per family from ~0.1M to ~20M non-embedding parameters, each within
+    # 15 % of the size in its name, growing with the rung.
+    from onerec_jax.model.rungs import MICRO_RUNGS
+
+    for family in ("v1", "v2"):
+        names = [n for n in MICRO_RUNGS if n.startswith(family)]
+        counts = [ladder.plan(n)["params_non_embedding"] for n in names]
+        assert len(names) >= 6 and counts == sorted(counts), (names, counts)
+        assert counts[0] < 0.15e6 and 10e6 < counts[-1] < 25e6, counts
+        for name, count in zip(names, counts, strict=True):
+            label = float(name.split("-")[1].removesuffix("m")) * 1e6
+            assert abs(count / label - 1) < 0.15, (name, count)

@@ -136,7 +136,63 @@ V2_RUNGS: dict[str, dict[str, Any]] = {
     },
 }
 
-RUNGS = {**V1_RUNGS, **V2_RUNGS}
+# Micro rungs for CPU sweeps, built by the paper rungs' shape rules at small widths: V1 with both
+# stacks at width d, GELU MLPs of width 2d (the report's 128/256 and 1024/2048) and the layers
+# split evenly; V2 with SwiGLU FFNs of width 4d. Heads of width 32; the CPU rungs' short context
+# (32 positive, 64 lifelong events, 16 queries) with V2's pathways at the model width. Named
+# by their non-embedding parameters (`onerec plan --rung NAME`).
+_MICRO_DATA = {"data.pos_len": 32, "data.life_len": 64}
+
+
+def _v1_micro(layers: int, d: int) -> dict:
+    return {
+        **_MICRO_DATA,
+        "model.family": "v1",
+        **_section("model.v1", {"dec_layers": layers // 2, "n_heads": d // 32, "d_ff": 2 * d}),
+        "model.v1.ffn": "mlp",
+        **_section(
+            "model.v1.encoder",
+            {"d_model": d, "n_layers": layers // 2, "n_heads": d // 32, "d_ff": 2 * d},
+        ),
+        "model.v1.encoder.ffn": "mlp",
+        "model.v1.encoder.n_queries": 16,
+    }
+
+
+def _v2_micro(layers: int, d: int) -> dict:
+    return {
+        **_MICRO_DATA,
+        "model.family": "v2",
+        **_section(
+            "model.v2",
+            {"d_model": d, "n_layers": layers, "n_heads": d // 32, "d_ff": 4 * d, "ffn": "swiglu"},
+        ),
+        "model.v2.loss": "mean",
+        **_section("model.v2.context", {"d_model": d, "n_heads": d // 32, "d_ff": 2 * d}),
+        "model.v2.context.n_queries": 16,
+        "model.v2.moe.n_experts": 0,
+    }
+
+
+# (layers, d) per rung; the name is the non-embedding count `onerec plan` reports.
+MICRO_RUNGS: dict[str, dict[str, Any]] = {
+    **{
+        f"v1-{size}": _v1_micro(layers, d)
+        for size, layers, d in (
+            ("0.07m", 2, 32), ("0.2m", 2, 64), ("0.6m", 4, 96), ("1.1m", 4, 128),
+            ("2.4m", 4, 192), ("5.5m", 6, 256), ("12m", 6, 384),
+        )
+    },
+    **{
+        f"v2-{size}": _v2_micro(layers, d)
+        for size, layers, d in (
+            ("0.09m", 2, 32), ("0.3m", 2, 64), ("0.8m", 3, 96), ("1.7m", 4, 128),
+            ("3.7m", 4, 192), ("8.9m", 6, 256), ("17m", 8, 320),
+        )
+    },
+}  # fmt: skip
+
+RUNGS = {**V1_RUNGS, **V2_RUNGS, **MICRO_RUNGS}
 
 
 def rung_fields(name: str) -> dict[str, Any]:
