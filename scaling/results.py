@@ -1,0 +1,144 @@
+"""The results table of a sweep: one JSONL row per finished run, what a scaling fit reads.
+
+Rows are appended under an exclusive lock (fcntl.flock: several runners on one machine), in
+one write of one whole line, flushed and fsynced; a writer that died mid-line leaves a torn tail,
+which the next append cuts off under the lock and which `read_rows` skips with a warning, so a
+reader never sees half a row. `to_parquet` exports the table for notebooks and dataframes.
+
+A row (`run_row`) comes from a run's summary.json: family, rung, parameter counts (`n_active`
+is the active non-embedding count, the N of the fits), tokens and FLOPs seen, final and
+smoothed train loss, eval loss with its standard error, wall time, hardware and whether the
+run repeated data; `extra` adds what the caller measured after training (Recall@10, the
+world's true engagement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import pathlib
+import platform
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[int]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def append_row(path: str | pathlib.Path, row: dict[str, Any]) -> None:
+    """Append `row` as one JSON line (NaN and infinities are refused: not JSON)."""
+    path = pathlib.Path(path)
+    line = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n").encode()
+    with _locked(path) as fd:
+        size = os.fstat(fd).st_size
+        if size:
+            # A torn last line (a writer killed mid-write) is cut off, not continued.
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, size)
+            end = data.rfind(b"\n") + 1
+            if end != size:
+                os.ftruncate(fd, end)
+        os.lseek(fd, 0, os.SEEK_END)
+        os.write(fd, line)
+        os.fsync(fd)
+
+
+def read_rows(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The table's rows; a torn last line is skipped with a warning, a broken line elsewhere
+    is one error naming the file and line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results table")
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines[-1]:
+        warnings.warn(f"{path}: skipping a torn last line (a writer died mid-row)", stacklevel=2)
+    rows = []
+    for i, line in enumerate(lines[:-1], 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON row ({e.msg})") from None
+    return rows
+
+
+def smoothed_loss(metrics_path: pathlib.Path, share: float = 0.1) -> float | None:
+    """Mean train loss over the last `share` of the logged steps (at least one): the final
+    loss with the step-to-step noise of one batch averaged out."""
+    if not metrics_path.is_file():
+        return None
+    losses = [
+        r["train/loss"]
+        for r in map(json.loads, metrics_path.read_text().splitlines())
+        if "train/loss" in r
+    ]
+    if not losses:
+        return None
+    tail = losses[-max(1, math.ceil(share * len(losses))) :]
+    return float(sum(tail) / len(tail))
+
+
+def hardware() -> str:
+    """The machine a run trained on, in a few words (JAX's devices and the host)."""
+    import jax
+
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    return f"{jax.device_count()} x {'/'.join(kinds)} ({platform.machine()})"
+
+
+def run_row(
+    workdir: str | pathlib.Path, extra: dict[str, Any] | None = None, **labels: Any
+) -> dict[str, Any]:
+    """The table row of a finished run in `workdir` (its summary.json); `labels` (family,
+    budget, ...) and `extra` (recall@10, engagement) are added as given."""
+    workdir = pathlib.Path(workdir)
+    path = workdir / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run has no summary (not finished?)")
+    s = json.loads(path.read_text())
+    if s.get("status") != "finished":
+        raise ValueError(f"{path}: status {s.get('status')!r}, not a finished run")
+    row = {
+        "workdir": str(workdir),
+        "rung": s.get("rung", ""),
+        "n_total": s["params_total"],
+        "n_active": s["params_active"] - s["params_embedding"],
+        "n_non_embedding": s["params_non_embedding"],
+        "tokens": s["tokens_seen"],
+        "samples": s["samples_seen"],
+        "flops": s["flops_seen"],
+        "steps": s["step"],
+        "train_loss": s["final_train_loss"],
+        "train_loss_smoothed": smoothed_loss(workdir / "metrics.jsonl"),
+        "loss": s["final_eval_loss"],  # the held-out loss a fit reads
+        "loss_se": s["final_eval_loss_se"],
+        "wall_s": s["wall_s_total"],
+        "hardware": hardware(),
+        "repeated_data": s["data_passes"] > 1,
+        "data_passes": s["data_passes"],
+    }
+    return {**labels, **row, **(extra or {})}
+
+
+def to_parquet(rows: list[dict[str, Any]], out: str | pathlib.Path) -> pathlib.Path:
+    """Write the rows as a Parquet file (columns: the union of the rows' keys)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = pathlib.Path(out)
+    keys = sorted({k for r in rows for k in r})
+    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    pq.write_table(table, out)
+    return out
