@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from onerec_jax import sharding
+from onerec_jax.model.layers import grouped_swiglu
 
 AXIS = "expert"
 
@@ -48,22 +49,6 @@ def expert_shards(n_experts: int, tokens: int) -> int:
     p = mesh.shape.get(AXIS, 1)
     shards = math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH_AXES)
     return p if n_experts % p == 0 and tokens % shards == 0 else 0
-
-
-def _local_experts(rows_RxD, ids_R, w_gate, w_up, w_down):
-    """SwiGLU of each row with its local expert (ids_R in [0, E_l]; E_l marks an empty row,
-    whose output is zero)."""
-    e_local = w_gate.shape[0]
-    order = jnp.argsort(ids_R, stable=True)  # empty rows (id E_l) last, in no group
-    sizes = jnp.bincount(ids_R, length=e_local).astype(jnp.int32)  # drops the id E_l
-    x = rows_RxD[order]
-    f32 = jnp.float32
-    g = jax.lax.ragged_dot(x, w_gate, sizes, preferred_element_type=f32)
-    u = jax.lax.ragged_dot(x, w_up, sizes, preferred_element_type=f32)
-    h = (jax.nn.silu(g) * u).astype(rows_RxD.dtype)
-    y = jax.lax.ragged_dot(h, w_down, sizes, preferred_element_type=f32)
-    y = jnp.zeros_like(y).at[order].set(y)
-    return jnp.where((ids_R < e_local)[:, None], y, 0.0)
 
 
 def _per_device(router, x_TxD, w_router, bias_E, valid_T, w_gate, w_up, w_down):
@@ -86,7 +71,9 @@ def _per_device(router, x_TxD, w_router, bias_E, valid_T, w_gate, w_up, w_down):
     send_id = jnp.full((p, s), e_local, jnp.int32).at[dest, pos].set(local_id, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, AXIS, 0, 0, tiled=True)
     recv_id = jax.lax.all_to_all(send_id, AXIS, 0, 0, tiled=True)
-    y = _local_experts(recv_x.reshape(p * s, d), recv_id.reshape(p * s), w_gate, w_up, w_down)
+    ids = recv_id.reshape(p * s)  # e_local marks an empty row: outside every group, masked
+    y = grouped_swiglu(recv_x.reshape(p * s, d), ids, w_gate, w_up, w_down)
+    y = jnp.where((ids < e_local)[:, None], y, 0.0)
     back = jax.lax.all_to_all(y.reshape(p, s, d), AXIS, 0, 0, tiled=True)
     y_slots = back[dest, jnp.minimum(pos, s - 1)]
     y_slots = jnp.where(valid[:, None], y_slots, 0.0)

@@ -72,6 +72,24 @@ class Dense(nn.Module):
         return y.astype(self.out_dtype or self.dtype)
 
 
+def grouped_swiglu(
+    x_RxD: jax.Array, ids_R: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """Row r through the SwiGLU expert ids_R[r] of the stacked weights [E, ...], all experts in
+    one grouped matmul (`jax.lax.ragged_dot` over the rows sorted by expert), float32 out.
+    Rows with an id >= E sort last, outside every group: their output is not defined (zero on
+    XLA:CPU) and the caller masks it."""
+    order = jnp.argsort(ids_R, stable=True)
+    sizes = jnp.bincount(ids_R, length=w_gate.shape[0]).astype(jnp.int32)  # ids >= E dropped
+    x = x_RxD[order]
+    f32 = jnp.float32
+    g = jax.lax.ragged_dot(x, w_gate, sizes, preferred_element_type=f32)
+    u = jax.lax.ragged_dot(x, w_up, sizes, preferred_element_type=f32)
+    h = (jax.nn.silu(g) * u).astype(x_RxD.dtype)
+    y = jax.lax.ragged_dot(h, w_down, sizes, preferred_element_type=f32)
+    return jnp.zeros_like(y).at[order].set(y)
+
+
 class SwiGLU(nn.Module):
     """silu(x W_gate) * (x W_up) W_down: D -> F -> D."""
 

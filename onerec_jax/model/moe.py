@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onerec_jax.model import expert_parallel
-from onerec_jax.model.layers import SwiGLU, dense_init
+from onerec_jax.model.layers import SwiGLU, dense_init, grouped_swiglu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +127,8 @@ def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
 
 def _experts_dropless(x_TxD, experts_TxK, valid_T, w_gate, w_up, w_down):
     t, k = experts_TxK.shape
-    e = w_gate.shape[0]
-    flat = experts_TxK.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    x_sorted = x_TxD[order // k]
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    f32 = jnp.float32
-    g = jax.lax.ragged_dot(x_sorted, w_gate, sizes, preferred_element_type=f32)
-    u = jax.lax.ragged_dot(x_sorted, w_up, sizes, preferred_element_type=f32)
-    h = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
-    y_sorted = jax.lax.ragged_dot(h, w_down, sizes, preferred_element_type=f32)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    x_slots = jnp.repeat(x_TxD, k, axis=0)  # slot t*k + j is token t's j-th choice
+    y = grouped_swiglu(x_slots, experts_TxK.reshape(-1), w_gate, w_up, w_down)
     # Nothing is dropped; masked tokens' slots are just not kept (zero output, no stats).
     return y.reshape(t, k, -1), jnp.broadcast_to(valid_T[:, None], (t, k))
 

@@ -55,17 +55,6 @@ def optimizer(
     return ocfg, tx, schedule
 
 
-def fresh_state(
-    cfg: ml_collections.ConfigDict,
-    model: OneRecV1 | OneRecV2,
-    tx: optax.GradientTransformation,
-    n_levels: int,
-) -> step_lib.TrainState:
-    """Step-0 state: parameters initialised from `seed`, optimizer moments at zero."""
-    zero = jax.tree.map(jnp.asarray, zero_batch(schema_spec(cfg), 2, n_levels))
-    return step_lib.init_state(model, tx, zero, jax.random.key(cfg.seed))
-
-
 def state_layout(
     cfg: ml_collections.ConfigDict,
     model: OneRecV1 | OneRecV2,
@@ -103,9 +92,10 @@ def sharded_state(
     n_levels: int,
     mesh: Mesh,
 ) -> tuple[step_lib.TrainState, Any]:
-    """`fresh_state` created already laid out on `mesh` (no device ever holds the whole
-    state), and its shardings (`state_layout`). The values equal `fresh_state`'s: JAX's
-    counter-based RNG does not depend on the layout."""
+    """The step-0 state (parameters initialised from `seed`, optimizer moments at zero)
+    created already laid out on `mesh` (no device ever holds the whole state), and its
+    shardings (`state_layout`). The values equal a one-device init's: JAX's counter-based RNG
+    does not depend on the layout."""
     init, key, _, shardings = state_layout(cfg, model, tx, n_levels, mesh)
     with sharding.rules_on(mesh):
         state = jax.jit(init, out_shardings=shardings)(key)
