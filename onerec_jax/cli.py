@@ -20,11 +20,17 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _batches(args: argparse.Namespace) -> int:
     from onerec_jax.demo import run
 
     run(logdir=args.logdir, batches=args.batches, workers=args.workers)
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from scaling import demo
+
+    return demo.run(args.sweep, args.out, bootstrap=args.bootstrap, runners=args.runners)
 
 
 def _tokenize(args: argparse.Namespace) -> int:
@@ -220,10 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(fn=_data_stats)
 
-    demo = sub.add_parser("demo", help="build the world and MovieLens pipelines, show batches")
-    demo.add_argument("--logdir", default="runs/demo", help="TensorBoard log folder")
-    demo.add_argument("--batches", type=int, default=40, help="batches timed per pipeline")
-    demo.add_argument("--workers", type=int, default=2, help="grain worker processes")
+    bat = data.add_parser("batches", help="build the world and MovieLens pipelines, show batches")
+    bat.add_argument("--logdir", default="runs/batches", help="TensorBoard log folder")
+    bat.add_argument("--batches", type=int, default=40, help="batches timed per pipeline")
+    bat.add_argument("--workers", type=int, default=2, help="grain worker processes")
+    bat.set_defaults(fn=_batches)
+
+    demo = sub.add_parser(
+        "demo", help="a micro scaling study: sweep V1 and V2, fit L(N), plot (scaling/demo.py)"
+    )
+    demo.add_argument("--sweep", default="experiments/sweeps/demo.py", help="the sweep file")
+    demo.add_argument("--out", default="runs/demo", help="the sweep directory")
+    demo.add_argument("--bootstrap", type=int, default=200, help="refits for the 95%% intervals")
+    demo.add_argument("--runners", type=int, default=2, help="sweep runners sharing the points")
     demo.set_defaults(fn=_demo)
 
     tok = sub.add_parser(
@@ -311,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--bootstrap", type=int, default=200, help="refits for the 95%% intervals")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
     ft.set_defaults(fn=_fit)
+
+    from scaling import plot, sweep_cli
+
+    sweep_cli.register(sub)
+    plot.register(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`make demo`: build the world and MovieLens pipelines, print batches and input throughput."""
+"""`onerec data batches`: the world and MovieLens pipelines, their batches and input throughput."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def time_pipeline(
     return rate
 
 
-def run(logdir: str = "runs/demo", batches: int = 40, workers: int = 2) -> dict[str, float]:
+def run(logdir: str = "runs/batches", batches: int = 40, workers: int = 2) -> dict[str, float]:
     spec = schema.SchemaSpec()  # the report's pathways: 20 / 256 / 2000
     print(
         f"schema: short {spec.short_len}, positive {spec.pos_len}, lifelong {spec.life_len}, "

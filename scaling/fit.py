@@ -114,17 +114,42 @@ def _starts(kind: str, logx, logd, loss) -> list[np.ndarray]:
     return out
 
 
-def _minimise(kind, logx, logd, logl, starts) -> np.ndarray:
-    def objective(theta):
-        return _huber(_log_pred(theta, kind, logx, logd) - logl)
+def _objective(theta, kind, logx, logd, logl) -> tuple[float, np.ndarray]:
+    """The Huber loss of the log residuals in units of delta^2, and its exact gradient.
 
+    The units matter: the raw sum (~1e-6 for a good fit) sits under L-BFGS-B's absolute
+    tolerances (gtol 1e-5; ftol is relative to max(|f|, 1)), which then stop it a step away
+    from its start, so a bootstrap refit would barely leave the full fit. The gradient: the
+    prediction is logsumexp(terms), so d pred = sum_k softmax_k d term_k, and Huber'(r) =
+    clip(r, -delta, delta)."""
+    if kind == "nd":
+        e, a, alpha, b, beta = theta
+        terms = np.stack([np.full_like(logx, e), a - alpha * logx, b - beta * logd])
+    else:
+        e, a, alpha = theta
+        terms = np.stack([np.full_like(logx, e), a - alpha * logx])
+    top = terms.max(axis=0)
+    w = np.exp(terms - top)
+    total = w.sum(axis=0)
+    w /= total
+    r = top + np.log(total) - logl
+    dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
+    grad = [w[0] @ dr, w[1] @ dr, -(w[1] * logx) @ dr]
+    if kind == "nd":
+        grad += [w[2] @ dr, -(w[2] * logd) @ dr]
+    return _huber(r) / HUBER_DELTA**2, np.array(grad) / HUBER_DELTA**2
+
+
+def _minimise(kind, logx, logd, logl, starts) -> np.ndarray:
     # Exponents stay in (0, 5]: a law whose loss grows with size is no scaling law.
     bounds = [(None, None), (None, None), (1e-4, 5.0)] + (
         [(None, None), (1e-4, 5.0)] if kind == "nd" else []
     )
     best = None
     for x0 in starts:
-        res = optimize.minimize(objective, x0, method="L-BFGS-B", bounds=bounds)
+        res = optimize.minimize(
+            _objective, x0, (kind, logx, logd, logl), "L-BFGS-B", jac=True, bounds=bounds
+        )
         if best is None or res.fun < best.fun:
             best = res
     return best.x
@@ -146,9 +171,11 @@ def fit(
     bootstrap: int = 200,
     seed: int = 0,
     source: str = "table",
+    keep_draws: bool = False,
 ) -> dict[str, Any]:
     """Fit `law` to the rows; returns the parameters (`E`, `A`, `alpha` [, `B`, `beta`]),
-    their 95 % bootstrap intervals, the log residuals and R^2 of the loss."""
+    their 95 % bootstrap intervals, the log residuals and R^2 of the loss. With `keep_draws`,
+    also `draws`: the parameters of every bootstrap refit (for a confidence band of the curve)."""
     if law not in LAWS:
         raise ValueError(f"unknown law {law!r}; use one of {sorted(LAWS)}")
     kind, names = LAWS[law]
@@ -179,7 +206,7 @@ def fit(
             float(np.percentile([b[k] for b in boots], 97.5))]
         for k in names
     } if boots else {}  # fmt: skip
-    return {
+    out = {
         "law": law,
         "x": x_name,
         "n_points": len(loss),
@@ -189,6 +216,9 @@ def fit(
         "r2": float(r2),
         "log_residuals": (logl - pred).tolist(),
     }
+    if keep_draws:
+        out["draws"] = boots
+    return out
 
 
 def isoflop(
@@ -202,7 +232,9 @@ def isoflop(
     """Chinchilla's approach 2: per budget (rows sharing `budget_column`), loss = a (log N)^2
     + b log N + c; N* = exp(-b / 2a) where a > 0. Then N* = k C^a_n and D* = C / (6 N*) = k'
     C^a_d by least squares in log space (a_n + a_d = 1). Budgets whose parabola opens
-    downwards, or whose minimum lies outside their sizes, are reported and left out."""
+    downwards, or whose minimum lies outside their sizes, are reported and left out. Each
+    budget's row holds its parabola's `coefficients` [a, b, c] (np.polyval order, in ln N), so
+    a plot draws the very curve that was fitted."""
     cols = columns(rows, [n_column, loss_column, budget_column], source)
     budgets = np.unique(cols[budget_column])
     per_budget, used_c, used_n = [], [], []
@@ -211,11 +243,12 @@ def isoflop(
         if sel.sum() < 3:
             raise ValueError(f"{source}: budget {c:g} has {int(sel.sum())} points; need >= 3")
         logn = np.log(cols[n_column][sel])
-        a, b, _ = np.polyfit(logn, cols[loss_column][sel], 2)
+        a, b, c0 = np.polyfit(logn, cols[loss_column][sel], 2)
         log_opt = -b / (2 * a) if a > 0 else None  # a <= 0: no minimum
         inside = bool(log_opt is not None and logn.min() <= log_opt <= logn.max())
         n_star = math.exp(log_opt) if inside else None  # null in the JSON when left out
-        row = {"budget": float(c), "curvature": float(a), "n_opt": n_star, "ok": inside}
+        row = {"budget": float(c), "curvature": float(a), "n_opt": n_star, "ok": inside,
+               "coefficients": [float(a), float(b), float(c0)]}  # fmt: skip
         per_budget.append(row)
         if inside:
             used_c.append(c)

@@ -37,22 +37,42 @@ def _locked(path: pathlib.Path) -> Iterator[int]:
         os.close(fd)  # closing releases the lock
 
 
+def _append_locked(fd: int, line: bytes) -> None:
+    size = os.fstat(fd).st_size
+    if size:
+        # A torn last line (a writer killed mid-write) is cut off, not continued.
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, size)
+        end = data.rfind(b"\n") + 1
+        if end != size:
+            os.ftruncate(fd, end)
+    os.lseek(fd, 0, os.SEEK_END)
+    os.write(fd, line)
+    os.fsync(fd)
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    return (json.dumps(row, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def append_row(path: str | pathlib.Path, row: dict[str, Any]) -> None:
     """Append `row` as one JSON line (NaN and infinities are refused: not JSON)."""
+    line = _line(row)
+    with _locked(pathlib.Path(path)) as fd:
+        _append_locked(fd, line)
+
+
+def append_missing(path: str | pathlib.Path, rows: list[dict[str, Any]], key: str) -> int:
+    """Append the rows whose `key` is not in the table yet, in one check-and-append under the
+    table's lock (two runners adding the same row add it once); returns how many."""
     path = pathlib.Path(path)
-    line = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n").encode()
+    lines = [(r[key], _line(r)) for r in rows]
     with _locked(path) as fd:
-        size = os.fstat(fd).st_size
-        if size:
-            # A torn last line (a writer killed mid-write) is cut off, not continued.
-            os.lseek(fd, 0, os.SEEK_SET)
-            data = os.read(fd, size)
-            end = data.rfind(b"\n") + 1
-            if end != size:
-                os.ftruncate(fd, end)
-        os.lseek(fd, 0, os.SEEK_END)
-        os.write(fd, line)
-        os.fsync(fd)
+        have = {r.get(key) for r in _rows(path, warn=False)}
+        new = [line for k, line in lines if k not in have]
+        for line in new:
+            _append_locked(fd, line)
+    return len(new)
 
 
 def read_rows(path: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -61,9 +81,12 @@ def read_rows(path: str | pathlib.Path) -> list[dict[str, Any]]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
-    text = path.read_text()
-    lines = text.split("\n")
-    if lines[-1]:
+    return _rows(path, warn=True)
+
+
+def _rows(path: pathlib.Path, warn: bool) -> list[dict[str, Any]]:
+    lines = path.read_text().split("\n")
+    if lines[-1] and warn:
         warnings.warn(f"{path}: skipping a torn last line (a writer died mid-row)", stacklevel=2)
     rows = []
     for i, line in enumerate(lines[:-1], 1):
@@ -98,11 +121,28 @@ def hardware() -> str:
     return f"{jax.device_count()} x {'/'.join(kinds)} ({platform.machine()})"
 
 
+def _per_item(workdir: pathlib.Path, n_levels: int) -> float:
+    """The factor from a run's loss to NLL per item: the levels' count when its loss is their
+    mean (the V2 paper's), 1 when it is their sum (the V1 report's)."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run has no config")
+    model = json.loads(path.read_text())["model"]
+    mode = model[model["family"]]["loss"]
+    return float(n_levels) if mode == "mean" else 1.0
+
+
+def _scaled(x: float | None, factor: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else x * factor
+
+
 def run_row(
     workdir: str | pathlib.Path, extra: dict[str, Any] | None = None, **labels: Any
 ) -> dict[str, Any]:
-    """The table row of a finished run in `workdir` (its summary.json); `labels` (family,
-    budget, ...) and `extra` (recall@10, engagement) are added as given."""
+    """The table row of a finished run in `workdir` (its summary.json and config.json);
+    `labels` (family, budget, ...) and `extra` (recall@10, engagement) are added as given.
+    Losses are NLL per item in nats (the levels' terms summed) for every family, so V1 and V2
+    rows share one scale and compare with the world's entropy floor."""
     workdir = pathlib.Path(workdir)
     path = workdir / "summary.json"
     if not path.is_file():
@@ -110,6 +150,7 @@ def run_row(
     s = json.loads(path.read_text())
     if s.get("status") != "finished":
         raise ValueError(f"{path}: status {s.get('status')!r}, not a finished run")
+    per_item = _per_item(workdir, len(s["vocab"]))
     row = {
         "workdir": str(workdir),
         "rung": s.get("rung", ""),
@@ -120,10 +161,12 @@ def run_row(
         "samples": s["samples_seen"],
         "flops": s["flops_seen"],
         "steps": s["step"],
-        "train_loss": s["final_train_loss"],
-        "train_loss_smoothed": smoothed_loss(workdir / "metrics.jsonl"),
-        "loss": s["final_eval_loss"],  # the held-out loss a fit reads
-        "loss_se": s["final_eval_loss_se"],
+        "train_loss_smoothed": _scaled(smoothed_loss(workdir / "metrics.jsonl"), per_item),
+        # the held-out loss a fit reads: NLL per item (nats), whatever the training objective
+        "loss": _scaled(s["final_eval_loss"], per_item),
+        "loss_se": _scaled(s["final_eval_loss_se"], per_item),
+        "loss_objective": s["final_eval_loss"],  # the same in the run's own loss (its mode)
+        "train_loss": _scaled(s["final_train_loss"], per_item),
         "wall_s": s["wall_s_total"],
         "hardware": hardware(),
         "repeated_data": s["data_passes"] > 1,

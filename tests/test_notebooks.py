@@ -1,10 +1,14 @@
 """The notebooks run top to bottom on a small results file."""
 
 import json
+import math
 import os
 import pathlib
+import re
 
 import nbformat
+import numpy as np
+import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,3 +68,50 @@ def test_v1_vs_v2_notebook_executes(tmp_path, monkeypatch):
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the plot cell drew nothing"
     assert os.environ["ONEREC_V1V2_RESULTS"] == str(results)
+
+
+def test_scaling_laws_notebook_executes(tmp_path, monkeypatch):
+    # Two families, 6 rungs each on L = E + A / N^alpha (noise 0.2 %), on a world whose entropy
+    # floor is 3.3 nats/item; the fits land within ~0.5 % of E (measured 3.999, 3.603).
+    true_e = {"v1": 4.0, "v2": 3.6}
+    rng = np.random.default_rng(0)
+    rows = []
+    for fam, (A, alpha) in (("v1", (30.0, 0.30)), ("v2", (25.0, 0.35))):
+        for i, n in enumerate(np.geomspace(1e5, 1e8, 6)):
+            loss = (true_e[fam] + A / n**alpha) * math.exp(rng.normal(0, 0.002))
+            rows.append(
+                {
+                    "point": f"{fam}-{i}",
+                    "family": fam,
+                    "rung": f"{fam}-{i}",
+                    "seed": 0,
+                    "n_active": n,
+                    "tokens": 1e9,
+                    "flops": 6e9 * n,
+                    "loss": loss,
+                    "loss_se": 0.01,
+                    "repeated_data": False,
+                    "entropy_floor": 3.3,
+                }
+            )
+    table = tmp_path / "results.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("ONEREC_RESULTS", str(table))
+    monkeypatch.setenv("ONEREC_BOOTSTRAP", "10")
+    nb = nbformat.read(ROOT / "notebooks" / "scaling_laws.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "v1: 6 runs (0 repeated data)" in text and "v2: 6 runs" in text, text
+    for fam, e in true_e.items():
+        fitted = re.search(rf"^{fam} power-n: L\(N\) = E \+ A / N\^alpha over 6 runs: "
+                           rf"E = ([\d.]+) \[([\d.]+), ([\d.]+)\]", text, re.M)  # fmt: skip
+        assert fitted, text
+        assert abs(float(fitted[1]) - e) < 0.04 and float(fitted[2]) <= float(fitted[3])
+        floor = re.search(rf"^{fam}: E = ([\d.]+) nats/item vs world entropy floor 3\.300: "
+                          rf"gap ([\d.-]+)$", text, re.M)  # fmt: skip
+        assert floor and float(floor[2]) == pytest.approx(float(floor[1]) - 3.3, abs=2e-3), text
+    assert "chinchilla: not fitted: one token count" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, "the figure cell drew nothing"

@@ -44,14 +44,24 @@ def test_a_torn_tail_is_skipped_on_read_and_cut_on_the_next_append(tmp_path):
         results.read_rows(path)
 
 
-def _fake_run(workdir, status="finished"):
+def test_append_missing_adds_each_key_once(tmp_path):
+    path = tmp_path / "results.jsonl"
+    assert results.append_missing(path, [{"point": "a", "loss": 1.0}], key="point") == 1
+    rows = [{"point": "a", "loss": 9.0}, {"point": "b", "loss": 2.0}]
+    assert results.append_missing(path, rows, key="point") == 1
+    assert results.read_rows(path) == [{"point": "a", "loss": 1.0}, {"point": "b", "loss": 2.0}]
+
+
+def _fake_run(workdir, status="finished", family="v2", mode="mean"):
     workdir.mkdir()
+    model = {"family": family, family: {"loss": mode}}
+    (workdir / "config.json").write_text(json.dumps({"model": model}))
     summary = {
         "status": status, "rung": "v2-0.3m", "params_total": 2_000_000, "params_active": 1_500_000,
         "params_embedding": 1_200_000, "params_non_embedding": 800_000, "tokens_seen": 3e6,
         "samples_seen": 64_000, "flops_seen": 4e13, "step": 1000, "final_train_loss": 3.2,
         "final_eval_loss": 3.4, "final_eval_loss_se": 0.02, "wall_s_total": 120.0,
-        "data_passes": 1.3,
+        "data_passes": 1.3, "vocab": [128, 128, 128, 4],
     }  # fmt: skip
     (workdir / "summary.json").write_text(json.dumps(summary))
     lines = [{"step": s, "train/loss": 4.0 - s / 1000} for s in range(1, 1001, 10)]
@@ -63,9 +73,14 @@ def test_a_finished_run_makes_a_row_a_fit_can_read_and_parquet_keeps(tmp_path):
     row = results.run_row(_fake_run(tmp_path / "a"), {"recall@10": 0.1}, family="v2")
     assert row["family"] == "v2" and row["recall@10"] == 0.1 and row["rung"] == "v2-0.3m"
     assert row["n_active"] == 300_000  # active minus embedding parameters: the fits' N
-    assert row["repeated_data"] is True and row["loss"] == 3.4 and row["tokens"] == 3e6
+    assert row["repeated_data"] is True and row["tokens"] == 3e6
+    # A mean over the 4 levels becomes NLL per item: x 4, the objective kept beside it.
+    assert row["loss"] == pytest.approx(13.6) and row["loss_objective"] == 3.4
+    assert row["loss_se"] == pytest.approx(0.08) and row["train_loss"] == pytest.approx(12.8)
     # The last 10 % of the 100 logged losses: steps 901 ... 991.
-    assert row["train_loss_smoothed"] == pytest.approx(4.0 - 0.946)
+    assert row["train_loss_smoothed"] == pytest.approx(4 * (4.0 - 0.946))
+    summed = results.run_row(_fake_run(tmp_path / "v1", family="v1", mode="sum"))
+    assert summed["loss"] == 3.4 and summed["train_loss"] == 3.2  # a sum is per item already
     assert set(fit.columns([row], ["n_active", "tokens", "flops", "loss"])) == {
         "n_active", "tokens", "flops", "loss"
     }  # fmt: skip
