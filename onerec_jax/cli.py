@@ -169,6 +169,10 @@ def _fit(args: argparse.Namespace) -> int:
     from scaling import fit
 
     rows = fit.load_table(args.table)
+    if args.law == "isoflop":  # a sweep's table may hold grid points too: they have no budget
+        rows = [r for r in rows if r.get("budget") is not None]
+        if not rows:
+            raise ValueError(f"{args.table}: no row has a `budget` (no iso-FLOP points)")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if args.by and args.by not in r:

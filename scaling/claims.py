@@ -3,11 +3,14 @@
 A runner owns point P while it holds the newest claim file of P: CLAIMS/P.<g> for generation
 g = 0, 1, ..., created with O_CREAT | O_EXCL (atomic on a local disk and on NFS v3+, so two
 runners racing for a generation get one winner). A holder refreshes its file's mtime every
-`heartbeat_s`; a claim is stale when its holder is a dead process on this host, or when its
-mtime is older than `stale_after_s` (a holder on another host that stopped: crashed, powered
-off, preempted). A stale generation g is taken over by creating g + 1, again with O_EXCL, so a
-takeover races safely too. Nothing is ever renamed or rewritten, which is what makes this
-safe on a shared filesystem; across hosts it needs clocks within `stale_after_s` of each other.
+`heartbeat_s`, and releases P by creating the next generation as a "released" marker; a
+claim is stale when its holder is a dead process of this machine (same host, boot and PID
+namespace: a container sharing the hostname is not trusted with PIDs), or when its mtime is
+older than `stale_after_s` (a holder elsewhere that stopped: crashed, powered off,
+preempted). A released or stale generation g is taken over by creating g + 1, again with
+O_EXCL, so a takeover races safely too. No claim file is ever deleted, renamed or rewritten
+while the claims are in use (generations only grow), which is what makes this safe on a
+shared filesystem; across hosts it needs clocks within `stale_after_s` of each other.
 
 "Done" is recorded elsewhere (the point's row file); a claim only keeps two runners off one
 point while it trains.
@@ -22,6 +25,15 @@ import socket
 import threading
 import time
 from typing import Any
+
+
+def _machine() -> str:
+    """This boot of this machine and its PID namespace: where a PID means one process."""
+    try:
+        boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""  # not Linux: PIDs are never trusted, only heartbeats
 
 
 def _alive(pid: int) -> bool:
@@ -46,7 +58,7 @@ class Claims:
     ):
         self.dir = pathlib.Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid, self.machine = socket.gethostname(), os.getpid(), _machine()
         self.runner = runner or f"{self.host}:{self.pid}"
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s or max(1.0, stale_after_s / 10)
@@ -57,11 +69,16 @@ class Claims:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            for path in list(self.held.values()):
+            for name, path in list(self.held.items()):
                 try:
                     os.utime(path)
                 except FileNotFoundError:
-                    pass  # released meanwhile
+                    continue  # released meanwhile
+                gens = self._generations(name)
+                if name in self.held and gens and gens[-1][1] != path:
+                    # Another runner judged this claim stale (a heartbeat late by more than
+                    # stale_after_s: a suspended process, a filesystem stall) and took over.
+                    print(f"claims: {name} was taken over by another runner", flush=True)
 
     def close(self) -> None:
         self._stop.set()
@@ -88,9 +105,10 @@ class Claims:
         gens = self._generations(name)
         if not gens:
             return None
-        _, path = gens[-1]
-        info = self._read(path)
-        return None if info is None or self._stale(info) else info
+        info = self._read(gens[-1][1])
+        if info is None:  # vanished between listing and reading: someone is acting on it
+            return {"runner": "unknown", "age_s": 0.0}
+        return None if info.get("released") or self._stale(info) else info
 
     def _read(self, path: pathlib.Path) -> dict[str, Any] | None:
         try:
@@ -105,7 +123,11 @@ class Claims:
         return {**info, "age_s": age}
 
     def _stale(self, info: dict[str, Any]) -> bool:
-        if info.get("host") == self.host and isinstance(info.get("pid"), int):
+        same = self.machine and (info.get("host"), info.get("machine")) == (
+            self.host,
+            self.machine,
+        )
+        if same and isinstance(info.get("pid"), int):
             if info["pid"] != self.pid and not _alive(info["pid"]):
                 return True
         return info["age_s"] > self.stale_after_s
@@ -119,26 +141,34 @@ class Claims:
         if gens:
             g, path = gens[-1]
             info = self._read(path)
-            if info is not None and not self._stale(info):
+            if info is None:
+                return False  # vanished: files are never deleted in use, so a cleanup runs
+            if not info.get("released") and not self._stale(info):
                 return False
             nxt = g + 1
-        path = self.dir / f"{name}.{nxt}"
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        path = self._create(name, nxt, {})
+        if path is None:
             return False  # another runner won this generation
-        info = {"runner": self.runner, "host": self.host, "pid": self.pid, "t": time.time()}
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
         self.held[name] = path
         return True
 
+    def _create(self, name: str, g: int, extra: dict[str, Any]) -> pathlib.Path | None:
+        path = self.dir / f"{name}.{g}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        info = {"runner": self.runner, "host": self.host, "machine": self.machine,
+                "pid": self.pid, "t": time.time(), **extra}  # fmt: skip
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        return path
+
     def release(self, name: str) -> None:
-        """Drop the claim on `name` and the stale generations below it."""
+        """Give `name` up: the next generation, created as a "released" marker, frees it for
+        the next claimer (a stale claim of ours that was taken over is just dropped)."""
         path = self.held.pop(name, None)
         if path is None:
             return
         g = int(path.name.rsplit(".", 1)[1])
-        for h, p in self._generations(name):
-            if h <= g:
-                p.unlink(missing_ok=True)
+        self._create(name, g + 1, {"released": True})

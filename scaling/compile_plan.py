@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from onerec_jax import config, flops, sharding
@@ -46,13 +47,23 @@ def compile_plan(
     bf16: bool = False,
     remat: str = "none",
     moment_dtype: str = "float32",
+    run_config: Any = None,
 ) -> dict[str, Any]:
     """Compile rung `name`'s train step at `batch` requests on `mesh_axes` over all devices,
-    with the memory options `remat` and `moment_dtype` (onerec_jax/configs/default.py)."""
-    overrides = [f"rung={name}", f"batch_size={batch}", f"bf16={bf16}", f"remat={remat}"]
-    overrides += [f"optim.moment_dtype={moment_dtype}"]
-    overrides += [f"mesh.{k}={v}" for k, v in mesh_axes.items()]  # data: the rest (-1)
-    cfg = config.resolve(default.get_config(), overrides)
+    with the memory options `remat` and `moment_dtype` (onerec_jax/configs/default.py). With
+    `run_config` (a resolved run config: a sweep point's), that config is compiled instead of
+    the default one, on `mesh_axes` and at its own batch and memory options."""
+    if run_config is not None:
+        cfg = ml_collections.ConfigDict(run_config.to_dict())
+        axes = {f"mesh.{k}": 1 for k in cfg.mesh} | {f"mesh.{k}": v for k, v in mesh_axes.items()}
+        config.update(cfg, axes | {"mesh.data": mesh_axes.get("data", -1)}, "compile plan")
+        batch, bf16, remat = cfg.batch_size, cfg.bf16, cfg.remat
+        moment_dtype = cfg.optim.moment_dtype
+    else:
+        overrides = [f"rung={name}", f"batch_size={batch}", f"bf16={bf16}", f"remat={remat}"]
+        overrides += [f"optim.moment_dtype={moment_dtype}"]
+        overrides += [f"mesh.{k}={v}" for k, v in mesh_axes.items()]  # data: the rest (-1)
+        cfg = config.resolve(default.get_config(), overrides)
     codes = cfg.tokenizer_codes or 128
     model = build_model(cfg, Catalogue(n_items), (codes,) * 3)
     mesh = sharding.make_mesh(cfg.mesh.to_dict())

@@ -39,11 +39,10 @@ def summary_lines(rows: list[dict[str, Any]], fits: dict[str, Any]) -> list[str]
     floor = min(floors) if floors else None
     lines = []
     for fam, f in fits.items():
-        mine = [r for r in rows if r["family"] == fam]
-        best = min(mine, key=lambda r: r["loss"])
         if "error" in f:
             lines.append(f"{fam.upper()}: no fit ({f['error']})")
             continue
+        best = min((r for r in rows if r["family"] == fam), key=lambda r: r["loss"])
         p, ci = f["params"], f["ci95"]
 
         def band(k: str, p=p, ci=ci) -> str:
@@ -91,19 +90,24 @@ def run(
         for p in helpers:
             p.terminate()  # done by now unless this runner failed; SIGTERM saves a checkpoint
             p.wait()
-    if status:
-        return status
-    rows = results.read_rows(out / "results.jsonl")
+    if status == 3 or not (out / "results.jsonl").is_file():
+        return status  # stopped (SIGTERM), or nothing finished: nothing to fit yet
+    # The finished points, fitted even when one failed (its traceback is in OUT/failed/).
+    rows = [r for r in results.read_rows(out / "results.jsonl") if r.get("loss") is not None]
     results.to_parquet(rows, out / "results.parquet")
     fits = fits_by_family(rows, bootstrap)
     (out / "fit.json").write_text(
         json.dumps({"law": "power-n", "by": "family", "fits": fits}, indent=1, sort_keys=True)
     )
-    from scaling import plot
+    try:
+        from scaling import plot
 
-    figure = plot.save(plot.scaling_figure(rows, bootstrap=bootstrap), out / "scaling_laws")
+        figure = plot.save(plot.scaling_figure(rows, bootstrap=bootstrap), out / "scaling_laws")
+    except ImportError as e:  # matplotlib comes with the notebooks extra (make install)
+        print(f"no plots: {e} (pip install '.[notebooks]')")
+        figure = []
     print("\n".join(["", "Fitted laws (held-out NLL per item, N = active non-embedding):"]))
     print("\n".join(summary_lines(rows, fits)))
     print(f"\nfiles: {out / 'results.jsonl'}, {out / 'fit.json'}, {', '.join(map(str, figure))}")
     print(f"TensorBoard: tensorboard --logdir {out / 'runs'}")
-    return 0
+    return status

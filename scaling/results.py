@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import platform
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -51,28 +52,53 @@ def _append_locked(fd: int, line: bytes) -> None:
     os.fsync(fd)
 
 
-def _line(row: dict[str, Any]) -> bytes:
+def line(row: dict[str, Any]) -> bytes:
+    """A row as one JSON line (NaN and infinities are refused: not JSON)."""
     return (json.dumps(row, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def append_row(path: str | pathlib.Path, row: dict[str, Any]) -> None:
     """Append `row` as one JSON line (NaN and infinities are refused: not JSON)."""
-    line = _line(row)
+    text = line(row)
     with _locked(pathlib.Path(path)) as fd:
-        _append_locked(fd, line)
+        _append_locked(fd, text)
 
 
 def append_missing(path: str | pathlib.Path, rows: list[dict[str, Any]], key: str) -> int:
     """Append the rows whose `key` is not in the table yet, in one check-and-append under the
     table's lock (two runners adding the same row add it once); returns how many."""
     path = pathlib.Path(path)
-    lines = [(r[key], _line(r)) for r in rows]
+    lines = [(r[key], line(r)) for r in rows]
     with _locked(path) as fd:
         have = {r.get(key) for r in _rows(path, warn=False)}
-        new = [line for k, line in lines if k not in have]
-        for line in new:
-            _append_locked(fd, line)
+        new = [text for k, text in lines if k not in have]
+        for text in new:
+            _append_locked(fd, text)
     return len(new)
+
+
+def sync_table(path: str | pathlib.Path, rows: list[dict[str, Any]], key: str) -> int:
+    """Make the table hold `rows` (one per `key`): rows it lacks are appended; when a row it
+    holds differs (re-run), the table is rewritten whole (a temporary file renamed over it,
+    under the lock). Rows of keys not in `rows` are kept. Returns how many rows changed."""
+    path = pathlib.Path(path)
+    want = {r[key]: r for r in rows}
+    with _locked(path) as fd:
+        have = _rows(path, warn=False)
+        stale = [r for r in have if r.get(key) in want and r != want[r[key]]]
+        present = {r.get(key) for r in have}
+        if not stale:
+            new = [r for k, r in want.items() if k not in present]
+            for r in new:
+                _append_locked(fd, line(r))
+            return len(new)
+        keep = [r for r in have if r.get(key) not in want]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+        tmp.write_bytes(b"".join(map(line, keep + list(want.values()))))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old table or the new, never a mix
+        return len(stale) + len(set(want) - present)
 
 
 def read_rows(path: str | pathlib.Path) -> list[dict[str, Any]]:

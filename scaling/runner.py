@@ -19,13 +19,17 @@ on one machine or on several sharing the directory, each train different points.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import pathlib
+import signal
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -37,18 +41,40 @@ from scaling.claims import Claims
 _TOKENIZER = "_tokenizer"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
+def _write_atomic(path: pathlib.Path, data: str | bytes) -> None:
+    """Write a file whole or not at all (a unique temporary name: runners on several hosts
+    may share PIDs), fsynced before it replaces the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class Stopped(BaseException):
+    """SIGTERM outside a training step (scoring, waiting): stop cleanly, releasing claims."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    # The training loop installs its own handler while it trains (it checkpoints first).
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped()
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _base_config(sweep: sweep_lib.Sweep) -> Any:
     """The config the table is built from: every point must share its source and world."""
     from onerec_jax.train.run_config import source_seed
 
-    cfgs = [sweep_lib.point_config(sweep, p, 1, None) for p in sweep.points]
+    cfgs = [sweep_lib.point_config(sweep, p, 1) for p in sweep.points]
     worlds = {(c.source, source_seed(c), c.tokenizer_codes) for c in cfgs}
     if len(worlds) > 1:
         raise ValueError(
@@ -80,31 +106,48 @@ def table(sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path, claims: Claims, build
     return SemanticIds.load(done.parent)
 
 
-def _check_plan(sweep_dir: pathlib.Path, planned: list[dict[str, Any]]) -> None:
-    """plan.json holds each point's resolved steps; a point that would now train differently
-    (the sweep file changed under its runs) is refused, new points are added."""
+def _fields(r: sweep_lib.Resolved) -> dict[str, Any]:
+    from onerec_jax import config
+
+    return {"steps": r.steps, **config.flatten(r.cfg.to_dict())}
+
+
+def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> None:
+    """plan.json holds each point's resolved config; a point that would now train differently
+    (the sweep file changed under its runs) is refused, naming the fields; new points are
+    added, and the entry of a point with neither a workdir nor a row is replaced."""
     path = sweep_dir / "plan.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    for p in planned:
-        o = old.get(p["point"])
-        if o is not None and (o["steps"], o["batch_size"]) != (p["steps"], p["batch_size"]):
+    merged = dict(old)
+    for r in resolved:
+        name, new = r.point.name, _fields(r)
+        o = old.get(name)
+        run_dir, row = sweep_dir / "runs" / name, sweep_dir / "rows" / f"{name}.json"
+        if o is not None and o != new and (run_dir.exists() or row.exists()):
+            diff = sorted(k for k in set(o) | set(new) if o.get(k) != new.get(k))
             raise ValueError(
-                f"{path}: point {p['point']} was planned at {o['steps']} steps x {o['batch_size']}"
-                f" requests, the sweep now asks {p['steps']} x {p['batch_size']}: a changed sweep "
-                "needs a new --dir (or delete the point's runs/ and rows/ entries)"
+                f"{path}: point {name} was planned with other settings ({', '.join(diff[:6])}): "
+                "the sweep file changed under it. Use a new --dir, or drop the point's old "
+                f"results: rm -r {run_dir} {row}"
             )
-    merged = old | {p["point"]: p for p in planned}
+        merged[name] = new
     if merged != old:
         _write_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 def sync_results(sweep_dir: pathlib.Path) -> int:
-    """Append to results.jsonl the finished rows it lacks (a runner stopped between writing a
-    point's row file and appending it); returns how many."""
-    rows = [json.loads(p.read_text()) for p in sorted((sweep_dir / "rows").glob("*.json"))]
+    """Bring results.jsonl in line with the per-point rows/ (a runner stopped between writing a
+    point's row file and appending it; a point re-run after its old results were dropped);
+    returns how many rows were added or replaced."""
+    rows = []
+    for p in sorted((sweep_dir / "rows").glob("*.json")):
+        try:
+            rows.append(json.loads(p.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            print(f"sweep: skipping {p}: not a JSON row", file=sys.stderr)
     if not rows:
         return 0
-    return results.append_missing(sweep_dir / "results.jsonl", rows, key="point")
+    return results.sync_table(sweep_dir / "results.jsonl", rows, key="point")
 
 
 def entropy_floor(cfg: Any) -> float | None:
@@ -126,6 +169,11 @@ def _train_point(r: sweep_lib.Resolved, sweep: sweep_lib.Sweep, sweep_dir: pathl
 
     name = r.point.name
     workdir = sweep_dir / "runs" / name
+    # The shared table, reached by a relative link: the run's config names no path, so hosts
+    # mounting the sweep directory at different places resume each other's points.
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "tokenizer").exists():
+        (workdir / "tokenizer").symlink_to(pathlib.Path("..", "..", "tokenizer"))
     summary = loop.train(r.cfg, workdir)
     if summary["status"] != "finished":
         return False
@@ -149,7 +197,9 @@ def _train_point(r: sweep_lib.Resolved, sweep: sweep_lib.Sweep, sweep_dir: pathl
         tokens_target=r.point.tokens,
         entropy_floor=entropy_floor(r.cfg),
     )
-    _write_atomic(sweep_dir / "rows" / f"{name}.json", json.dumps(row, sort_keys=True) + "\n")
+    # Non-finite figures (a run that diverged at its last step) become null: a row is JSON.
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    _write_atomic(sweep_dir / "rows" / f"{name}.json", results.line(row))
     results.append_missing(sweep_dir / "results.jsonl", [row], key="point")
     (sweep_dir / "failed" / f"{name}.txt").unlink(missing_ok=True)
     return True
@@ -166,71 +216,92 @@ def run(
     """Run the sweep's points (or `only` these names) that no one has finished or holds; with
     `wait`, then wait for the points other runners hold and take over any they abandon.
     Returns the exit status: 0 when every point asked for is done (or left to a live runner
-    without `wait`), 1 when one failed, 3 when training was preempted (SIGTERM)."""
+    without `wait`), 1 when one failed, 3 when stopped by SIGTERM (the same command resumes)."""
     sweep_dir = pathlib.Path(sweep_dir).resolve()
-    with Claims(sweep_dir / "claims", stale_after_s=stale_after_s) as claims:
-        tbl = table(sweep, sweep_dir, claims)
-        resolved, notes = sweep_lib.resolve(sweep, tbl.vocab, sweep_dir / "tokenizer")
-        for note in notes:
-            print(f"sweep: {note}", file=sys.stderr)
-        _check_plan(sweep_dir, [r.planned for r in resolved])
-        sync_results(sweep_dir)
-        if only:
-            known = {r.point.name for r in resolved}
-            unknown = [n for n in only if n not in known]
-            if unknown:
-                raise ValueError(f"sweep {sweep.name} has no point {', '.join(unknown)}")
-            resolved = [r for r in resolved if r.point.name in only]
+    with _stop_on_sigterm(), Claims(sweep_dir / "claims", stale_after_s=stale_after_s) as claims:
+        try:
+            return _run(sweep, sweep_dir, claims, only, wait)
+        except Stopped:
+            print("sweep: stopped (SIGTERM); run the same command to resume", flush=True)
+            return 3
 
-        def done(r: sweep_lib.Resolved) -> bool:
-            return (sweep_dir / "rows" / f"{r.point.name}.json").is_file()
 
-        todo = list(resolved)
-        # A bar on a terminal; in a log file, one line per point instead.
-        tty = sys.stderr.isatty()
-        bar = tqdm(total=len(todo), initial=sum(map(done, todo)), desc="sweep", unit="run",
-                   disable=not tty)  # fmt: skip
-        failed: list[str] = []
-        t0 = time.perf_counter()
-        while True:
-            held = []
-            for r in todo:
-                name = r.point.name
-                if done(r) or name in failed:
-                    continue
-                if not claims.try_claim(name):
-                    held.append(name)
-                    continue
-                bar.write(f"sweep: {name}: {r.steps} steps x {r.cfg.batch_size} requests")
-                sys.stdout.flush()
-                try:
-                    finished = _train_point(r, sweep, sweep_dir)
-                except Exception:
-                    failed.append(name)
-                    text = traceback.format_exc()
-                    _write_atomic(sweep_dir / "failed" / f"{name}.txt", text)
-                    bar.write(f"sweep: {name} FAILED: {text.strip().splitlines()[-1]}")
-                    continue
-                finally:
-                    claims.release(name)
-                if not finished:
-                    bar.close()
-                    print(f"sweep: stopped during {name}; run the same command to resume")
-                    return 3
-                bar.n = sum(map(done, todo))  # points other runners finished count too
-                bar.refresh()
-                if not tty:
-                    print(f"sweep: {name} done ({sum(map(done, todo))}/{len(todo)} points)")
-            if not (wait and held):
-                break
-            time.sleep(10)  # points other runners hold: wait, or take over what they drop
-        bar.close()
-        n_done = sum(map(done, todo))
-        msg = f"sweep: {n_done}/{len(todo)} points done ({time.perf_counter() - t0:.0f} s this run)"
-        msg += f"; results: {sweep_dir / 'results.jsonl'}"
-        if held:
-            msg += f"; held by other runners: {', '.join(held)}"
-        if failed:
-            msg += f"; FAILED: {', '.join(failed)} (tracebacks in {sweep_dir / 'failed'})"
-        print(msg, flush=True)
-        return 1 if failed else 0
+def _run(
+    sweep: sweep_lib.Sweep,
+    sweep_dir: pathlib.Path,
+    claims: Claims,
+    only: Sequence[str] | None,
+    wait: bool,
+) -> int:
+    tbl = table(sweep, sweep_dir, claims)
+    resolved, notes = sweep_lib.resolve(sweep, tbl.vocab)
+    left_out = {n.split(":")[0] for n in notes}
+    for note in notes:
+        print(f"sweep: {note}", file=sys.stderr)
+    _check_plan(sweep_dir, resolved)
+    sync_results(sweep_dir)
+    if only:
+        known = {p.name for p in sweep.points}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise ValueError(f"sweep {sweep.name} has no point {', '.join(unknown)}")
+        if set(only) <= left_out:
+            return 0  # a scheduler's task for a point too short to train: nothing to do
+        resolved = [r for r in resolved if r.point.name in only]
+
+    def done(r: sweep_lib.Resolved) -> bool:
+        return (sweep_dir / "rows" / f"{r.point.name}.json").is_file()
+
+    todo = list(resolved)
+    # A bar on a terminal; in a log file, one line per point instead.
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(todo), initial=sum(map(done, todo)), desc="sweep", unit="run",
+               disable=not tty)  # fmt: skip
+    failed: list[str] = []
+    t0 = time.perf_counter()
+    while True:
+        held = []
+        for r in todo:
+            name = r.point.name
+            if done(r) or name in failed:
+                continue
+            if not claims.try_claim(name):
+                held.append(name)
+                continue
+            if done(r):  # finished by the runner that released it just now
+                claims.release(name)
+                continue
+            bar.write(f"sweep: {name}: {r.steps} steps x {r.cfg.batch_size} requests")
+            sys.stdout.flush()
+            try:
+                finished = _train_point(r, sweep, sweep_dir)
+            except Exception:
+                failed.append(name)
+                text = traceback.format_exc()
+                _write_atomic(sweep_dir / "failed" / f"{name}.txt", text)
+                bar.write(f"sweep: {name} FAILED: {text.strip().splitlines()[-1]}")
+                continue
+            finally:
+                claims.release(name)
+            if not finished:
+                bar.close()
+                print(f"sweep: stopped during {name}; run the same command to resume")
+                return 3
+            bar.n = sum(map(done, todo))  # points other runners finished count too
+            bar.refresh()
+            if not tty:
+                print(f"sweep: {name} done ({bar.n}/{len(todo)} points)", flush=True)
+        if not (wait and held):
+            break
+        time.sleep(10)  # points other runners hold: wait, or take over what they drop
+    bar.close()
+    sync_results(sweep_dir)
+    n_done = sum(map(done, todo))
+    msg = f"sweep: {n_done}/{len(todo)} points done ({time.perf_counter() - t0:.0f} s this run)"
+    msg += f"; results: {sweep_dir / 'results.jsonl'}"
+    if held:
+        msg += f"; held by other runners: {', '.join(held)}"
+    if failed:
+        msg += f"; FAILED: {', '.join(failed)} (tracebacks in {sweep_dir / 'failed'})"
+    print(msg, flush=True)
+    return 1 if failed else 0

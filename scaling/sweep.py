@@ -158,23 +158,20 @@ class Resolved:
         }
 
 
-def point_config(
-    sweep: Sweep, point: Point, steps: int, tokenizer_dir: str | pathlib.Path | None
-) -> ml_collections.ConfigDict:
+def point_config(sweep: Sweep, point: Point, steps: int) -> ml_collections.ConfigDict:
     """The run config of `point` trained for `steps` steps: the base config, the sweep's and the
-    point's overrides, then rung, seed, steps, schedule, checkpoints and the shared table."""
-    cfg = config.load(sweep.config)
-    warmup = cfg.optim.warmup_steps
+    point's overrides, then rung, seed, steps, schedule and checkpoints. The table is the
+    sweep's, linked into each workdir (scaling/runner.py), so no path is in the config."""
     fields = [f"rung={point.rung}", f"seed={point.seed}", *sweep.overrides, *point.overrides]
+    # Warmup: the configured one (base, sweep or point), at most a tenth of a short run.
+    warmup = config.resolve(config.load(sweep.config), fields).optim.warmup_steps
     fields += [
         f"steps={steps}",
         f"optim.warmup_steps={min(warmup, max(1, steps // 10))}",
         f"checkpoint_every={max(1, math.ceil(steps / max(1, sweep.checkpoints)))}",
         "eval_every=0",  # the validation loss once, at the end: the loss the fits read
     ]
-    if tokenizer_dir is not None:
-        fields.append(f"tokenizer_dir={tokenizer_dir}")
-    return config.resolve(cfg, fields)
+    return config.resolve(config.load(sweep.config), fields)
 
 
 def _train_source(cfg: ml_collections.ConfigDict) -> Any:
@@ -207,9 +204,7 @@ def model_counts(cfg: ml_collections.ConfigDict, src: Any, vocab: Sequence[int])
     return flops.counts(build_model(cfg, src, tuple(vocab)))
 
 
-def resolve(
-    sweep: Sweep, vocab: Sequence[int], tokenizer_dir: str | pathlib.Path | None
-) -> tuple[list[Resolved], list[str]]:
+def resolve(sweep: Sweep, vocab: Sequence[int]) -> tuple[list[Resolved], list[str]]:
     """Every point's config and steps (with the table's `vocab`), and a note per point left out."""
     out, notes = [], []
     from onerec_jax.train.run_config import source_seed
@@ -218,7 +213,7 @@ def resolve(
     tpr: dict[tuple[str, int], float] = {}  # tokens per request
     counted: dict[tuple[str, tuple[str, ...]], Any] = {}  # model counts by rung and overrides
     for p in sweep.points:
-        probe = point_config(sweep, p, 1, tokenizer_dir)
+        probe = point_config(sweep, p, 1)
         key = (probe.source, source_seed(probe))
         if key not in sources:
             sources[key] = _train_source(probe)
@@ -239,6 +234,6 @@ def resolve(
                 )
                 continue
         steps = max(1, steps)
-        cfg = point_config(sweep, p, steps, tokenizer_dir)
+        cfg = point_config(sweep, p, steps)
         out.append(Resolved(p, cfg, steps, counts, tpr[key]))
     return out, notes

@@ -22,40 +22,38 @@ from tqdm import tqdm
 
 
 def commands(sweep_file: str, sweep_dir: str) -> list[str]:
-    """One `onerec sweep --point NAME` command per point of the sweep, in its order."""
+    """One `onerec sweep --point NAME` command per point of the sweep, in its order, with
+    absolute paths (a scheduler's job may start elsewhere). A point that turns out too short
+    to train (an iso-FLOP point under min_steps) exits 0 without training."""
     from scaling import sweep as sweep_lib
 
     sw = sweep_lib.load(sweep_file)
-    base = f"onerec sweep --sweep {shlex.quote(sweep_file)} --dir {shlex.quote(sweep_dir)}"
-    return [f"{base} --point {shlex.quote(p.name)}" for p in sw.points]
+    where = f"--sweep {shlex.quote(str(pathlib.Path(sweep_file).resolve()))} "
+    where += f"--dir {shlex.quote(str(pathlib.Path(sweep_dir).resolve()))}"
+    return [f"onerec sweep {where} --point {shlex.quote(p.name)}" for p in sw.points]
 
 
-def _mesh_search(
-    r: Any, devices: int, device_memory: float, n_items: int
-) -> dict[str, Any]:  # r: sweep.Resolved
-    """The smallest FSDP axis (data = the rest of `devices`) on which the point's rung fits."""
+def _mesh_search(r: Any, devices: int, device_memory: float, n_items: int) -> dict[str, Any]:
+    """The smallest FSDP axis (a divisor of `devices`; data parallel over the rest) on which
+    the point's run config (r: sweep.Resolved) fits a device's memory."""
     from scaling.compile_plan import compile_plan
 
-    cfg, f, last = r.cfg, 1, {}
-    while f <= devices:
+    last: dict[str, Any] = {}
+    errors = []
+    for f in (k for k in range(1, devices + 1) if devices % k == 0):
         try:
             last = compile_plan(
-                r.point.rung,
-                {"fsdp": f},
-                cfg.batch_size,
-                device_memory=device_memory,
-                n_items=n_items,
-                bf16=cfg.bf16,
-                remat=cfg.remat,
-                moment_dtype=cfg.optim.moment_dtype,
-            )
-        except ValueError as e:
-            return {"mesh": None, "fits": False, "plan_error": str(e)}
+                r.point.rung, {"fsdp": f}, r.cfg.batch_size, device_memory=device_memory,
+                n_items=n_items, run_config=r.cfg,
+            )  # fmt: skip
+        except ValueError as e:  # this split does not divide the batch: try the next
+            errors.append(f"fsdp={f}: {e}")
+            continue
         if last["fits"]:
             break
-        f *= 2
-    keep = ("mesh", "per_device_bytes", "fits")
-    return {k: last[k] for k in keep} if last else {"mesh": None, "fits": False}
+    if not last:
+        return {"mesh": None, "fits": False, "plan_error": "; ".join(errors)}
+    return {k: last[k] for k in ("mesh", "per_device_bytes", "fits")}
 
 
 def dry_run(
@@ -72,7 +70,7 @@ def dry_run(
     base = runner._base_config(sw)
     tbl = runner.table(sw, d, claims=None, build=False)  # type: ignore[arg-type]
     vocab = tbl.vocab if tbl is not None else (base.tokenizer_codes or 128,) * 3
-    resolved, notes = sweep_lib.resolve(sw, vocab, d / "tokenizer")
+    resolved, notes = sweep_lib.resolve(sw, vocab)
     src = sweep_lib._train_source(base)
     distinct = distinct_requests(src)
     plans: dict[tuple[str, int], dict[str, Any]] = {}

@@ -111,6 +111,18 @@ def test_cli_fits_each_family_and_names_a_broken_file(tmp_path, capsys):
     assert cli.main(args) == 2
     assert f"{table}:{len(rows) + 1}: not a JSON object" in capsys.readouterr().err
     assert cli.main(["fit", "--table", str(tmp_path / "none.jsonl"), "--law", "power-n"]) == 2
+    # A sweep's table holds grid rows (no budget) beside its iso-FLOP rows: isoflop reads the
+    # latter only, and a table without any says so.
+    iso = [{"n_active": n, "loss": 3 + (np.log(n) - np.log(1e6)) ** 2 / 50 + c / 1e20,
+            "budget": c} for c in (1e18, 1e19) for n in (1e5, 3e5, 1e6, 3e6, 1e7)]  # fmt: skip
+    grid_rows = [{"n_active": 1e6, "loss": 9.0, "budget": None}]
+    table.write_text("".join(json.dumps(r) + "\n" for r in grid_rows + iso))
+    assert cli.main(["fit", "--table", str(table), "--law", "isoflop", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [b["n_opt"] for b in out["budgets"]] == pytest.approx([1e6, 1e6])
+    table.write_text("".join(json.dumps(r) + "\n" for r in grid_rows))
+    assert cli.main(["fit", "--table", str(table), "--law", "isoflop"]) == 2
+    assert "no row has a `budget`" in capsys.readouterr().err
 
 
 def test_keep_draws_returns_every_bootstrap_refit():

@@ -1,9 +1,11 @@
 """Sweeps: points and their names, atomic claims, and a tiny sweep run end to end."""
 
+import dataclasses
 import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 import textwrap
 import time
 
@@ -50,7 +52,7 @@ def test_grid_steps_follow_tokens_and_iso_flop_steps_follow_the_budget():
         points=grid(["v1-0.07m"], [8e3, 16e3]) + iso_flop(["v1-0.07m", "v1-0.6m"], [1e11]),
         min_steps=50,
     )
-    resolved, notes = sweep_lib.resolve(sw, (16, 16, 16), None)
+    resolved, notes = sweep_lib.resolve(sw, (16, 16, 16))
     by = {r.point.name: r for r in resolved}
     t8, t16 = by["v1-0.07m_t8k"], by["v1-0.07m_t16k"]
     assert t16.steps == pytest.approx(2 * t8.steps, abs=1)
@@ -67,26 +69,27 @@ def test_one_runner_holds_a_claim_and_a_dead_or_silent_holder_is_taken_over(tmp_
     a, b = claims_lib.Claims(d, "a"), claims_lib.Claims(d, "b")
     assert a.try_claim("p") and not b.try_claim("p")
     assert b.holder("p")["runner"] == "a"
-    a.release("p")
-    assert b.try_claim("p") and b.holder("p")["runner"] == "b"
+    a.release("p")  # a "released" generation: nothing is deleted while runners work
+    assert b.holder("p") is None and json.loads((d / "p.1").read_text())["released"]
+    assert b.try_claim("p") and b.holder("p")["runner"] == "b" and (d / "p.2").is_file()
     b.release("p")
-    assert list(d.iterdir()) == []
-    # A claim left by a dead process of this host is stale at once: taken over as generation 1.
+    # A claim left by a dead process of this machine is stale at once: taken over.
     dead = multiprocessing.Process(target=time.sleep, args=(0,))
     dead.start()
     dead.join()
-    (d / "q.0").write_text(json.dumps({"runner": "x", "host": a.host, "pid": dead.pid}))
+    info = {"runner": "x", "host": a.host, "machine": a.machine, "pid": dead.pid}
+    (d / "q.0").write_text(json.dumps(info))
     assert a.try_claim("q") and (d / "q.1").is_file()
-    a.release("q")
-    assert not list(d.glob("q.*"))  # the stale generation goes with the release
-    # A holder elsewhere that stopped refreshing its claim is stale after stale_after_s.
-    (d / "r.0").write_text(json.dumps({"runner": "y", "host": "elsewhere", "pid": 1}))
+    # The same host name on another machine (a container, say): its PIDs mean nothing here,
+    # so only a silent heartbeat makes its claim stale.
+    (d / "r.0").write_text(json.dumps(info | {"machine": "another boot"}))
     assert not a.try_claim("r")
     old = time.time() - 3600
     os.utime(d / "r.0", (old, old))
-    assert a.try_claim("r")
+    assert a.try_claim("r") and a.holder("r")["runner"] == "a"
     for c in (a, b):
         c.close()
+    assert a.holder("q") is None and a.holder("r") is None  # close releases what it held
 
 
 def _race(d, name, start, end, q):
@@ -97,7 +100,7 @@ def _race(d, name, start, end, q):
 
 
 def test_runners_racing_for_a_point_get_one_winner(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process runs JAX's threads
     n = 8
     q, start, end = ctx.Queue(), ctx.Barrier(n), ctx.Barrier(n)
     procs = [ctx.Process(target=_race, args=(tmp_path, "p", start, end, q)) for _ in range(n)]
@@ -150,7 +153,8 @@ def test_a_sweep_runs_each_point_once_retries_a_failed_one_and_then_finishes_at_
     monkeypatch.setattr(runner, "_train_point", flaky)
     assert runner.run(sw, d) == 1  # v1 trains, v2 fails: recorded, its claim released
     assert "out of memory (simulated)" in (d / "failed" / "v2-0.09m_t200.txt").read_text()
-    assert not list((d / "claims").iterdir())
+    probe = claims_lib.Claims(d / "claims", "probe")
+    assert all(probe.holder(p.name) is None for p in sw.points)  # every claim released
     monkeypatch.setattr(runner, "_train_point", real)
     assert runner.run(sw, d) == 0  # the failed point is retried, the finished one skipped
     assert not (d / "failed" / "v2-0.09m_t200.txt").exists()
@@ -165,6 +169,7 @@ def test_a_sweep_runs_each_point_once_retries_a_failed_one_and_then_finishes_at_
         # uniform guess over the table's 16^3 code tuples, not a per-level mean (~1/3 of it).
         assert r["entropy_floor"] < r["loss"] and r["loss"] > 3 * np.log(16) * 0.75
         assert (d / "runs" / r["point"] / "tb").is_dir()
+        assert 0.5 < r["tokens"] / r["tokens_target"] < 2  # steps from tokens x levels
     v2 = next(r for r in rows if r["family"] == "v2")
     levels = len(SemanticIds.load(d / "tokenizer").vocab)  # 3 + a level telling collisions apart
     assert v2["loss"] == pytest.approx(v2["loss_objective"] * levels)  # its mean over levels
@@ -176,12 +181,55 @@ def test_a_sweep_runs_each_point_once_retries_a_failed_one_and_then_finishes_at_
     lines = (d / "results.jsonl").read_text().splitlines(keepends=True)
     (d / "results.jsonl").write_text(lines[0])
     assert runner.sync_results(d) == 1 and len(results.read_rows(d / "results.jsonl")) == 2
-    # The same point asked to train differently (the sweep file's batch changed) is refused.
-    with pytest.raises(ValueError, match=r"point v1-0.07m_t200 was planned at \d+ steps x 8"):
-        runner._check_plan(d, [{"point": "v1-0.07m_t200", "steps": 3, "batch_size": 16}])
+    # The sweep file changed under a finished point: refused, naming the field and the fix.
+    changed = dataclasses.replace(sw, overrides=(*sw.overrides, "optim.learning_rate=1e-3"))
+    with pytest.raises(ValueError, match=r"v1-0.07m_t200 was planned with other settings "
+                       r"\(optim.learning_rate\).*rm -r"):  # fmt: skip
+        runner.run(changed, d)
 
 
-def _cli_sweep(sweep_file, d, env=None, wait=True):
+@pytest.mark.slow
+def test_dropping_a_changed_points_results_retrains_it_and_replaces_its_row(tmp_path):
+    sw, d = _sweep(tmp_path)
+    assert runner.run(dataclasses.replace(sw, eval_requests=0), d) == 0
+    old = {r["point"]: r for r in results.read_rows(d / "results.jsonl")}
+    changed = dataclasses.replace(
+        sw, overrides=(*sw.overrides, "optim.learning_rate=1e-3"), eval_requests=0
+    )
+    with pytest.raises(ValueError, match="rm -r"):
+        runner.run(changed, d)
+    for name in old:  # the fix the message names
+        shutil.rmtree(d / "runs" / name)
+        (d / "rows" / f"{name}.json").unlink()
+    assert runner.run(changed, d) == 0  # retrained at the new rate; the table's rows replaced
+    new = {r["point"]: r for r in results.read_rows(d / "results.jsonl")}
+    assert sorted(new) == sorted(old) and all(new[k]["loss"] != old[k]["loss"] for k in new)
+    cfg = json.loads((d / "runs" / "v1-0.07m_t200" / "config.json").read_text())
+    assert cfg["optim"]["learning_rate"] == 1e-3
+
+
+def test_print_commands_index_and_dry_run(tmp_path, capsys):
+    from onerec_jax import cli
+
+    sw, d = _sweep(tmp_path)
+    f = str(tmp_path / "tiny_sweep.py")
+    assert cli.main(["sweep", "--sweep", f, "--dir", "rel/dir", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        f"onerec sweep --sweep {f} --dir {pathlib.Path('rel/dir').resolve()} --point {p.name}"
+        for p in sw.points
+    ]
+    args = ["sweep", "--sweep", f, "--dir", str(d), "--dry-run", "--no-memory", "--json"]
+    assert cli.main(args) == 0
+    plans = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [p["point"] for p in plans] == [p.name for p in sw.points]
+    assert all(p["steps"] >= 1 and p["table"] == "built" and p["flops_planned"] > 0 for p in plans)
+    assert not (d / "runs").exists() and not (d / "plan.json").exists()  # nothing written
+    assert cli.main(["sweep", "--sweep", f, "--dir", str(d), "--index", "7"]) == 2
+    assert "--index 7: sweep has 2 points" in capsys.readouterr().err
+
+
+def _cli_sweep(sweep_file, d, env=None):
     import subprocess
     import sys
 
@@ -197,7 +245,7 @@ def _cli_sweep(sweep_file, d, env=None, wait=True):
 
 
 @pytest.mark.slow
-def test_a_killed_runner_leaves_a_point_the_next_runner_resumes(tmp_path):
+def test_a_killed_runner_leaves_a_point_the_next_runner_resumes(tmp_path, capfd):
     sw, d = _sweep(tmp_path)
     killed = _cli_sweep(tmp_path / "tiny_sweep.py", d, {"ONEREC_TEST_SIGKILL_AT_STEP": "2"})
     out = killed.communicate(timeout=300)[0]
@@ -205,14 +253,17 @@ def test_a_killed_runner_leaves_a_point_the_next_runner_resumes(tmp_path):
     name = sw.points[0].name
     assert list((d / "claims").glob(f"{name}.*"))  # the dead runner's claim is left behind
     steps_before = [json.loads(x)["step"] for x in (d / "runs" / name / "metrics.jsonl").open()]
+    capfd.readouterr()
     assert runner.run(sw, d) == 0  # the dead holder's claim is stale at once: taken over
+    first = next(x for x in capfd.readouterr().err.splitlines() if x.startswith("train: step"))
+    assert first != "train: step 1/3", "restarted from step 0 instead of resuming"
     lines = [json.loads(x) for x in (d / "runs" / name / "metrics.jsonl").open()]
     steps = [r["step"] for r in lines if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == max(steps_before + steps)
     summary = json.loads((d / "runs" / name / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert len(results.read_rows(d / "results.jsonl")) == 2
-    assert not list((d / "claims").iterdir())
+    assert claims_lib.Claims(d / "claims", "probe").holder(name) is None
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from scaling.sweep import Sweep, grid
 
 V1 = ("v1-0.07m", "v1-0.2m", "v1-0.45m", "v1-0.6m", "v1-1.1m", "v1-2.4m")
 V2 = ("v2-0.09m", "v2-0.3m", "v2-0.6m", "v2-0.8m", "v2-1.7m", "v2-3.7m")
-TOKENS = (60e3,)  # semantic-id tokens per run (~165 steps of 32 requests)
+TOKENS = (100e3,)  # semantic-id tokens per run (~270 steps of 32 requests)
 
 
 def get_sweep() -> Sweep:
