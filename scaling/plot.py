@@ -176,11 +176,13 @@ def _size_panel(
     import matplotlib
 
     notes: list[str] = []
+    levels: list[float] = []  # what the y-axis must show: losses, fitted E, the floor
     for fam, rows in fams.items():
         (color, shades), name = colors[fam], _name(fam)
         shown = [r for r in rows if r.get("budget") is None] or rows
         n = np.array([r[n_column] for r in shown], np.float64)
         loss = np.array([r[loss_column] for r in shown], np.float64)
+        levels += [loss.min(), loss.max()]
         tokens = [r.get("tokens") for r in shown]
         if None not in tokens and len(token_budgets(shown)) > 1:
             # Several token budgets: darker points saw more tokens (no colour bar, which would
@@ -211,7 +213,10 @@ def _size_panel(
         if not res:
             continue
         p = res["params"]
-        x = np.geomspace(n.min() / 1.3, n.max() * 1.3, 200)
+        levels.append(p["E"])
+        # The law over the sizes it was fitted on: beyond them a band is an extrapolation.
+        fitted_n = np.array([r[n_column] for r in fit_rows], np.float64)
+        x = np.geomspace(fitted_n.min(), fitted_n.max(), 200)
         at = f", fit at D = {budget:.2g} tokens" if budget else ""
         ax.plot(
             x,
@@ -237,6 +242,12 @@ def _size_panel(
         ax.axhline(
             floor, color="black", ls=":", lw=1.2, label="world entropy floor" if i == 0 else None
         )
+    if levels:
+        # The data, E and the floor in view; a band that runs off it (a bootstrap draw with a
+        # huge A) is cut at the edge rather than squashing the points into a line.
+        lo, hi = min(levels + floors), max(levels)
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + 1.5 * pad)
     _finish(ax, "(b) loss vs parameters; bands: 95 % bootstrap", xlabel, ylabel, notes)
 
 

@@ -101,7 +101,8 @@ def table(sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path, claims: Claims, build
             finally:
                 claims.release(_TOKENIZER)
             break
-        print(f"sweep: waiting for {claims.holder(_TOKENIZER)} to build the table", flush=True)
+        who = (claims.holder(_TOKENIZER) or {}).get("runner", "another runner")
+        print(f"sweep: waiting for {who} to build the table", flush=True)
         time.sleep(5)
     return SemanticIds.load(done.parent)
 

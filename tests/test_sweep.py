@@ -208,6 +208,20 @@ def test_dropping_a_changed_points_results_retrains_it_and_replaces_its_row(tmp_
     assert cfg["optim"]["learning_rate"] == 1e-3
 
 
+@pytest.mark.slow
+def test_dry_run_compiles_each_rungs_run_config_for_its_memory(tmp_path, capsys):
+    from onerec_jax import cli
+
+    _, d = _sweep(tmp_path)
+    args = ["sweep", "--sweep", str(tmp_path / "tiny_sweep.py"), "--dir", str(d), "--dry-run"]
+    assert cli.main([*args, "--devices", "1", "--device-memory", "1e12", "--json"]) == 0
+    plans = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert all(p["fits"] and p["per_device_bytes"] > 1e5 and p["mesh"]["fsdp"] == 1 for p in plans)
+    assert cli.main([*args, "--devices", "1", "--device-memory", "1e3", "--json"]) == 0
+    plans = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert not any(p["fits"] for p in plans)  # 1 kB fits nothing: said, not hidden
+
+
 def test_print_commands_index_and_dry_run(tmp_path, capsys):
     from onerec_jax import cli
 
