@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -123,22 +122,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate_devices(n: int) -> None:
-    """Start JAX with `n` CPU devices (it reads XLA_FLAGS once, when its backend starts)."""
-    if "jax" in sys.modules:
-        import jax
-
-        if jax.device_count() != n:
-            raise ValueError(f"JAX already started with {jax.device_count()} devices, not {n}")
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 def _plan(args: argparse.Namespace) -> int:
     if args.compile:
-        _simulate_devices(args.devices)
+        from scaling.devices import simulate_devices
+
+        simulate_devices(args.devices)
         from scaling.compile_plan import compile_plan, parse_mesh
 
         row = compile_plan(

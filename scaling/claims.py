@@ -1,16 +1,18 @@
 """Atomic claims on the points of a sweep, for several runners sharing one sweep directory.
 
 A runner owns point P while it holds the newest claim file of P: CLAIMS/P.<g> for generation
-g = 0, 1, ..., created with O_CREAT | O_EXCL (atomic on a local disk and on NFS v3+, so two
-runners racing for a generation get one winner). A holder refreshes its file's mtime every
-`heartbeat_s`, and releases P by creating the next generation as a "released" marker; a
-claim is stale when its holder is a dead process of this machine (same host, boot and PID
-namespace: a container sharing the hostname is not trusted with PIDs), or when its mtime is
-older than `stale_after_s` (a holder elsewhere that stopped: crashed, powered off,
-preempted). A released or stale generation g is taken over by creating g + 1, again with
-O_EXCL, so a takeover races safely too. No claim file is ever deleted, renamed or rewritten
-while the claims are in use (generations only grow), which is what makes this safe on a
-shared filesystem; across hosts it needs clocks within `stale_after_s` of each other.
+g = 0, 1, ..., written whole under a private name and hard-linked into place (link() fails
+when the name exists: atomic on a local disk and on NFS, so two runners racing for a
+generation get one winner, and no claim is ever seen half-written). A holder refreshes its
+file's mtime every `heartbeat_s` and releases P by creating the next generation as a
+"released" marker. A claim of this machine (same host name, boot and PID namespace: a
+container sharing the host name is not trusted with PIDs) is stale exactly when its process
+is dead; one from elsewhere when its mtime is older than `stale_after_s` (its holder crashed,
+powered off, was preempted). A released or stale generation g is taken over by creating
+g + 1 the same way, so a takeover races safely too. No claim file is ever deleted, renamed
+or rewritten while the claims are in use (generations only grow), which is what makes this
+safe on a shared filesystem; across hosts it needs clocks within `stale_after_s` of each
+other.
 
 "Done" is recorded elsewhere (the point's row file); a claim only keeps two runners off one
 point while it trains.
@@ -24,6 +26,7 @@ import pathlib
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 
@@ -68,17 +71,22 @@ class Claims:
         self._beat.start()
 
     def _heartbeat(self) -> None:
+        warned: set[pathlib.Path] = set()
         while not self._stop.wait(self.heartbeat_s):
             for name, path in list(self.held.items()):
                 try:
                     os.utime(path)
+                    gens = self._generations(name)
                 except FileNotFoundError:
                     continue  # released meanwhile
-                gens = self._generations(name)
-                if name in self.held and gens and gens[-1][1] != path:
+                except OSError as e:  # a filesystem hiccup (NFS ESTALE, EIO): beat again later
+                    print(f"claims: heartbeat of {name} failed ({e}); retrying", flush=True)
+                    continue
+                if name in self.held and gens and gens[-1][1] != path and path not in warned:
                     # Another runner judged this claim stale (a heartbeat late by more than
-                    # stale_after_s: a suspended process, a filesystem stall) and took over.
+                    # stale_after_s from another host: a filesystem stall) and took over.
                     print(f"claims: {name} was taken over by another runner", flush=True)
+                    warned.add(path)
 
     def close(self) -> None:
         self._stop.set()
@@ -127,9 +135,10 @@ class Claims:
             self.host,
             self.machine,
         )
-        if same and isinstance(info.get("pid"), int):
-            if info["pid"] != self.pid and not _alive(info["pid"]):
-                return True
+        if same and isinstance(info.get("pid"), int) and info["pid"] != self.pid:
+            # This machine's process table decides: a live holder keeps its claim however
+            # late its heartbeat (a laptop's sleep, a stopped job), a dead one loses it now.
+            return not _alive(info["pid"])
         return info["age_s"] > self.stale_after_s
 
     def try_claim(self, name: str) -> bool:
@@ -154,14 +163,18 @@ class Claims:
 
     def _create(self, name: str, g: int, extra: dict[str, Any]) -> pathlib.Path | None:
         path = self.dir / f"{name}.{g}"
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
         info = {"runner": self.runner, "host": self.host, "machine": self.machine,
                 "pid": self.pid, "t": time.time(), **extra}  # fmt: skip
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+        # Written whole under a private name, then hard-linked into place: link() fails if the
+        # name exists (atomic, NFS included), and a claim file is never seen half-written.
+        tmp = self.dir / f".{name}.{g}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(info))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink()
         return path
 
     def release(self, name: str) -> None:

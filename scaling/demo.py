@@ -93,7 +93,15 @@ def run(
     if status == 3 or not (out / "results.jsonl").is_file():
         return status  # stopped (SIGTERM), or nothing finished: nothing to fit yet
     # The finished points, fitted even when one failed (its traceback is in OUT/failed/).
-    rows = [r for r in results.read_rows(out / "results.jsonl") if r.get("loss") is not None]
+    points = {p.name for p in sweep.points}  # not rows an older demo sweep left in OUT
+    rows = [
+        r
+        for r in results.read_rows(out / "results.jsonl")
+        if r.get("loss") is not None and r.get("point") in points
+    ]
+    if not rows:
+        print(f"no finished point with a finite loss in {out / 'results.jsonl'}")
+        return status or 1
     results.to_parquet(rows, out / "results.parquet")
     fits = fits_by_family(rows, bootstrap)
     (out / "fit.json").write_text(
@@ -105,6 +113,9 @@ def run(
         figure = plot.save(plot.scaling_figure(rows, bootstrap=bootstrap), out / "scaling_laws")
     except ImportError as e:  # matplotlib comes with the notebooks extra (make install)
         print(f"no plots: {e} (pip install '.[notebooks]')")
+        figure = []
+    except ValueError as e:  # a table a figure cannot be drawn from: say so, keep the fits
+        print(f"no plots: {e}")
         figure = []
     print("\n".join(["", "Fitted laws (held-out NLL per item, N = active non-embedding):"]))
     print("\n".join(summary_lines(rows, fits)))

@@ -190,13 +190,8 @@ def _size_panel(
             t = np.log10(np.asarray(tokens, np.float64))
             shade = (t - t.min()) / (t.max() - t.min())
             cmap = matplotlib.colormaps[shades]
-            ax.scatter(
-                n,
-                loss,
-                s=18,
-                c=cmap(0.35 + 0.6 * shade),
-                label=f"{name} runs (darker: more tokens)",
-            )
+            label = f"{name} runs (darker: more tokens)"
+            ax.scatter(n, loss, s=18, c=cmap(0.35 + 0.6 * shade), label=label)
         else:
             ax.scatter(n, loss, s=18, color=color, alpha=0.7, label=f"{name} runs")
         fit_rows, budget = power_n_rows(rows)

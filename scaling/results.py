@@ -29,13 +29,19 @@ from typing import Any
 
 @contextlib.contextmanager
 def _locked(path: pathlib.Path) -> Iterator[int]:
+    """The table, opened after taking the lock of its lock file (a separate file: `sync_table`
+    replaces the table, and a lock on a replaced file would guard nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(lock)  # closing releases the lock
 
 
 def _append_locked(fd: int, line: bytes) -> None:
@@ -78,24 +84,25 @@ def append_missing(path: str | pathlib.Path, rows: list[dict[str, Any]], key: st
 
 
 def sync_table(path: str | pathlib.Path, rows: list[dict[str, Any]], key: str) -> int:
-    """Make the table hold `rows` (one per `key`): rows it lacks are appended; when a row it
-    holds differs (re-run), the table is rewritten whole (a temporary file renamed over it,
-    under the lock). Rows of keys not in `rows` are kept. Returns how many rows changed."""
+    """Make the table hold exactly `rows` (one per `key`): rows it lacks are appended; when a
+    row it holds differs (re-run) or has no counterpart (its point's results were dropped),
+    the table is rewritten whole (a temporary file renamed over it, under the lock). Returns
+    how many rows changed."""
     path = pathlib.Path(path)
     want = {r[key]: r for r in rows}
     with _locked(path) as fd:
         have = _rows(path, warn=False)
-        stale = [r for r in have if r.get(key) in want and r != want[r[key]]]
+        stale = [r for r in have if want.get(r.get(key)) != r]
         present = {r.get(key) for r in have}
         if not stale:
             new = [r for k, r in want.items() if k not in present]
             for r in new:
                 _append_locked(fd, line(r))
             return len(new)
-        keep = [r for r in have if r.get(key) not in want]
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
-        tmp.write_bytes(b"".join(map(line, keep + list(want.values()))))
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            f.write(b"".join(map(line, want.values())))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old table or the new, never a mix
         return len(stale) + len(set(want) - present)

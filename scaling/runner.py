@@ -110,7 +110,8 @@ def table(sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path, claims: Claims, build
 def _fields(r: sweep_lib.Resolved) -> dict[str, Any]:
     from onerec_jax import config
 
-    return {"steps": r.steps, **config.flatten(r.cfg.to_dict())}
+    # As plan.json will hold it (a tuple comes back from JSON as a list).
+    return json.loads(json.dumps({"steps": r.steps, **config.flatten(r.cfg.to_dict())}))
 
 
 def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> None:
@@ -141,13 +142,13 @@ def sync_results(sweep_dir: pathlib.Path) -> int:
     point's row file and appending it; a point re-run after its old results were dropped);
     returns how many rows were added or replaced."""
     rows = []
+    if not (sweep_dir / "rows").is_dir():
+        return 0  # nothing finished yet (or not a sweep directory): the table is left alone
     for p in sorted((sweep_dir / "rows").glob("*.json")):
         try:
             rows.append(json.loads(p.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError):
             print(f"sweep: skipping {p}: not a JSON row", file=sys.stderr)
-    if not rows:
-        return 0
     return results.sync_table(sweep_dir / "results.jsonl", rows, key="point")
 
 
@@ -172,9 +173,12 @@ def _train_point(r: sweep_lib.Resolved, sweep: sweep_lib.Sweep, sweep_dir: pathl
     workdir = sweep_dir / "runs" / name
     # The shared table, reached by a relative link: the run's config names no path, so hosts
     # mounting the sweep directory at different places resume each other's points.
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "tokenizer").exists():
-        (workdir / "tokenizer").symlink_to(pathlib.Path("..", "..", "tokenizer"))
+    # Only the table file is linked: TensorBoard, which follows linked folders, would show the
+    # tokenizer's own logs once per point.
+    link = workdir / "tokenizer" / "semantic_ids.npz"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(pathlib.Path("..", "..", "..", "tokenizer", "semantic_ids.npz"))
     summary = loop.train(r.cfg, workdir)
     if summary["status"] != "finished":
         return False
@@ -219,12 +223,12 @@ def run(
     Returns the exit status: 0 when every point asked for is done (or left to a live runner
     without `wait`), 1 when one failed, 3 when stopped by SIGTERM (the same command resumes)."""
     sweep_dir = pathlib.Path(sweep_dir).resolve()
-    with _stop_on_sigterm(), Claims(sweep_dir / "claims", stale_after_s=stale_after_s) as claims:
-        try:
-            return _run(sweep, sweep_dir, claims, only, wait)
-        except Stopped:
-            print("sweep: stopped (SIGTERM); run the same command to resume", flush=True)
-            return 3
+    try:
+        with _stop_on_sigterm(), Claims(sweep_dir / "claims", stale_after_s=stale_after_s) as c:
+            return _run(sweep, sweep_dir, c, only, wait)
+    except Stopped:
+        print("sweep: stopped (SIGTERM); run the same command to resume", flush=True)
+        return 3
 
 
 def _run(
@@ -298,6 +302,7 @@ def _run(
     bar.close()
     sync_results(sweep_dir)
     n_done = sum(map(done, todo))
+    failed = [name for name in failed if not (sweep_dir / "rows" / f"{name}.json").is_file()]
     msg = f"sweep: {n_done}/{len(todo)} points done ({time.perf_counter() - t0:.0f} s this run)"
     msg += f"; results: {sweep_dir / 'results.jsonl'}"
     if held:

@@ -81,7 +81,7 @@ def dry_run(
             "table": "built" if tbl is not None else f"not built yet: vocab {list(vocab)} assumed",
         }
         if memory:
-            key = (r.point.rung, r.cfg.batch_size)
+            key = (r.point.rung, r.point.overrides)  # the same run config but for steps
             if key not in plans:
                 plans[key] = _mesh_search(r, devices, device_memory, src.n_items)
             row |= plans[key]
@@ -115,9 +115,9 @@ def _cli(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         if not args.no_memory:
-            from onerec_jax.cli import _simulate_devices
+            from scaling.devices import simulate_devices
 
-            _simulate_devices(args.devices)  # before JAX starts
+            simulate_devices(args.devices)  # before JAX starts
         rows = dry_run(args.sweep, args.dir, args.devices, args.device_memory, not args.no_memory)
         print("\n".join(json.dumps(r, sort_keys=True) for r in rows) if args.json else _show(rows))
         return 0

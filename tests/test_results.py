@@ -52,6 +52,21 @@ def test_append_missing_adds_each_key_once(tmp_path):
     assert results.read_rows(path) == [{"point": "a", "loss": 1.0}, {"point": "b", "loss": 2.0}]
 
 
+def test_sync_table_mirrors_the_rows_and_rewrites_only_when_one_changed(tmp_path):
+    path = tmp_path / "results.jsonl"
+    a, b, c = ({"point": k, "loss": v} for k, v in (("a", 1.0), ("b", 2.0), ("c", 3.0)))
+    assert results.sync_table(path, [a, b], key="point") == 2  # appended
+    inode = path.stat().st_ino
+    assert results.sync_table(path, [a, b, c], key="point") == 1
+    assert path.stat().st_ino == inode  # only appends: the file is the same
+    # b re-run with a new loss, c's results dropped: the table is replaced whole.
+    assert results.sync_table(path, [a, {"point": "b", "loss": 2.5}], key="point") == 2
+    assert results.read_rows(path) == [a, {"point": "b", "loss": 2.5}]
+    assert path.stat().st_ino != inode
+    results.append_row(path, c)  # appends after a replace go to the new table
+    assert [r["point"] for r in results.read_rows(path)] == ["a", "b", "c"]
+
+
 def _fake_run(workdir, status="finished", family="v2", mode="mean"):
     workdir.mkdir()
     model = {"family": family, family: {"loss": mode}}

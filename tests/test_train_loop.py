@@ -207,3 +207,21 @@ def test_a_world_run_from_before_the_time_cut_is_refused_and_kept(tmp_path, toke
     old["source"] = "movielens-100k"
     (run / "config.json").write_text(json.dumps(old))
     assert load_run_config(run).world_split == "time_cut"
+
+
+def test_a_sigterm_the_loop_did_not_act_on_is_delivered_again():
+    from onerec_jax.train.loop import Preemption
+
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda *a: seen.append(1))
+    try:
+        with Preemption() as p:  # a SIGTERM during the final save: after the flag was read
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert p.requested and not seen
+        assert seen == [1]  # re-delivered to the handler restored on exit
+        with Preemption() as p:  # one the loop acted on (it checkpointed and stopped)
+            os.kill(os.getpid(), signal.SIGTERM)
+            p.acted = True
+        assert seen == [1]
+    finally:
+        signal.signal(signal.SIGTERM, old)

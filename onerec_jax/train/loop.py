@@ -50,10 +50,12 @@ from onerec_jax.train.validation import Validation
 
 
 class Preemption:
-    """While active, SIGTERM sets `requested` instead of killing the process."""
+    """While active, SIGTERM sets `requested` instead of killing the process. A SIGTERM the
+    loop did not act on (`acted`: it came after the last step read the flag, during the
+    final save) is delivered again to the handler restored on exit, so it is never lost."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = self.acted = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -64,6 +66,8 @@ class Preemption:
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGTERM, self._old)
+        if self.requested and not self.acted:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -170,6 +174,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                     log.throughput.pause(time.perf_counter() - t)
                 if preempted:
                     status = "preempted"
+                    preemption.acted = True
                     break
                 loss = counters.train_loss
                 bar.update(done, float("nan") if loss is None else loss)
