@@ -1,7 +1,8 @@
 """Small building blocks shared by V1 and V2, every parameter named with logical axes.
 
-Parameters are float32; `dtype` is the compute dtype (bf16 on accelerators), with matmuls
-accumulating in float32 (`preferred_element_type`).
+Parameters are float32; `dtype` is the compute dtype (bf16 on accelerators). Matmuls take
+and give `dtype` (the hardware accumulates in float32 inside them), so the backward pass stays
+in bf16; softmax, normalisation, activations of the experts and the loss run in float32.
 """
 
 from __future__ import annotations
@@ -14,18 +15,47 @@ import jax.numpy as jnp
 dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """x [..., K] @ w [K, N] in `dtype`, accumulating in float32.
+@jax.custom_vjp
+def _dot_f32_out(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w of low-precision operands, the float32 accumulator kept as the output (logits);
+    the backward pass runs in the operands' dtype (below)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _dot_f32_out_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple]:
+    return _dot_f32_out(x, w), (x, w)
+
+
+def _dot_f32_out_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # The float32 cotangent is rounded to the operands' dtype first: without this the two
+    # backward matmuls would take a float32 operand (TF32 on a GPU, half the bf16 rate).
+    x, w = res
+    g = g.astype(x.dtype)
+    return jnp.dot(g, w.T), jnp.dot(x.T, g)
+
+
+_dot_f32_out.defvjp(_dot_f32_out_fwd, _dot_f32_out_bwd)
+
+
+def matmul(
+    x: jax.Array, w: jax.Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None
+) -> jax.Array:
+    """x [..., K] @ w [K, N] in `dtype`. In bf16 the output is bf16 (the hardware accumulates
+    in float32 inside the matmul), so the cotangents of the backward pass are bf16 and its
+    matmuls run at the bf16 rate; `out_dtype=float32` (the output head) keeps the float32
+    accumulator as the output, with a backward pass still in bf16 (`_dot_f32_out`).
 
     The leading axes are flattened first: XLA:CPU runs the backward pass of a 2-D dot ~1.7x
     faster than that of the same contraction written over [B, L, K] (the weight gradient then
-    contracts one axis, not two; measured at 64 x 117 x 128 -> 512). float32 inputs skip
-    `preferred_element_type`, which adds converts to the backward pass for nothing.
+    contracts one axis, not two; measured at 64 x 117 x 128 -> 512).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
-    pet = None if jnp.dtype(dtype) == jnp.float32 else jnp.float32
-    y = jnp.dot(x2, w.astype(dtype), preferred_element_type=pet)
+    low = jnp.dtype(dtype) != jnp.float32
+    if low and out_dtype is not None and jnp.dtype(out_dtype) == jnp.float32:
+        y = _dot_f32_out(x2, w.astype(dtype))
+    else:
+        y = jnp.dot(x2, w.astype(dtype))
     return y.reshape(*lead, w.shape[-1])
 
 
@@ -61,7 +91,7 @@ class Dense(nn.Module):
             nn.with_logical_partitioning(dense_init, self.axes),
             (x.shape[-1], self.features),
         )
-        y = matmul(x, w, self.dtype)
+        y = matmul(x, w, self.dtype, self.out_dtype)
         if self.use_bias:
             b = self.param(
                 "bias",
@@ -83,10 +113,11 @@ def grouped_swiglu(
     sizes = jnp.bincount(ids_R, length=w_gate.shape[0]).astype(jnp.int32)  # ids >= E dropped
     x = x_RxD[order]
     f32 = jnp.float32
-    g = jax.lax.ragged_dot(x, w_gate, sizes, preferred_element_type=f32)
-    u = jax.lax.ragged_dot(x, w_up, sizes, preferred_element_type=f32)
+    # Matmuls in the operands' dtype (a bf16 backward pass), the activation in float32.
+    g = jax.lax.ragged_dot(x, w_gate, sizes).astype(f32)
+    u = jax.lax.ragged_dot(x, w_up, sizes).astype(f32)
     h = (jax.nn.silu(g) * u).astype(x_RxD.dtype)
-    y = jax.lax.ragged_dot(h, w_down, sizes, preferred_element_type=f32)
+    y = jax.lax.ragged_dot(h, w_down, sizes).astype(f32)
     return jnp.zeros_like(y).at[order].set(y)
 
 
@@ -149,7 +180,6 @@ def attend(
     if h % g:
         raise ValueError(f"{h} query heads cannot share {g} key/value groups")
     r = h // g
-    pet = None if jnp.dtype(dtype) == jnp.float32 else jnp.float32
     # Heads-major operands with the r heads of a group folded into the query axis:
     # [B, G, r * L, K] against [B, G, S, K]. Batch axes lead, so XLA:CPU runs plain batched
     # matmuls (3.5x faster forward than contracting [B, L, H, K] in place, measured at B 64,
@@ -158,7 +188,7 @@ def attend(
     q = q.reshape(b, g, r * length, hd)
     k = jnp.swapaxes(k_BxSxGxK.astype(dtype), 1, 2)
     v = jnp.swapaxes(v_BxSxGxK.astype(dtype), 1, 2)
-    s = jnp.einsum("bgqk,bgsk->bgqs", q, k, preferred_element_type=pet)
+    s = jnp.einsum("bgqk,bgsk->bgqs", q, k)  # in `dtype`; the softmax below in float32
     s = s.astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
     s = s.reshape(b, g, r, length, -1)
     if mask is not None:
@@ -167,7 +197,7 @@ def attend(
     if mask is not None:
         p = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], p, 0.0)
     p = p.reshape(b, g, r * length, -1).astype(dtype)
-    o = jnp.einsum("bgqs,bgsk->bgqk", p, v, preferred_element_type=pet)
+    o = jnp.einsum("bgqs,bgsk->bgqk", p, v)
     return o.reshape(b, g, r, length, hd).transpose(0, 3, 1, 2, 4).reshape(b, length, h, hd)
 
 

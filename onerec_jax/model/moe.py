@@ -153,10 +153,11 @@ def _experts_capacity(x_TxD, experts_TxK, valid_T, w_gate, w_up, w_down, capacit
     buf = jnp.zeros((e, capacity + 1, x_TxD.shape[-1]), x_TxD.dtype)
     x_ExCxD = buf.at[experts_TxK, slot].set(x_TxKxD, mode="drop")[:, :capacity]
     f32 = jnp.float32
-    g = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate, preferred_element_type=f32)
-    u = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up, preferred_element_type=f32)
+    # Matmuls in the operands' dtype (a bf16 backward pass), the activation in float32.
+    g = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate).astype(f32)
+    u = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up).astype(f32)
     h = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
-    y_ExCxD = jnp.einsum("ecf,efd->ecd", h, w_down, preferred_element_type=f32)
+    y_ExCxD = jnp.einsum("ecf,efd->ecd", h, w_down).astype(f32)
     y_TxKxD = y_ExCxD[experts_TxK, jnp.minimum(slot, capacity - 1)]
     return jnp.where(kept_TxK[..., None], y_TxKxD, 0.0), kept_TxK
 
