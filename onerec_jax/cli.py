@@ -180,12 +180,7 @@ def _fit(args: argparse.Namespace) -> int:
         return 0
     for name, r in out.items():
         if "params" in r:
-            fitted = ", ".join(
-                f"{k} = {v:.4g} [{r['ci95'][k][0]:.4g}, {r['ci95'][k][1]:.4g}]"
-                if k in r["ci95"] else f"{k} = {v:.4g}"
-                for k, v in r["params"].items()
-            )  # fmt: skip
-            print(f"{name}: {r['law']} over {r['n_points']} runs: {fitted}; R^2 {r['r2']:.4f}")
+            print(f"{name}: {fit.describe(r)}")
         else:
             print(f"{name}: isoflop {json.dumps(r, sort_keys=True)}")
     return 0

@@ -20,13 +20,13 @@ from scaling import sweep as sweep_lib
 
 
 def fits_by_family(rows: list[dict[str, Any]], bootstrap: int) -> dict[str, Any]:
-    """power-n per family over the rows of its largest token budget (the demo has one); a
-    family whose fit fails gets its reason instead."""
+    """power-n per family over the rows the figure's fit reads (`plot.power_n_rows`: one token
+    budget; the demo has one); a family whose fit fails gets its reason instead."""
+    from scaling.plot import by_family, power_n_rows
+
     out: dict[str, Any] = {}
-    for fam in sorted({r["family"] for r in rows}):
-        mine = [r for r in rows if r["family"] == fam]
-        top = max(r.get("tokens_target") or 0 for r in mine)
-        mine = [r for r in mine if (r.get("tokens_target") or 0) == top]
+    for fam, fam_rows in by_family(rows).items():
+        mine, _ = power_n_rows(fam_rows)
         try:
             out[fam] = fit.fit(mine, "power-n", bootstrap=bootstrap, source=f"{fam} runs")
         except ValueError as e:
@@ -43,14 +43,9 @@ def summary_lines(rows: list[dict[str, Any]], fits: dict[str, Any]) -> list[str]
             lines.append(f"{fam.upper()}: no fit ({f['error']})")
             continue
         best = min((r for r in rows if r["family"] == fam), key=lambda r: r["loss"])
-        p, ci = f["params"], f["ci95"]
-
-        def band(k: str, p=p, ci=ci) -> str:
-            return f"{p[k]:.3g} [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else f"{p[k]:.3g}"
-
+        p = f["params"]
         lines.append(
-            f"{fam.upper()}: L(N) = E + A / N^alpha over {f['n_points']} rungs: E = {band('E')}, "
-            f"A = {band('A')}, alpha = {band('alpha')}; R^2 {f['r2']:.3f}; best held-out loss "
+            f"{fam.upper()}: L(N) = E + A / N^alpha, {fit.describe(f)}; best held-out loss "
             f"{best['loss']:.3f} nats/item ({best['rung']})"
         )
         if floor is not None:

@@ -221,6 +221,16 @@ def fit(
     return out
 
 
+def describe(result: dict[str, Any]) -> str:
+    """A `fit` result in one line: each parameter with its 95 % interval, and R^2."""
+    ci = result["ci95"]
+    fitted = ", ".join(
+        f"{k} = {v:.4g}" + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")
+        for k, v in result["params"].items()
+    )
+    return f"{result['law']} over {result['n_points']} runs: {fitted}; R^2 {result['r2']:.4f}"
+
+
 def isoflop(
     rows: Sequence[dict[str, Any]],
     *,

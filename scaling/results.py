@@ -122,9 +122,9 @@ def _rows(path: pathlib.Path, warn: bool) -> list[dict[str, Any]]:
     if lines[-1] and warn:
         warnings.warn(f"{path}: skipping a torn last line (a writer died mid-row)", stacklevel=2)
     rows = []
-    for i, line in enumerate(lines[:-1], 1):
+    for i, text in enumerate(lines[:-1], 1):
         try:
-            rows.append(json.loads(line))
+            rows.append(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not a JSON row ({e.msg})") from None
     return rows
@@ -205,7 +205,9 @@ def run_row(
         "repeated_data": s["data_passes"] > 1,
         "data_passes": s["data_passes"],
     }
-    return {**labels, **row, **(extra or {})}
+    row = {**labels, **row, **(extra or {})}
+    # Non-finite figures (a run that diverged at its last step) become null: a row is JSON.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def to_parquet(rows: list[dict[str, Any]], out: str | pathlib.Path) -> pathlib.Path:

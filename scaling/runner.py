@@ -20,8 +20,8 @@ on one machine or on several sharing the directory, each train different points.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import os
 import pathlib
 import signal
@@ -53,6 +53,11 @@ def _write_atomic(path: pathlib.Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def _row_path(sweep_dir: pathlib.Path, name: str) -> pathlib.Path:
+    """A finished point's row: the point is done once this file exists."""
+    return sweep_dir / "rows" / f"{name}.json"
+
+
 class Stopped(BaseException):
     """SIGTERM outside a training step (scoring, waiting): stop cleanly, releasing claims."""
 
@@ -70,7 +75,7 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _base_config(sweep: sweep_lib.Sweep) -> Any:
+def base_config(sweep: sweep_lib.Sweep) -> Any:
     """The config the table is built from: every point must share its source and world."""
     from onerec_jax.train.run_config import source_seed
 
@@ -84,16 +89,21 @@ def _base_config(sweep: sweep_lib.Sweep) -> Any:
     return cfgs[0]
 
 
-def table(sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path, claims: Claims, build: bool = True):
-    """The sweep's semantic-id table (SemanticIds), built by the first runner to claim it
-    while the others wait for it; None when it is not built and `build` is false."""
+def built_table(sweep_dir: pathlib.Path) -> Any:
+    """The sweep's semantic-id table (SemanticIds) if it is built, else None."""
     from onerec_jax.tokenizer.semantic_ids import SemanticIds
+
+    path = sweep_dir / "tokenizer" / "semantic_ids.npz"
+    return SemanticIds.load(path) if path.is_file() else None
+
+
+def table(sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path, claims: Claims) -> Any:
+    """The sweep's semantic-id table (SemanticIds), built by the first runner to claim it
+    while the others wait for it."""
     from onerec_jax.train import state as state_lib
 
     done = sweep_dir / "tokenizer" / "semantic_ids.npz"
-    cfg = _base_config(sweep)
-    if not build:
-        return SemanticIds.load(done.parent) if done.is_file() else None
+    cfg = base_config(sweep)
     while not done.is_file() or claims.holder(_TOKENIZER) is not None:
         if claims.try_claim(_TOKENIZER):
             try:
@@ -104,7 +114,7 @@ def table(sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path, claims: Claims, build
         who = (claims.holder(_TOKENIZER) or {}).get("runner", "another runner")
         print(f"sweep: waiting for {who} to build the table", flush=True)
         time.sleep(5)
-    return SemanticIds.load(done.parent)
+    return built_table(sweep_dir)
 
 
 def _fields(r: sweep_lib.Resolved) -> dict[str, Any]:
@@ -124,7 +134,7 @@ def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> 
     for r in resolved:
         name, new = r.point.name, _fields(r)
         o = old.get(name)
-        run_dir, row = sweep_dir / "runs" / name, sweep_dir / "rows" / f"{name}.json"
+        run_dir, row = sweep_dir / "runs" / name, _row_path(sweep_dir, name)
         if o is not None and o != new and (run_dir.exists() or row.exists()):
             diff = sorted(k for k in set(o) | set(new) if o.get(k) != new.get(k))
             raise ValueError(
@@ -155,13 +165,20 @@ def sync_results(sweep_dir: pathlib.Path) -> int:
 def entropy_floor(cfg: Any) -> float | None:
     """The world's entropy floor (nats/item) over the validation requests behind the eval
     loss; None for a logged source."""
-    from onerec_jax.data.sources import open_source
     from onerec_jax.train.run_config import source_seed
 
-    src = open_source(cfg.source, seed=source_seed(cfg), split="validation")
-    if not hasattr(src, "entropy_floor") or cfg.eval_requests < 2:
+    return _entropy_floor(cfg.source, source_seed(cfg), cfg.eval_requests)
+
+
+@functools.cache
+def _entropy_floor(source: str, seed: int, n_requests: int) -> float | None:
+    # Once per source and request count: every point of a sweep shares them.
+    from onerec_jax.data.sources import open_source
+
+    src = open_source(source, seed=seed, split="validation")
+    if not hasattr(src, "entropy_floor") or n_requests < 2:
         return None
-    return round(src.entropy_floor(cfg.eval_requests)[0], 6)
+    return round(src.entropy_floor(n_requests)[0], 6)
 
 
 def _train_point(r: sweep_lib.Resolved, sweep: sweep_lib.Sweep, sweep_dir: pathlib.Path) -> bool:
@@ -202,9 +219,7 @@ def _train_point(r: sweep_lib.Resolved, sweep: sweep_lib.Sweep, sweep_dir: pathl
         tokens_target=r.point.tokens,
         entropy_floor=entropy_floor(r.cfg),
     )
-    # Non-finite figures (a run that diverged at its last step) become null: a row is JSON.
-    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    _write_atomic(sweep_dir / "rows" / f"{name}.json", results.line(row))
+    _write_atomic(_row_path(sweep_dir, name), results.line(row))
     results.append_missing(sweep_dir / "results.jsonl", [row], key="point")
     (sweep_dir / "failed" / f"{name}.txt").unlink(missing_ok=True)
     return True
@@ -255,7 +270,7 @@ def _run(
         resolved = [r for r in resolved if r.point.name in only]
 
     def done(r: sweep_lib.Resolved) -> bool:
-        return (sweep_dir / "rows" / f"{r.point.name}.json").is_file()
+        return _row_path(sweep_dir, r.point.name).is_file()
 
     todo = list(resolved)
     # A bar on a terminal; in a log file, one line per point instead.
@@ -302,7 +317,7 @@ def _run(
     bar.close()
     sync_results(sweep_dir)
     n_done = sum(map(done, todo))
-    failed = [name for name in failed if not (sweep_dir / "rows" / f"{name}.json").is_file()]
+    failed = [name for name in failed if not _row_path(sweep_dir, name).is_file()]
     msg = f"sweep: {n_done}/{len(todo)} points done ({time.perf_counter() - t0:.0f} s this run)"
     msg += f"; results: {sweep_dir / 'results.jsonl'}"
     if held:

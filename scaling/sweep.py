@@ -163,15 +163,16 @@ def point_config(sweep: Sweep, point: Point, steps: int) -> ml_collections.Confi
     point's overrides, then rung, seed, steps, schedule and checkpoints. The table is the
     sweep's, linked into each workdir (scaling/runner.py), so no path is in the config."""
     fields = [f"rung={point.rung}", f"seed={point.seed}", *sweep.overrides, *point.overrides]
-    # Warmup: the configured one (base, sweep or point), at most a tenth of a short run.
-    warmup = config.resolve(config.load(sweep.config), fields).optim.warmup_steps
     fields += [
         f"steps={steps}",
-        f"optim.warmup_steps={min(warmup, max(1, steps // 10))}",
         f"checkpoint_every={max(1, math.ceil(steps / max(1, sweep.checkpoints)))}",
         "eval_every=0",  # the validation loss once, at the end: the loss the fits read
     ]
-    return config.resolve(config.load(sweep.config), fields)
+    cfg = config.resolve(config.load(sweep.config), fields)
+    # Warmup: the configured one (base, sweep or point), at most a tenth of a short run.
+    warmup = min(cfg.optim.warmup_steps, max(1, steps // 10))
+    config.update(cfg, {"optim.warmup_steps": warmup}, f"sweep {sweep.name}")
+    return cfg
 
 
 def _train_source(cfg: ml_collections.ConfigDict) -> Any:
@@ -206,9 +207,9 @@ def model_counts(cfg: ml_collections.ConfigDict, src: Any, vocab: Sequence[int])
 
 def resolve(sweep: Sweep, vocab: Sequence[int]) -> tuple[list[Resolved], list[str]]:
     """Every point's config and steps (with the table's `vocab`), and a note per point left out."""
-    out, notes = [], []
     from onerec_jax.train.run_config import source_seed
 
+    out, notes = [], []
     sources: dict[tuple[str, int], Any] = {}  # by source and world seed
     tpr: dict[tuple[str, int], float] = {}  # tokens per request
     counted: dict[tuple[str, tuple[str, ...]], Any] = {}  # model counts by rung and overrides

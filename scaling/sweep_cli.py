@@ -67,8 +67,8 @@ def dry_run(
 
     sw = sweep_lib.load(sweep_file)
     d = pathlib.Path(sweep_dir)
-    base = runner._base_config(sw)
-    tbl = runner.table(sw, d, claims=None, build=False)  # type: ignore[arg-type]
+    base = runner.base_config(sw)
+    tbl = runner.built_table(d)
     vocab = tbl.vocab if tbl is not None else (base.tokenizer_codes or 128,) * 3
     resolved, notes = sweep_lib.resolve(sw, vocab)
     src = sweep_lib._train_source(base)
