@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench bench-peers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,5 +33,16 @@ bench: install
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/rq_kmeans_vs_faiss.py --json benchmarks/results/rq_kmeans_vs_faiss.json
 
+# The PyTorch peers live in their own venv: the project's install never has torch.
+PEERS := .venv-peers
+$(PEERS)/.installed: Makefile
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q torch==2.13.0 transformers==5.23.0 numpy
+	touch $@
+
+bench-peers: install $(PEERS)/.installed
+	$(BIN)/python benchmarks/peers.py --peer-python $(PEERS)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS) .pytest_cache

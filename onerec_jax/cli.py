@@ -322,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `onerec` command itself
+        from onerec_jax import hugepages
+
+        hugepages.reexec()
     from onerec_jax.config import ConfigError, split_overrides
 
     try:

@@ -128,6 +128,8 @@ def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> 
     """plan.json holds each point's resolved config; a point that would now train differently
     (the sweep file changed under its runs) is refused, naming the fields; new points are
     added, and the entry of a point with neither a workdir nor a row is replaced."""
+    from onerec_jax.train import run_config
+
     path = sweep_dir / "plan.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     merged = dict(old)
@@ -135,8 +137,14 @@ def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> 
         name, new = r.point.name, _fields(r)
         o = old.get(name)
         run_dir, row = sweep_dir / "runs" / name, _row_path(sweep_dir, name)
-        if o is not None and o != new and (run_dir.exists() or row.exists()):
-            diff = sorted(k for k in set(o) | set(new) if o.get(k) != new.get(k))
+        # A field added to the config since the plan was written, at its default, changes
+        # nothing the old point trained with.
+        diff = sorted(
+            k
+            for k in set(o or {}) | set(new)
+            if (o or {}).get(k, run_config.ADDED_FIELDS.get(k)) != new.get(k)
+        )
+        if o is not None and diff and (run_dir.exists() or row.exists()):
             raise ValueError(
                 f"{path}: point {name} was planned with other settings ({', '.join(diff[:6])}): "
                 "the sweep file changed under it. Use a new --dir, or drop the point's old "

@@ -1,5 +1,6 @@
 """Memory options of one device: rematerialisation of the scanned layer stacks (`remat`) and
-AdamW moments stored in bf16 (`optim.moment_dtype`).
+AdamW moments stored in bf16 (`optim.moment_dtype`); and unrolled layer stacks
+(`unroll_layers`), which trade compile time for step time and must compute the same thing.
 
 Tolerances: rematerialisation recomputes the same float32 operations, but XLA may fuse the
 recomputed forward pass differently, so losses agree to 1e-6 relative and gradients to 1e-5 of
@@ -81,10 +82,11 @@ def _policies(model, params, moe_bias, batch) -> list[str]:
     return re.findall(r"policy=(?:<function )?(\w+)", str(jaxpr))
 
 
-def test_remat_gives_the_same_gradients_through_a_decoder_stack():
-    """The default suite's check of `layer_stack(remat=...)`, on a bare two-layer stack of
-    V1-order decoder blocks (whose Python-valued `Mode` argument is static): "full" and
-    "dots" give the gradients of "none", and PREFILL (no gradient) the same outputs."""
+def test_remat_and_unrolling_give_the_same_gradients_through_a_decoder_stack():
+    """The default suite's check of `layer_stack(remat=..., unroll=...)`, on a bare two-layer
+    stack of V1-order decoder blocks (whose Python-valued `Mode` argument is static): "full"
+    and "dots", and the unrolled stack, give the gradients of "none", and PREFILL (no
+    gradient) the same outputs; the unrolled stack's scan really is unrolled."""
     n, t, b, s, d = 4, 4, 2, 6, 32
     kx, km, kw = jax.random.split(jax.random.key(0), 3)
     x_NxTxD = jax.random.normal(kx, (n, t, d))
@@ -100,6 +102,9 @@ def test_remat_gives_the_same_gradients_through_a_decoder_stack():
         )
         for remat in ("none", "full", "dots")
     }
+    stacks["unrolled"] = layer_stack(
+        DecoderBlock, 2, (0, nn.broadcast, nn.broadcast), "none", (4,), unroll=True
+    )(4, d, 64, "swiglu", None, lazy=False)
     init = jax.jit(stacks["none"].init, static_argnums=4)  # op by op, init takes seconds
     params = init(jax.random.key(1), x_NxTxD, LayerInputs(), shared, Mode.TRAIN)
 
@@ -115,9 +120,14 @@ def test_remat_gives_the_same_gradients_through_a_decoder_stack():
             out[remat] = jax.grad(loss, argnums=(0, 1))(params, x, stack), kv.cross_kv
         return out
 
+    def unroll_of(stack):
+        jaxpr = jax.make_jaxpr(lambda x: stack.apply(params, x, LayerInputs(), shared, Mode.TRAIN))
+        return re.findall(r"unroll=(\d+)", str(jaxpr(x_NxTxD)))
+
+    assert unroll_of(stacks["none"]) == ["1"] and unroll_of(stacks["unrolled"]) == ["2"]
     out = grads_and_prefill(params, x_NxTxD)
     norm = float(optax.tree.norm(out["none"][0]))
-    for remat in ("full", "dots"):
+    for remat in ("full", "dots", "unrolled"):
         diff = float(optax.tree.norm(jax.tree.map(jnp.subtract, out[remat][0], out["none"][0])))
         assert diff <= 1e-5 * norm, (remat, diff, norm)
         for a, b_ in zip(
@@ -140,6 +150,7 @@ def test_remat_gives_the_same_loss_and_gradients(family, src):
     for remat in ("none", "full", "dots"):
         cfg = _cfg(*FAMILY[family], f"remat={remat}")
         models[remat] = build_model(cfg, src, VOCAB)
+    models["unrolled"] = build_model(_cfg(*FAMILY[family], "unroll_layers=True"), src, VOCAB)
     batch = _batch(cfg, src)
     tx, _ = step_lib.make_optimizer(step_lib.OptimConfig())
     state = _state(models["none"], tx, batch)
@@ -152,7 +163,7 @@ def test_remat_gives_the_same_loss_and_gradients(family, src):
     assert dots == ["DotsSaveable"] * stacks
 
     shapes = {r: flops.param_shapes(m) for r, m in models.items()}
-    assert shapes["full"] == shapes["none"] == shapes["dots"]
+    assert shapes["full"] == shapes["none"] == shapes["dots"] == shapes["unrolled"]
 
     @jax.jit
     def loss_and_grads(params):
@@ -163,7 +174,7 @@ def test_remat_gives_the_same_loss_and_gradients(family, src):
     (loss0, _), g0 = out["none"]
     norm = float(optax.tree.norm(g0))
     assert np.isfinite(float(loss0)) and norm > 0
-    for remat in ("full", "dots"):
+    for remat in ("full", "dots", "unrolled"):
         (loss, _), g = out[remat]
         np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6, err_msg=remat)
         diff = float(optax.tree.norm(jax.tree.map(jnp.subtract, g, g0)))

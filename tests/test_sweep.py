@@ -193,6 +193,13 @@ def test_a_sweep_runs_each_point_once_retries_a_failed_one_and_then_finishes_at_
     lines = (d / "results.jsonl").read_text().splitlines(keepends=True)
     (d / "results.jsonl").write_text(lines[0])
     assert runner.sync_results(d) == 1 and len(results.read_rows(d / "results.jsonl")) == 2
+    # A plan written before a config field was added (here unroll_layers) still matches: the
+    # new field at its default changes nothing the points trained with.
+    plan = json.loads((d / "plan.json").read_text())
+    assert all(fields["unroll_layers"] is False for fields in plan.values())
+    old = {p: {k: v for k, v in f.items() if k != "unroll_layers"} for p, f in plan.items()}
+    (d / "plan.json").write_text(json.dumps(old))
+    assert runner.run(sw, d) == 0
     # The sweep file changed under a finished point: refused, naming the field and the fix.
     changed = dataclasses.replace(sw, overrides=(*sw.overrides, "optim.learning_rate=1e-3"))
     with pytest.raises(ValueError, match=r"v1-0.07m_t200 was planned with other settings "

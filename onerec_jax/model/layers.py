@@ -285,6 +285,7 @@ def layer_stack(
     in_axes: tuple,
     remat: str = "none",
     static_argnums: tuple[int, ...] = (),
+    unroll: bool = False,
 ) -> type[nn.Module]:
     """`block` scanned over `n_layers` layers: one compiled body whatever the depth, every
     parameter (and MoE bias) stacked on a leading axis named "layers" for sharding, each layer
@@ -296,7 +297,14 @@ def layer_stack(
     `remat` (REMAT_POLICIES) checkpoints each layer; the parameters keep their names and
     shapes, so a checkpoint restores whatever the policy. A rematerialised block's Python-valued
     arguments (a `Mode`) must be named in `static_argnums`, positions in `block.__call__`
-    counting `self` as 0 (flax's convention)."""
+    counting `self` as 0 (flax's convention).
+
+    `unroll` compiles one copy of the layer per layer (the scan's body unrolled `n_layers`
+    times; parameters, their names and checkpoints are the same). A rolled scan keeps each
+    activation the backward pass needs in one buffer stacked over layers, which XLA fills
+    with zeros and copies every step (on 2 CPU cores, ~0.2 s of a 1.9 s V1 step at the
+    TIGER shape, benchmarks/peers.py); unrolled, each layer's activations are plain buffers.
+    The price is compile time growing with depth, so it is off by default."""
     check_remat(remat)
     if remat != "none":
         # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward
@@ -310,5 +318,6 @@ def layer_stack(
         split_rngs={"params": True},
         in_axes=in_axes,
         length=n_layers,
+        unroll=n_layers if unroll else 1,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

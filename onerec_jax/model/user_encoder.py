@@ -45,6 +45,7 @@ class EncoderConfig:
     pos_len: int = 256
     life_len: int = 2000
     remat: str = "none"  # activation rematerialisation of the encoder stack (REMAT_POLICIES)
+    unroll: bool = False  # compile the encoder stack unrolled (layers.layer_stack)
 
     @property
     def n_tokens(self) -> int:
@@ -174,6 +175,8 @@ class UserEncoder(nn.Module):
         x_BxSxD = x_BxSxD + positions.astype(self.dtype)[None]
         if not self.stack:
             return x_BxSxD, mask_BxS
-        blocks = layer_stack(_ScanBlock, c.n_layers, (nn.broadcast, nn.broadcast), c.remat)
+        blocks = layer_stack(
+            _ScanBlock, c.n_layers, (nn.broadcast, nn.broadcast), c.remat, unroll=c.unroll
+        )
         x_BxSxD, _ = blocks(c, self.dtype, name="encoder")(x_BxSxD, None, mask_BxS[:, None, :])
         return RMSNorm(dtype=self.dtype, name="final_norm")(x_BxSxD), mask_BxS

@@ -60,6 +60,7 @@ class V1Config(SemanticVocab):
     session_wise: bool = False
     loss: str = "sum"  # "sum" | "mean" over the levels
     remat: str = "none"  # activation rematerialisation of the decoder stack (layers.REMAT_POLICIES)
+    unroll: bool = False  # compile the decoder stack unrolled (layers.layer_stack)
 
     def __post_init__(self) -> None:
         self.check_shared_fields()
@@ -104,7 +105,7 @@ class OneRecV1(nn.Module):
         )
         # Argument 4 of DecoderBlock.__call__ (self counting as 0) is the Python-valued Mode.
         stack = layer_stack(
-            DecoderBlock, c.dec_layers, (0, nn.broadcast, nn.broadcast), c.remat, (4,)
+            DecoderBlock, c.dec_layers, (0, nn.broadcast, nn.broadcast), c.remat, (4,), c.unroll
         )
         self.blocks = stack(
             c.n_heads, c.d_model, c.d_ff, c.ffn, c.moe, lazy=False, dtype=self.dtype

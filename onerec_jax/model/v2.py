@@ -66,6 +66,7 @@ class V2Config(SemanticVocab):
     s_kv: int = 1  # 1: one tensor is both key and value; 2: separate keys and values
     g_kv: int = 0  # key/value heads (grouped-query); 0 = n_heads
     remat: str = "none"  # activation rematerialisation of the decoder stacks (REMAT_POLICIES)
+    unroll: bool = False  # compile the decoder stacks unrolled (layers.layer_stack)
 
     session_wise = False  # V2 decodes items point-wise (generate.py reads this)
 
@@ -120,7 +121,9 @@ class V2Cache:
 def _stack(cfg: V2Config, dtype: jnp.dtype, use_moe: bool, length: int, name: str) -> nn.Module:
     """`length` lazy blocks, scanned; MoE FFNs if `use_moe`, else the dense FFN."""
     # Argument 4 of DecoderBlock.__call__ (self counting as 0) is the Python-valued Mode.
-    stack = layer_stack(DecoderBlock, length, (0, nn.broadcast, nn.broadcast), cfg.remat, (4,))
+    stack = layer_stack(
+        DecoderBlock, length, (0, nn.broadcast, nn.broadcast), cfg.remat, (4,), cfg.unroll
+    )
     moe = cfg.moe if use_moe else None
     return stack(
         cfg.n_heads, cfg.d_model, cfg.d_ff, cfg.ffn, moe, lazy=True, dtype=dtype, name=name

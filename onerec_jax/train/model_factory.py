@@ -38,6 +38,7 @@ def build_model(
         pos_len=cfg.data.pos_len,
         life_len=cfg.data.life_len,
         remat=cfg.remat,
+        unroll=cfg.unroll_layers,
     )
     moe = section.pop("moe")
     moe = MoEConfig(**{**moe, "d_ff": moe["d_ff"] or section["d_ff"]}) if moe["n_experts"] else None
@@ -48,6 +49,7 @@ def build_model(
         "vocab": tuple(vocab),
         "max_targets": cfg.data.max_targets,
         "remat": cfg.remat,
+        "unroll": cfg.unroll_layers,
     }
     dtype = jnp.bfloat16 if cfg.bf16 else jnp.float32
     if family == "v1":

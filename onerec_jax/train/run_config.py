@@ -43,14 +43,16 @@ ADDED_FIELDS: dict[str, Any] = {
     "model.s_kv": 1,
     "model.g_kv": 0,
     "remat": "none",
+    "unroll_layers": False,
     "optim.moment_dtype": "float32",
 }
 
-# Fields a run may change when it resumes: they change where the state lies and how much memory
-# a step takes, not what it computes (a checkpoint restores onto any mesh; rematerialisation
-# recomputes the same activations). `optim.moment_dtype` is not one of them: bf16 moments round
-# differently, so the resumed run would not be the run it continues.
-RESUMABLE_CHANGES = ("steps", "remat")
+# Fields a run may change when it resumes: they change where the state lies, how much memory a
+# step takes or how it is compiled, not what it computes (a checkpoint restores onto any mesh;
+# rematerialisation recomputes the same activations; an unrolled stack runs the same layers).
+# `optim.moment_dtype` is not one of them: bf16 moments round differently, so the resumed run
+# would not be the run it continues.
+RESUMABLE_CHANGES = ("steps", "remat", "unroll_layers")
 RESUMABLE_SECTIONS = ("mesh.",)
 
 # Where each field of the old flat `model` section lives in the per-family sections: one old
