@@ -4,7 +4,7 @@ For each rung, side by side in one process: the requests/s the jitted train step
 rung's model at `--batch`, f32, median of `--steps` steps after compile) and the requests/s the
 training input pipeline produces with 0 workers, i.e. built in the calling process on one core,
 as `onerec train` does by default (the same grain dataset and the same semantic-code transform
-as the loop, the rung's context lengths). Goal (issue 14): the pipeline >= 5x the step's
+as the loop, the rung's context lengths). The project's goal: the pipeline >= 5x the step's
 consumption, so that building batches costs the step at most a fifth of a core.
 Writes benchmarks/results/pipeline_vs_step.json.
 

@@ -66,50 +66,65 @@ def search(
     n_items = cfg.max_targets if cfg.session_wise else 1
     mem, mem_mask = model.apply(variables, inputs, method="encode")
     b, w = mem_mask.shape[0], beam
-    n = b * w
-    cache = model.apply(variables, mem, mem_mask, n, method="init_cache")
-    # Only beam 0 of each user is alive at the start, so the first top-k does not pick the
-    # same code W times.
-    score = jnp.broadcast_to(jnp.where(jnp.arange(w)[None, :] == 0, 0.0, -jnp.inf), (b, w))
-    carry = {
-        "cache": cache,
-        "token": jnp.full((n,), cfg.n_tokens - 1, jnp.int32),  # BOS
-        "score": score,
-        "codes": jnp.zeros((b, w, n_items, q), jnp.int32),
-        "items": jnp.zeros((b, w, n_items), jnp.int32),
-    }
 
-    def one_item(carry: dict[str, Any], j: jax.Array) -> tuple[dict[str, Any], None]:
+    def start(rows_per_user: int) -> dict[str, Any]:
+        """The state before the first code: BOS in `rows_per_user` rows per user, of which
+        only the first is alive (score 0, the others -inf), so the first top-k does not pick
+        the same code several times."""
+        n = b * rows_per_user
+        alive = jnp.arange(rows_per_user)[None, :] == 0
+        return {
+            "cache": model.apply(variables, mem, mem_mask, n, method="init_cache"),
+            "token": jnp.full((n,), cfg.n_tokens - 1, jnp.int32),  # BOS
+            "score": jnp.broadcast_to(jnp.where(alive, 0.0, -jnp.inf), (b, rows_per_user)),
+            "codes": jnp.zeros((b, rows_per_user, n_items, q), jnp.int32),
+            "items": jnp.zeros((b, rows_per_user, n_items), jnp.int32),
+        }
+
+    def advance(
+        carry: dict[str, Any], nodes: jax.Array, level: int, pos: jax.Array | int
+    ) -> tuple[dict[str, Any], jax.Array]:
+        """One code for every beam: the carry's R rows per user (R = 1 before a point-wise
+        model's first code, else W) become the W best extensions per user."""
+        r = carry["score"].shape[1]
+        logits, cache = model.apply(variables, carry["cache"], carry["token"], pos, method="step")
+        lo, v = int(cfg.offsets[level]), cfg.vocab[level]
+        logp = jax.nn.log_softmax(logits[:, lo : lo + v], axis=-1)
+        logp = jnp.where(trie.valid_mask(level, nodes), logp, -jnp.inf)
+        total = (carry["score"].reshape(b * r, 1) + logp).reshape(b, r * v)
+        if r * v < w:  # fewer extensions than beams: the rest are dead (-inf) beams
+            total = jnp.pad(total, ((0, 0), (0, w - r * v)), constant_values=-jnp.inf)
+        top, flat = jax.lax.top_k(total, w)  # [B, W]
+        parent = jnp.minimum(flat // v, r - 1)
+        code = (flat % v).astype(jnp.int32)
+        rows = (jnp.arange(b)[:, None] * r + parent).reshape(-1)
+        nodes = trie.step(level, nodes[rows], code.reshape(-1))
+        nodes = jnp.where(jnp.isfinite(top.reshape(-1)), nodes, -1)
+        carry = {
+            # Self-attention cache rows follow their beams; per-user K/V stay put.
+            "cache": cache.take_rows(rows),
+            "token": code.reshape(-1) + lo,
+            "score": top,
+            "codes": jnp.take_along_axis(carry["codes"], parent[..., None, None], axis=1),
+            "items": jnp.take_along_axis(carry["items"], parent[..., None], axis=1),
+        }
+        carry["codes"] = carry["codes"].at[:, :, pos // q, level].set(code)
+        return carry, nodes
+
+    def one_item(carry: dict[str, Any], j: jax.Array | int) -> tuple[dict[str, Any], None]:
         nodes = jnp.where(jnp.isfinite(carry["score"].reshape(-1)), 0, -1)  # back to the root
         for level in range(q):  # Q <= 4 levels, unrolled (see module docstring)
-            logits, cache = model.apply(
-                variables, carry["cache"], carry["token"], j * q + level, method="step"
-            )
-            lo, v = int(cfg.offsets[level]), cfg.vocab[level]
-            logp = jax.nn.log_softmax(logits[:, lo : lo + v], axis=-1)
-            logp = jnp.where(trie.valid_mask(level, nodes), logp, -jnp.inf)
-            total = carry["score"].reshape(n, 1) + logp  # [B*W, V]
-            top, flat = jax.lax.top_k(total.reshape(b, w * v), w)  # [B, W]
-            parent = flat // v
-            code = (flat % v).astype(jnp.int32)
-            rows = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
-            nodes = trie.step(level, nodes[rows], code.reshape(-1))
-            nodes = jnp.where(jnp.isfinite(top.reshape(-1)), nodes, -1)
-            codes = jnp.take_along_axis(carry["codes"], parent[..., None, None], axis=1)
-            items = jnp.take_along_axis(carry["items"], parent[..., None], axis=1)
-            carry = {
-                # Self-attention cache rows follow their beams; per-user K/V stay put.
-                "cache": cache.take_rows(rows),
-                "token": code.reshape(-1) + lo,
-                "score": top,
-                "codes": codes.at[:, :, j, level].set(code),
-                "items": items,
-            }
+            carry, nodes = advance(carry, nodes, level, j * q + level)
         item = trie.item_of(nodes).reshape(b, w)
         carry["items"] = carry["items"].at[:, :, j].set(item)
         return carry, None
 
-    carry, _ = jax.lax.scan(one_item, carry, jnp.arange(n_items))
+    if n_items == 1:
+        # Point-wise: every beam of a user starts from the same BOS, so the first code is
+        # scored on one row per user (not W identical ones) and the W beams branch from it.
+        carry, _ = one_item(start(1), 0)
+    else:  # session-wise: the scan's carry keeps W rows per user throughout
+        carry, _ = jax.lax.scan(one_item, start(w), jnp.arange(n_items))
     out = {
         "items": carry["items"][:, :, 0],
         "logprob": carry["score"],

@@ -5,10 +5,11 @@ allocations above 32 MiB with mmap and returns them with munmap, so every step t
 hundreds of megabytes of activations as new 4 KiB pages: 678,000 page faults per V1 train step
 at the TIGER shape (benchmarks/peers.py), a fifth of the step on 2 cores. glibc's tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc ask the kernel for transparent huge
-pages (madvise), which cuts the faults 500-fold: that step went from 1.93 to 1.54 s (median of
-8; Linux with transparent_hugepage=madvise). Tunables are read when a process starts, so the
-`onerec` command re-executes itself once with the tunable set; ONEREC_HUGE_PAGES=0 turns this
-off. Elsewhere (not Linux, not glibc, or huge pages disabled) nothing changes.
+pages (madvise), which cuts the faults 500-fold: that step (unrolled layers) went from 1.93 to
+1.54 s (median of 8; Linux with transparent_hugepage=madvise). Tunables are read when a process
+starts, so the `onerec` command re-executes itself once with the tunable set;
+ONEREC_HUGE_PAGES=0 turns this off. Elsewhere (not Linux, not glibc, or huge pages disabled)
+nothing changes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import sys
 from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+# Set in the restarted process: a process whose loader drops GLIBC_TUNABLES (a privileged,
+# AT_SECURE interpreter) must not restart itself forever.
+_RESTARTED = "ONEREC_HUGE_PAGES_RESTARTED"
 
 
 def wanted(env: Mapping[str, str]) -> bool:
@@ -46,8 +50,15 @@ def reexec() -> None:
     script = sys.argv[0] if sys.argv else ""
     if os.path.basename(script) != "onerec" or not os.path.isfile(script):
         return  # not the entry point (python -m, tests, a notebook): leave the process alone
-    if not wanted(os.environ):
+    if os.environ.get(_RESTARTED) or not wanted(os.environ) or not sys.executable:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], environ())
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    # orig_argv keeps the interpreter's own options (-X, -W, -I, a shebang's -s) and wrappers
+    # run as `python -m cProfile onerec ...`; argv would drop them.
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    try:
+        os.execve(sys.executable, argv, environ() | {_RESTARTED: "1"})
+    except OSError:
+        return  # could not restart: run on as it is, without huge pages

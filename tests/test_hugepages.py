@@ -33,22 +33,34 @@ def test_the_onerec_command_restarts_once_with_the_tunable(tmp_path):
     second run finds it set), keeping its arguments; under another name it is left alone."""
     body = (
         "import os, sys\n"
-        "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], flush=True)\n"
+        "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], sys.flags.utf8_mode, "
+        "flush=True)\n"
         "from onerec_jax import hugepages\n"
         "hugepages.reexec()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "ONEREC_HUGE_PAGES")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_", "ONEREC_HUGE"))}
     for name, runs in (("onerec", 2), ("other", 1)):
         script = tmp_path / name
         script.write_text(body)
         out = subprocess.run(
-            [sys.executable, str(script), "a", "--b"],
+            [sys.executable, "-X", "utf8", str(script), "a", "--b"],
             env=env,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.splitlines()
         assert len(out) == runs, out
-        assert out[0] == " ['a', '--b']"
-        if runs == 2:
-            assert out[1] == "glibc.malloc.hugetlb=1 ['a', '--b']"
+        assert out[0] == " ['a', '--b'] 1"
+        if runs == 2:  # the interpreter's options (-X utf8) survive the restart
+            assert out[1] == "glibc.malloc.hugetlb=1 ['a', '--b'] 1"
+    # A loader that drops the tunable (a privileged interpreter) must not restart forever:
+    # here the restarted process is told the tunable is off-limits, and it stops at once.
+    script = tmp_path / "onerec"
+    looping = body.replace(
+        "hugepages.reexec()", "os.environ.pop('GLIBC_TUNABLES', None)\nhugepages.reexec()"
+    )
+    script.write_text(looping)
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
+    ).stdout.splitlines()
+    assert len(out) == 2, out

@@ -30,6 +30,14 @@ def test_random_access_is_order_free_and_seeded():
         np.testing.assert_array_equal(a[k], again[k])
     other = World("tiny", seed=4).raw_batch(np.array([5, 17, 3]), 100)
     assert not np.array_equal(a["target_item"], other["target_item"])
+    # The targets (expanded in one call with the history) are the request's own session as
+    # `session_events` realises it alone.
+    sessions = w.session_of(a["user_id"], a["request_ts"])
+    for j in range(3):
+        alone = w.session_events(int(a["user_id"][j]), sessions[j : j + 1])
+        sl = slice(a["target_offsets"][j], a["target_offsets"][j + 1])
+        for f in schema.TARGET_FIELDS:
+            np.testing.assert_array_equal(a[f"target_{f}"][sl], alone[f], err_msg=f)
     with pytest.raises(IndexError):
         w.raw(len(w))
 

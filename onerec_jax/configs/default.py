@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     # same, so it may change between a run and its resumption.
     c.remat = "none"
     # Compile the layer stacks unrolled, one copy of the layer per layer: faster steps (no
-    # activation buffers stacked over layers to zero and copy; ~20 % of a small V1 step on CPU)
+    # activation buffers stacked over layers to zero and copy; 22 % of a small V1 step on CPU)
     # for compile time that grows with depth. Same parameters and checkpoints, so it may change
     # between a run and its resumption.
     c.unroll_layers = False

@@ -302,15 +302,20 @@ def layer_stack(
     `unroll` compiles one copy of the layer per layer (the scan's body unrolled `n_layers`
     times; parameters, their names and checkpoints are the same). A rolled scan keeps each
     activation the backward pass needs in one buffer stacked over layers, which XLA fills
-    with zeros and copies every step (on 2 CPU cores, ~0.2 s of a 1.9 s V1 step at the
-    TIGER shape, benchmarks/peers.py); unrolled, each layer's activations are plain buffers.
+    with zeros and copies every step (on 2 CPU cores a V1 step at the TIGER shape of
+    benchmarks/peers.py took 1.97 s rolled, 1.54 s unrolled); unrolled, each layer's
+    activations are plain buffers.
     The price is compile time growing with depth, so it is off by default."""
     check_remat(remat)
     if remat != "none":
-        # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward
-        # pass anyway, and the CSE barrier only costs (flax's `checkpoint` docstring).
+        # Inside a rolled scan the recomputation cannot be merged with the forward pass, and
+        # the CSE barrier only costs (flax's `checkpoint` docstring); unrolled, the layers are
+        # straight-line code in which XLA could merge them and undo the rematerialisation.
         block = nn.remat(
-            block, prevent_cse=False, policy=REMAT_POLICIES[remat], static_argnums=static_argnums
+            block,
+            prevent_cse=unroll,
+            policy=REMAT_POLICIES[remat],
+            static_argnums=static_argnums,
         )
     return nn.scan(
         block,
