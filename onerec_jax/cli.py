@@ -138,6 +138,7 @@ def _plan(args: argparse.Namespace) -> int:
             bf16=args.bf16,
             remat=args.remat,
             moment_dtype=args.moment_dtype,
+            unroll=args.unroll,
         )
         print(json.dumps(row, sort_keys=True) if args.json else _lines(row))
         return 0
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--moment-dtype",
         default="float32",
         help="with --compile: AdamW moments stored in float32 | bfloat16",
+    )
+    pl.add_argument(
+        "--unroll", action="store_true", help="with --compile: the layer stacks unrolled"
     )
     pl.add_argument(
         "--device-memory", type=float, default=80e9, help="with --compile: bytes per device"

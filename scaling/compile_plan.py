@@ -48,9 +48,11 @@ def compile_plan(
     remat: str = "none",
     moment_dtype: str = "float32",
     run_config: Any = None,
+    unroll: bool = False,
 ) -> dict[str, Any]:
     """Compile rung `name`'s train step at `batch` requests on `mesh_axes` over all devices,
-    with the memory options `remat` and `moment_dtype` (onerec_jax/configs/default.py). With
+    with the memory options `remat` and `moment_dtype` and the layer stacks unrolled or not
+    (`unroll_layers`; onerec_jax/configs/default.py). With
     `run_config` (a resolved run config: a sweep point's), that config is compiled instead of
     the default one, on `mesh_axes` and at its own batch and memory options."""
     if run_config is not None:
@@ -58,10 +60,10 @@ def compile_plan(
         axes = {f"mesh.{k}": 1 for k in cfg.mesh} | {f"mesh.{k}": v for k, v in mesh_axes.items()}
         config.update(cfg, axes | {"mesh.data": mesh_axes.get("data", -1)}, "compile plan")
         batch, bf16, remat = cfg.batch_size, cfg.bf16, cfg.remat
-        moment_dtype = cfg.optim.moment_dtype
+        moment_dtype, unroll = cfg.optim.moment_dtype, cfg.unroll_layers
     else:
         overrides = [f"rung={name}", f"batch_size={batch}", f"bf16={bf16}", f"remat={remat}"]
-        overrides += [f"optim.moment_dtype={moment_dtype}"]
+        overrides += [f"optim.moment_dtype={moment_dtype}", f"unroll_layers={unroll}"]
         overrides += [f"mesh.{k}={v}" for k, v in mesh_axes.items()]  # data: the rest (-1)
         cfg = config.resolve(default.get_config(), overrides)
     codes = cfg.tokenizer_codes or 128
@@ -100,6 +102,7 @@ def compile_plan(
         "bf16": bf16,
         "remat": remat,
         "moment_dtype": moment_dtype,
+        "unroll_layers": unroll,
         "params_total": params,
         "per_device_bytes": int(per_device),
         "per_device_arguments_bytes": int(mem.argument_size_in_bytes),
