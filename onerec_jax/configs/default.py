@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     # for compile time that grows with depth. Same parameters and checkpoints, so it may change
     # between a run and its resumption.
     c.unroll_layers = False
+    # No compute on padding: 0 = the decoder's dense FFNs and output head run on every target
+    # position; N > 0 = on the real target tokens only, rounded up to a multiple of 1/N of the
+    # positions (each rounded size is one compile). Same loss and gradients (tested); one batch
+    # shard on one process only. On 2 CPU cores 0.9-1.1x (v2-8.9m 1.12x with 16; BENCHMARKS.md).
+    c.pack_targets = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.short_len = 20  # short-term pathway events

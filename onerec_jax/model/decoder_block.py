@@ -28,6 +28,7 @@ from flax import struct
 
 from onerec_jax.model.layers import Attention, RMSNorm, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
+from onerec_jax.model.semantic_tokens import on_rows
 
 
 class Mode(enum.Enum):
@@ -102,6 +103,9 @@ class SharedInputs:
     kv_sets: jax.Array | None = None  # [L_kv, B, S, S_kv, G, K] V2: the context K/V sets
     causal: jax.Array | None = None  # [N, T, T] TRAIN: position t attends to <= t
     valid: jax.Array | None = None  # [N, T] TRAIN: the MoE's real target tokens (None: all)
+    # [C] TRAIN: flat positions of [N, T] holding every real target token (`pack_index`): the
+    # dense FFN runs on these only (None: on all)
+    pack: jax.Array | None = None
     pos: jax.Array | None = None  # [] DECODE: the position being written
 
 
@@ -163,7 +167,8 @@ class DecoderBlock(nn.Module):
         h_NxTxD = RMSNorm(dtype=self.dtype, name=_pre_norm_name(2))(x_NxTxD)
         if self.moe is None:
             dense = ffn(self.ffn_kind, self.d_ff, self.dtype, name=_FFN_NAME[self.ffn_kind])
-            y_NxTxD, stats = dense(h_NxTxD), None
+            pack = shared.pack if mode is Mode.TRAIN else None
+            y_NxTxD, stats = on_rows(dense, h_NxTxD, pack), None
         else:
             moe = MoE(self.moe, dtype=self.dtype, name=_MOE_NAME)
             if mode is Mode.TRAIN:

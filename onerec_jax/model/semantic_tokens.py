@@ -70,6 +70,25 @@ def token_mask(codes_BxMxQ: jax.Array, groups: int) -> jax.Array:
     return jnp.broadcast_to(valid_BxM[:, :, None], (b, m, q)).reshape(b * groups, -1)
 
 
+def pack_index(valid_NxT: jax.Array, capacity: int) -> jax.Array:
+    """`capacity` distinct flat positions of [N, T]: every valid one first (in order), then as
+    many padding positions as fill the rest. With capacity >= the valid count (the caller's
+    contract: `train.step.token_capacity`), per-position work on these rows covers every real
+    target token and skips the rest of the padding."""
+    return jnp.argsort(~valid_NxT.reshape(-1), stable=True)[:capacity]
+
+
+def on_rows(fn, x_NxTxD: jax.Array, index_C: jax.Array | None) -> jax.Array:
+    """`fn` (a per-position map [R, D] -> [R, E]) over the positions `index_C` of x only, the
+    others left zero: [N, T, E]. None: over every position."""
+    if index_C is None:
+        return fn(x_NxTxD)
+    n, t, d = x_NxTxD.shape
+    y_CxE = fn(x_NxTxD.reshape(n * t, d)[index_C])
+    out = jnp.zeros((n * t, y_CxE.shape[-1]), y_CxE.dtype).at[index_C].set(y_CxE)
+    return out.reshape(n, t, -1)
+
+
 def level_nll(logits_NxTxV: jax.Array, ids_NxT: jax.Array, cfg: SemanticVocab) -> jax.Array:
     """Next-token NLL [N, T] where position p holds a level-(p % Q) token id: each position is
     scored against its level's slice of the head only (T <= m * Q static positions)."""

@@ -41,6 +41,8 @@ from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.semantic_tokens import (
     SemanticVocab,
     level_nll,
+    on_rows,
+    pack_index,
     teacher_forcing,
     token_mask,
 )
@@ -119,21 +121,29 @@ class OneRecV1(nn.Module):
         return (self.cfg.max_targets * q if self.cfg.session_wise else q) + 1
 
     def __call__(
-        self, batch: dict[str, jax.Array], codes_BxMxQ: jax.Array
+        self, batch: dict[str, jax.Array], codes_BxMxQ: jax.Array, capacity: int | None = None
     ) -> tuple[jax.Array, dict[str, Any]]:
-        """Per-level log-likelihood terms: returns (nll [B, M, Q], moe stats per layer)."""
+        """Per-level log-likelihood terms: returns (nll [B, M, Q], moe stats per layer).
+        `capacity` (>= the batch's real target tokens, `train.step.token_capacity`): the dense
+        FFNs and the head run on that many decoder positions, not on the padding; the terms of
+        padded items are then meaningless (the loss masks them)."""
         mem, mem_mask = self.encoder(batch)
-        return self.decode(mem, mem_mask, codes_BxMxQ)
+        return self.decode(mem, mem_mask, codes_BxMxQ, capacity)
 
     def decode(
-        self, mem: jax.Array, mem_mask: jax.Array, codes_BxMxQ: jax.Array
+        self,
+        mem: jax.Array,
+        mem_mask: jax.Array,
+        codes_BxMxQ: jax.Array,
+        capacity: int | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         """`__call__` after the encoder: (nll [B, M, Q], moe stats) from the user memory."""
         c = self.cfg
         b, m, q = codes_BxMxQ.shape
         groups = 1 if c.session_wise else m  # sequences per request
         seq, inp = teacher_forcing(codes_BxMxQ, c, groups)
-        logits, stats = self.logits(mem, mem_mask, inp, token_mask(codes_BxMxQ, groups))
+        valid = token_mask(codes_BxMxQ, groups)
+        logits, stats = self.logits(mem, mem_mask, inp, valid, capacity)
         nll = level_nll(logits, seq, c).reshape(b, m, q)
         return nll, stats
 
@@ -147,10 +157,13 @@ class OneRecV1(nn.Module):
         mem_mask: jax.Array,
         tokens_NxT: jax.Array,
         valid_NxT: jax.Array | None = None,
+        capacity: int | None = None,
     ) -> tuple[jax.Array, Any]:
         """Logits [N, T, n_tokens] of decoder inputs `tokens` (token-table ids, BOS first);
         N = groups * B, rows of a user contiguous. Position t depends on tokens <= t only.
-        `valid` marks the positions of real target items for the MoE (None: all)."""
+        `valid` marks the positions of real target items for the MoE (None: all); with a
+        `capacity`, the dense FFNs and the head skip all but that many positions, the valid
+        ones first (`pack_index`; the others' logits are zero)."""
         n, length = tokens_NxT.shape
         pos_TxD = self.positions[:length].astype(self.dtype)
         x_NxTxD = self.tokens(tokens_NxT).astype(self.dtype) + pos_TxD[None]
@@ -160,9 +173,11 @@ class OneRecV1(nn.Module):
             memory=mem,
             causal=jnp.broadcast_to(causal_1xTxT, (n, length, length)),
             valid=valid_NxT,
+            pack=None if capacity is None else pack_index(valid_NxT, capacity),
         )
         x_NxTxD, out = self.blocks(x_NxTxD, LayerInputs(), shared, Mode.TRAIN)
-        return self.head(self.final_norm(x_NxTxD)).astype(jnp.float32), out.moe_stats
+        logits = on_rows(lambda x: self.head(self.final_norm(x)), x_NxTxD, shared.pack)
+        return logits.astype(jnp.float32), out.moe_stats
 
     def init_cache(self, mem: jax.Array, mem_mask: jax.Array, rows: int) -> V1Cache:
         """Decoding state for `rows` = G * B sequences (G per user, contiguous): every layer's

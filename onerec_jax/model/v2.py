@@ -43,6 +43,8 @@ from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.semantic_tokens import (
     SemanticVocab,
     level_nll,
+    on_rows,
+    pack_index,
     teacher_forcing,
     token_mask,
 )
@@ -199,14 +201,15 @@ class OneRecV2(nn.Module):
 
     # -- training --------------------------------------------------------------------------
     def __call__(
-        self, batch: dict[str, jax.Array], codes_BxMxQ: jax.Array
+        self, batch: dict[str, jax.Array], codes_BxMxQ: jax.Array, capacity: int | None = None
     ) -> tuple[jax.Array, dict[str, Any] | None]:
-        """Per-level NLL terms [B, M, Q] and the MoE stats of the MoE layers (None if dense)."""
+        """Per-level NLL terms [B, M, Q] and the MoE stats of the MoE layers (None if dense);
+        `capacity` as in `OneRecV1.__call__`."""
         ctx, mask = self.encode(batch)
         c = self.cfg
         b, m, q = codes_BxMxQ.shape
         seq, inp = teacher_forcing(codes_BxMxQ, c, m)  # each target item its own sequence
-        logits, stats = self.logits(ctx, mask, inp, token_mask(codes_BxMxQ, m))
+        logits, stats = self.logits(ctx, mask, inp, token_mask(codes_BxMxQ, m), capacity)
         return level_nll(logits, seq, c).reshape(b, m, q), stats
 
     def logits(
@@ -215,9 +218,11 @@ class OneRecV2(nn.Module):
         mask: jax.Array,
         tokens_NxT: jax.Array,
         valid_NxT: jax.Array | None = None,
+        capacity: int | None = None,
     ) -> tuple[jax.Array, Any]:
         """Logits [N, T, n_tokens]; N = G * B rows, a user's rows contiguous. `valid` marks
-        the positions of real target items for the MoE (None: all)."""
+        the positions of real target items for the MoE (None: all); `capacity` as in
+        `OneRecV1.logits`."""
         n, length = tokens_NxT.shape
         x_NxTxD = self.tokens(tokens_NxT).astype(self.dtype)
         x_NxTxD = x_NxTxD + self.positions[:length].astype(self.dtype)[None]
@@ -229,9 +234,11 @@ class OneRecV2(nn.Module):
             kv_sets=ctx,
             causal=causal_NxTxT,
             valid=valid_NxT,
+            pack=None if capacity is None else pack_index(valid_NxT, capacity),
         )
         x_NxTxD, stats, _ = self._blocks(x_NxTxD, (None, None), shared, Mode.TRAIN)
-        return self.head(self.final_norm(x_NxTxD)).astype(jnp.float32), stats
+        logits = on_rows(lambda x: self.head(self.final_norm(x)), x_NxTxD, shared.pack)
+        return logits.astype(jnp.float32), stats
 
     # -- generation ------------------------------------------------------------------------
     def init_cache(self, ctx: jax.Array, mask: jax.Array, rows: int) -> V2Cache:

@@ -86,6 +86,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             f"micro-batch {micro_batch} (batch_size / optim.grad_accum) does not split over the "
             f"mesh's batch axes (data x fsdp x expert = {sharding.batch_shards(mesh)})"
         )
+    if cfg.pack_targets < 0:
+        raise ValueError(f"config field pack_targets must be >= 0, got {cfg.pack_targets}")
+    if cfg.pack_targets and (n_processes > 1 or sharding.batch_shards(mesh) > 1):
+        # The capacity is a static shape taken from the whole batch: one process, one shard.
+        raise ValueError(
+            f"config field pack_targets: {cfg.pack_targets} needs a single batch shard on one "
+            f"process (this run: {n_processes} process(es), {sharding.batch_shards(mesh)} "
+            "batch shards); set pack_targets=0"
+        )
     sharding.check_process_rows(mesh, cfg.batch_size)
     check_split(cfg, workdir)
     check_workdir_config(cfg, workdir, write=main)
@@ -140,12 +149,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             Preemption() if n_processes == 1 else contextlib.nullcontext(Preemption()) as preemption
         ):
             for step in range(start, cfg.steps):
+                host = next(data)
+                capacity = None
+                if cfg.pack_targets:  # decoder positions to compute (a bucket per shape)
+                    capacity = step_lib.token_capacity(
+                        host["target_codes"], cfg.optim.grad_accum, cfg.pack_targets
+                    )
                 # A global array from every process's rows of the batch.
                 batch = jax.tree.map(
-                    lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(data)
+                    lambda x: jax.make_array_from_process_local_data(batch_sharding, x), host
                 )
                 rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-                state, metrics = step_fn(state, batch, rng)
+                state, metrics = step_fn(state, batch, rng, capacity)
                 done = step + 1
                 # The validation loss of step `done` is that of the state after `done` steps:
                 # measured now, before the next step replaces it.

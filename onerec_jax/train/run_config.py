@@ -44,15 +44,17 @@ ADDED_FIELDS: dict[str, Any] = {
     "model.g_kv": 0,
     "remat": "none",
     "unroll_layers": False,
+    "pack_targets": 0,
     "optim.moment_dtype": "float32",
 }
 
 # Fields a run may change when it resumes: they change where the state lies, how much memory a
 # step takes or how it is compiled, not what it computes (a checkpoint restores onto any mesh;
-# rematerialisation recomputes the same activations; an unrolled stack runs the same layers).
+# rematerialisation recomputes the same activations; an unrolled stack runs the same layers;
+# packing skips only padding).
 # `optim.moment_dtype` is not one of them: bf16 moments round differently, so the resumed run
 # would not be the run it continues.
-RESUMABLE_CHANGES = ("steps", "remat", "unroll_layers")
+RESUMABLE_CHANGES = ("steps", "remat", "unroll_layers", "pack_targets")
 RESUMABLE_SECTIONS = ("mesh.",)
 
 # Where each field of the old flat `model` section lives in the per-family sections: one old

@@ -20,6 +20,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from onerec_jax import sharding
@@ -166,10 +167,25 @@ def init_state(model: Any, tx: optax.GradientTransformation, batch: dict, key: j
     )
 
 
-def _micro_loss(params, moe_bias, model, batch, aux_weight):
+def token_capacity(target_codes: np.ndarray, grad_accum: int = 1, buckets: int = 4) -> int | None:
+    """The decoder positions a train step of this batch must compute (`OneRecV1.__call__`'s
+    `capacity`): the real target tokens of its fullest micro-batch, rounded up to a multiple of
+    1/`buckets` of a micro-batch's positions, so that at most `buckets` shapes are compiled.
+    None when that is every position (nothing to skip). Host-side (numpy): the capacity is a
+    shape, static in the jitted step."""
+    codes = np.asarray(target_codes)
+    b, m, q = codes.shape
+    valid = np.all(codes >= 0, axis=-1).reshape(grad_accum, -1).sum(axis=1)
+    positions = b // grad_accum * m * q
+    step = -(-positions // buckets)
+    capacity = int(-(-int(valid.max()) * q // step) * step)
+    return None if capacity >= positions else max(capacity, step)
+
+
+def _micro_loss(params, moe_bias, model, batch, aux_weight, capacity=None):
     inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     nll, stats = model.apply(
-        {"params": params, "moe_bias": moe_bias}, inputs, batch["target_codes"]
+        {"params": params, "moe_bias": moe_bias}, inputs, batch["target_codes"], capacity
     )
     valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
     loss, metrics = loss_fn(nll, valid, model.cfg.loss)
@@ -189,12 +205,15 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
+    capacity: int | None = None,
     *,
     model: Any,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     cfg: OptimConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update. `capacity` (static; `token_capacity` of this batch, or None): the decoder's
+    dense FFNs and head run on that many positions per micro-batch, the padding left out."""
     del rng  # the models have no dropout yet; kept in the signature for the loop's contract
     a = cfg.grad_accum
     b = batch["target_codes"].shape[0]
@@ -205,7 +224,7 @@ def train_step(
 
     def body(carry, mb):
         (g_sum,) = carry
-        (_, m), g = grad_fn(state.params, state.moe_bias, model, mb, cfg.aux_loss_weight)
+        (_, m), g = grad_fn(state.params, state.moe_bias, model, mb, cfg.aux_loss_weight, capacity)
         return (jax.tree.map(jnp.add, g_sum, g),), m
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -286,19 +305,21 @@ def jit_train_step(
     mesh: Any = None,
     state_shardings: Any = None,
 ):
-    """train_step jitted with the state donated (its buffers are reused for the new state).
+    """train_step jitted with the state donated (its buffers are reused for the new state) and
+    its `capacity` (4th argument, optional) static.
 
     With a mesh: the state keeps `state_shardings`, the batch is split over the mesh's batch
     axes, and the model runs under the logical-axis rules (onerec_jax/sharding.py)."""
     fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg)
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=0, static_argnums=3)
     rep = sharding.replicated(mesh)
     jitted = jax.jit(
         fn,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=0,
+        static_argnums=3,
     )
     return _UnderRules(jitted, mesh)
 
