@@ -239,6 +239,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "eval_every": 0,
         "eval_requests": 0,
         "workers": 0,
+        "pack_targets": 0,
     }
     for key, low in at_least.items():
         if key in cfg and cfg[key] < low:

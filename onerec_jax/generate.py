@@ -7,10 +7,12 @@ user's W beams are folded into the query axis, so nothing user-sized is ever cop
 Each generated code costs one decoder position (`step`, self-attention KV cache). At level l
 all W beams of all B users are scored in one call, the codes the trie does not allow after
 each beam's prefix are masked, and one top-k over W * V_l per user keeps the W best
-extensions: no Python loop over beams. The self-attention cache rows follow their beams
-through that top-k. MoE layers route dropless in `step` whatever their training dispatch:
-capacity shared by the B x W rows of a step would make a user's results depend on its batch
-mates (tested: each user's beams are the same alone as batched).
+extensions: no Python loop over beams. (A point-wise model's first code is scored on one row
+per user, since every beam starts from BOS, and the top-k over V_0 branches the W beams.) The
+self-attention cache rows follow their beams through that top-k. MoE layers route dropless
+in `step` whatever their training dispatch: capacity shared by the B x W rows of a step would
+make a user's results depend on its batch mates (tested: each user's beams are the same alone
+as batched).
 
 Point-wise models generate one item (Q codes) per beam. Session-wise models (2502.18965)
 generate `max_targets` items per beam, the trie restarting at the root after each item; the

@@ -35,16 +35,20 @@ def test_token_capacity_rounds_the_fullest_micro_batch_up_to_a_bucket():
     assert step_lib.token_capacity(codes, grad_accum=2) == 45
     assert step_lib.token_capacity(np.zeros((8, 5, 3), np.int32)) is None  # nothing to skip
     assert step_lib.token_capacity(np.full((8, 5, 3), -1, np.int32)) == 30  # one bucket at least
+    assert step_lib.token_capacity(np.full((8, 5, 3), -1, np.int32), buckets=1) is None
 
 
 @pytest.mark.parametrize(
     "family",
     [
         ["model.family=v1"],
+        # one sequence per request: padded items trail the real ones, causal attention keeps
+        # them out of the real positions
+        pytest.param(["model.family=v1", "model.v1.session_wise=True"], marks=pytest.mark.slow),
         # two stacks, one MoE: the MoE masks padding itself, the head and the dense stack pack
         ["model.family=v2", "model.v2.moe.n_experts=4", "model.v2.first_dense=1"],
     ],
-    ids=["v1", "v2-moe"],
+    ids=["v1", "v1-session", "v2-moe"],
 )
 def test_a_packed_step_computes_the_same_loss_and_gradients_on_fewer_rows(family, src):
     cfg = _cfg(*family)
@@ -86,26 +90,57 @@ def test_a_packed_step_computes_the_same_loss_and_gradients_on_fewer_rows(family
     assert diff <= 1e-5 * norm, (diff, norm)
 
 
-def test_a_run_packs_its_targets_and_bad_settings_are_refused_before_anything_is_written(
-    tmp_path,
-):
-    from tests.test_train_loop import _table
-
-    """`pack_targets` through `onerec train`'s loop: a V2 run trains with packed steps and logs
-    finite losses; a negative value is one error naming the field, and the workdir keeps no
-    config that would refuse the corrected command."""
+def test_bad_packing_settings_are_refused_before_anything_is_written(tmp_path):
+    """A negative `pack_targets` is one error naming the field; a batch that does not split
+    into its micro-batches is refused before the workdir holds a config."""
     from onerec_jax import config
     from onerec_jax.configs import default
     from onerec_jax.train import loop
+
+    def cfg(*overrides):
+        return config.resolve(default.get_config(), ["model.family=v2", *overrides])
+
+    with pytest.raises(ValueError, match=r"config field pack_targets must be >= 0, got -1"):
+        cfg("pack_targets=-1")
+    with pytest.raises(ValueError, match=r"batch_size 8 does not split into optim.grad_accum 3"):
+        loop.train(cfg("pack_targets=8", "batch_size=8", "optim.grad_accum=3"), tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+# Slow (~90 s on 2 cores: a V2 step compiled for three capacities): the default suite checks
+# the packed step's loss and gradients above and the loop's refusals.
+@pytest.mark.slow
+def test_a_run_packs_its_targets_and_bad_settings_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    """`pack_targets` through `onerec train`'s loop: a V2 run trains with packed steps and logs
+    finite losses; after a refused setting the corrected command trains in the same
+    workdir."""
+    from onerec_jax import config
+    from onerec_jax.configs import default
+    from onerec_jax.train import loop
+    from tests.test_train_loop import _table
 
     def cfg(*overrides):
         base = ["model.family=v2", "steps=3", "batch_size=8", "eval_requests=0", "log_every=1"]
         base.append(f"tokenizer_dir={_table(tmp_path / 'tok', 500)}")  # world:tiny's 500 items
         return config.resolve(default.get_config(), [*base, *overrides])
 
-    bad = tmp_path / "bad"
     with pytest.raises(ValueError, match=r"config field pack_targets must be >= 0, got -1"):
-        loop.train(cfg("pack_targets=-1"), bad)
+        cfg("pack_targets=-1")
+    bad = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"batch_size 8 does not split into optim.grad_accum 3"):
+        loop.train(cfg("pack_targets=8", "optim.grad_accum=3"), bad)
     assert not (bad / "config.json").exists()
+    calls = []
+    real = step_lib.jit_train_step
+
+    def spy(*a, **k):  # records the capacity of every step the loop runs
+        fn = real(*a, **k)
+        return lambda *args: calls.append(args[3]) or fn(*args)
+
+    monkeypatch.setattr(step_lib, "jit_train_step", spy)
     summary = loop.train(cfg("pack_targets=8"), bad)  # the corrected command, same workdir
     assert summary["status"] == "finished" and np.isfinite(summary["final_train_loss"])
+    # Every step packed (None would mean every position; the table's levels set the count).
+    assert len(calls) == 3 and all(isinstance(c, int) for c in calls), calls

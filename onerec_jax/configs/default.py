@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     # No compute on padding: 0 = the decoder's dense FFNs and output head run on every target
     # position; N > 0 = on the real target tokens only, rounded up to a multiple of 1/N of the
     # positions (each rounded size is one compile). Same loss and gradients (tested); one batch
-    # shard on one process only. On 2 CPU cores 0.9-1.1x (v2-8.9m 1.12x with 16; BENCHMARKS.md).
+    # shard on one process only. On 2 CPU cores 0.75-1.12x (v2-8.9m 1.12x with 16; BENCHMARKS.md).
     c.pack_targets = 0
 
     c.data = ml_collections.ConfigDict()

@@ -86,8 +86,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             f"micro-batch {micro_batch} (batch_size / optim.grad_accum) does not split over the "
             f"mesh's batch axes (data x fsdp x expert = {sharding.batch_shards(mesh)})"
         )
-    if cfg.pack_targets < 0:
-        raise ValueError(f"config field pack_targets must be >= 0, got {cfg.pack_targets}")
+    if cfg.batch_size % cfg.optim.grad_accum:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} does not split into optim.grad_accum "
+            f"{cfg.optim.grad_accum} micro-batches"
+        )
     if cfg.pack_targets and (n_processes > 1 or sharding.batch_shards(mesh) > 1):
         # The capacity is a static shape taken from the whole batch: one process, one shard.
         raise ValueError(
@@ -142,6 +145,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     # pending: (step, its metrics, its validation loss or None), recorded one step late
     pending: tuple[int, Any, tuple[float, float] | None] | None = None
     bar = Progress(start, cfg.steps, enabled=main)
+    capacities: set[int | None] = set()  # packed step sizes compiled so far (pack_targets)
     try:
         # Several processes: JAX's preemption service owns SIGTERM (it must see it to make
         # the processes agree on a step), so no Python handler replaces its own.
@@ -160,7 +164,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                     lambda x: jax.make_array_from_process_local_data(batch_sharding, x), host
                 )
                 rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+                t = time.perf_counter()
                 state, metrics = step_fn(state, batch, rng, capacity)
+                if capacity not in capacities:  # compiled for this shape during the call
+                    capacities.add(capacity)
+                    log.throughput.pause(time.perf_counter() - t)
                 done = step + 1
                 # The validation loss of step `done` is that of the state after `done` steps:
                 # measured now, before the next step replaces it.

@@ -1,4 +1,4 @@
-"""The pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
+"""The pure train step: `train_step(state, batch, rng, capacity=None) -> (state, metrics)`.
 
 AdamW with linear warmup + cosine decay and global-norm clipping; float32 parameters with an
 optional bf16 compute dtype (the model's `dtype`); gradient accumulation over `grad_accum`
@@ -178,8 +178,8 @@ def token_capacity(target_codes: np.ndarray, grad_accum: int = 1, buckets: int =
     valid = np.all(codes >= 0, axis=-1).reshape(grad_accum, -1).sum(axis=1)
     positions = b // grad_accum * m * q
     step = -(-positions // buckets)
-    capacity = int(-(-int(valid.max()) * q // step) * step)
-    return None if capacity >= positions else max(capacity, step)
+    capacity = max(int(-(-int(valid.max()) * q // step) * step), step)
+    return None if capacity >= positions else capacity
 
 
 def _micro_loss(params, moe_bias, model, batch, aux_weight, capacity=None):
@@ -189,6 +189,11 @@ def _micro_loss(params, moe_bias, model, batch, aux_weight, capacity=None):
     )
     valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
     loss, metrics = loss_fn(nll, valid, model.cfg.loss)
+    if capacity is not None:
+        # A capacity below the real tokens would drop loss terms silently: NaN instead, which
+        # the loop stops on (`token_capacity` never gives one).
+        tokens = jnp.sum(jnp.all(batch["target_codes"] >= 0, axis=-1)) * nll.shape[-1]
+        loss = metrics["loss"] = jnp.where(tokens > capacity, jnp.nan, loss)
     total = loss
     moe_cfg = getattr(model.cfg, "moe", None)
     if stats is not None:
