@@ -138,11 +138,14 @@ def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> 
         o = old.get(name)
         run_dir, row = sweep_dir / "runs" / name, _row_path(sweep_dir, name)
         # A field added to the config since the plan was written, at its default, changes
-        # nothing the old point trained with.
+        # nothing the old point trained with; nor do the fields a run may change when it
+        # resumes (memory, compilation, the mesh), though `steps` here is the point's budget.
         diff = sorted(
             k
             for k in set(o or {}) | set(new)
             if (o or {}).get(k, run_config.ADDED_FIELDS.get(k)) != new.get(k)
+            and not (k in run_config.RESUMABLE_CHANGES and k != "steps")
+            and not k.startswith(run_config.RESUMABLE_SECTIONS)
         )
         if o is not None and diff and (run_dir.exists() or row.exists()):
             raise ValueError(

@@ -200,6 +200,9 @@ def test_a_sweep_runs_each_point_once_retries_a_failed_one_and_then_finishes_at_
     old = {p: {k: v for k, v in f.items() if k != "unroll_layers"} for p, f in plan.items()}
     (d / "plan.json").write_text(json.dumps(old))
     assert runner.run(sw, d) == 0
+    # Speed and memory options a run may change on resume do not make a finished point stale.
+    faster = (*sw.overrides, "unroll_layers=True", "remat=dots", "pack_targets=4")
+    assert runner.run(dataclasses.replace(sw, overrides=faster), d) == 0
     # The sweep file changed under a finished point: refused, naming the field and the fix.
     changed = dataclasses.replace(sw, overrides=(*sw.overrides, "optim.learning_rate=1e-3"))
     with pytest.raises(ValueError, match=r"v1-0.07m_t200 was planned with other settings "
