@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from onerec_jax.model.layers import Attention, RMSNorm, ffn
+from onerec_jax.model.layers import Attention, RMSNorm, attend_heads_major, ffn
 from onerec_jax.model.moe import MoE, MoEConfig
 from onerec_jax.model.semantic_tokens import on_rows
 
@@ -50,8 +50,9 @@ class Mode(enum.Enum):
 
 @struct.dataclass
 class KVCache:
-    """Self-attention keys and values of the positions decoded so far, [N, T_max, H, K]
-    inside a block, [L, N, T_max, H, K] for a scanned stack (which slices the layer axis)."""
+    """Self-attention keys and values of the positions decoded so far, heads-major (the layout
+    attention reads, so no step transposes the cache): [N, H, T_max, K] inside a block,
+    [L, N, H, T_max, K] for a scanned stack (which slices the layer axis)."""
 
     k: jax.Array
     v: jax.Array
@@ -61,21 +62,32 @@ class KVCache:
         cls, layers: int, rows: int, length: int, heads: int, head_dim: int, dtype: jnp.dtype
     ) -> KVCache:
         """A stack's all-zero cache; positions are only read once written (`visible`)."""
-        zeros = jnp.zeros((layers, rows, length, heads, head_dim), dtype)
+        zeros = jnp.zeros((layers, rows, heads, length, head_dim), dtype)
         return cls(zeros, zeros)
 
-    def write(self, k_Nx1xHxK: jax.Array, v_Nx1xHxK: jax.Array, pos: jax.Array) -> KVCache:
-        """This layer's cache with the keys/values of position `pos` written."""
+    def write(self, new: KVCache, pos: jax.Array) -> KVCache:
+        """A stack's cache [L, N, H, T_max, K] with position `pos` set to `new` [L, N, H, 1, K]
+        (the entries a DECODE pass of the stack returns), in one update after the stack:
+        layers that each wrote their own slice would make XLA copy the whole cache in slices
+        and concatenate it back every step."""
         return KVCache(
-            jax.lax.dynamic_update_slice_in_dim(self.k, k_Nx1xHxK, pos, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(self.v, v_Nx1xHxK, pos, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(self.k, new.k, pos, axis=3),
+            jax.lax.dynamic_update_slice_in_dim(self.v, new.v, pos, axis=3),
         )
 
-    def visible(self, pos: jax.Array) -> jax.Array:
-        """Attention mask [N, 1, T_max] of a query at `pos`: positions <= pos."""
-        n, length = self.k.shape[0], self.k.shape[1]
-        visible_T = jnp.arange(length) <= pos
-        return jnp.broadcast_to(visible_T[None, None, :], (n, 1, length))
+    def with_new(self, new: KVCache, pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One layer's keys and values [N, H, T_max + 1, K] for a query at `pos`: the cached
+        positions, then `new` [N, H, 1, K], and the mask [N, 1, T_max + 1] of what the query
+        may see (the cached positions < pos, and its own). Appending costs one pass over the
+        layer's cache, into which XLA fuses the slicing of the stack's cache; reading the
+        slice in place made XLA:CPU copy it anyway, and more slowly."""
+        n, length = self.k.shape[0], self.k.shape[2]
+        visible_T = jnp.append(jnp.arange(length) < pos, True)
+        return (
+            jnp.concatenate([self.k, new.k.astype(self.k.dtype)], axis=2),
+            jnp.concatenate([self.v, new.v.astype(self.v.dtype)], axis=2),
+            jnp.broadcast_to(visible_T[None, None, :], (n, 1, length + 1)),
+        )
 
     def take_rows(self, rows_N: jax.Array) -> KVCache:
         """A stack's cache whose row r is row `rows_N[r]` of this one (beams follow their
@@ -115,7 +127,7 @@ class LayerOutputs:
     leading layer axis."""
 
     moe_stats: dict[str, jax.Array] | None = None  # TRAIN / DECODE with an MoE FFN
-    self_kv: KVCache | None = None  # DECODE: the cache with `pos` written
+    self_kv: KVCache | None = None  # DECODE: the keys/values of `pos` [N, H, 1, K] (`write`)
     cross_kv: tuple[jax.Array, jax.Array] | None = None  # PREFILL: memory (keys, values)
 
 
@@ -189,15 +201,17 @@ class DecoderBlock(nn.Module):
         mode: Mode,
         position: int,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Residual causal self-attention; DECODE (T = 1) writes position `pos` into the
-        layer's cache and attends to positions <= pos. Returns (x, updated cache or None)."""
+        """Residual causal self-attention; DECODE (T = 1) attends to the layer's cached
+        positions < pos and to position `pos` itself. Returns (x, None in TRAIN; in DECODE
+        the keys/values of `pos`, which the model writes into the stack's cache)."""
         h_NxTxD = RMSNorm(dtype=self.dtype, name=_pre_norm_name(position))(x_NxTxD)
         if mode is Mode.TRAIN:
-            return x_NxTxD + attn(h_NxTxD, h_NxTxD, shared.causal), None
-        k_NxTxHxK, v_NxTxHxK = attn.project_kv(h_NxTxD)
-        cache = layer.self_kv.write(k_NxTxHxK, v_NxTxHxK, shared.pos)
-        y_NxTxD = attn(h_NxTxD, (cache.k, cache.v), cache.visible(shared.pos))
-        return x_NxTxD + y_NxTxD, cache
+            return x_NxTxD + attn.self_attention(h_NxTxD, shared.causal), None
+        q_Nx1xHxK, k_Nx1xHxK, v_Nx1xHxK = attn.project_qkv(h_NxTxD)
+        new = KVCache(jnp.swapaxes(k_Nx1xHxK, 1, 2), jnp.swapaxes(v_Nx1xHxK, 1, 2))
+        keys, values, mask = layer.self_kv.with_new(new, shared.pos)
+        o_Nx1xHxK = attend_heads_major(q_Nx1xHxK, keys, values, mask, self.dtype)
+        return x_NxTxD + attn.out(o_Nx1xHxK), new
 
     def _cross_attention(
         self,

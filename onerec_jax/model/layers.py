@@ -175,8 +175,22 @@ def attend(
     G < H: head h reads group h // (H / G)). `mask` [B, L, S] or [B, 1, S] is True where a query
     may attend; scores and softmax are float32; a query with nothing to attend to gets zeros.
     Returns [B, L, H, K]."""
+    return attend_heads_major(
+        q_BxLxHxK, jnp.swapaxes(k_BxSxGxK, 1, 2), jnp.swapaxes(v_BxSxGxK, 1, 2), mask, dtype
+    )
+
+
+def attend_heads_major(
+    q_BxLxHxK: jax.Array,
+    k_BxGxSxK: jax.Array,
+    v_BxGxSxK: jax.Array,
+    mask: jax.Array | None,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """`attend` of keys/values laid out heads-major, [B, G, S, K], as a decoding cache keeps
+    them: nothing of the cache is transposed per step."""
     b, length, h, hd = q_BxLxHxK.shape
-    g = k_BxSxGxK.shape[2]
+    g = k_BxGxSxK.shape[1]
     if h % g:
         raise ValueError(f"{h} query heads cannot share {g} key/value groups")
     r = h // g
@@ -186,8 +200,7 @@ def attend(
     # L 117, 4 x 32 heads), and grouped K/V are never repeated per head.
     q = q_BxLxHxK.astype(dtype).reshape(b, length, g, r, hd).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b, g, r * length, hd)
-    k = jnp.swapaxes(k_BxSxGxK.astype(dtype), 1, 2)
-    v = jnp.swapaxes(v_BxSxGxK.astype(dtype), 1, 2)
+    k, v = k_BxGxSxK.astype(dtype), v_BxGxSxK.astype(dtype)
     s = jnp.einsum("bgqk,bgsk->bgqs", q, k)  # in `dtype`; the softmax below in float32
     s = s.astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
     s = s.reshape(b, g, r, length, -1)
@@ -239,6 +252,17 @@ class Attention(nn.Module):
     def project_kv(self, mem_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self._proj(mem_BxSxD, self.w_key), self._proj(mem_BxSxD, self.w_value)
 
+    def project_qkv(self, x_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values [B, L, H, K] of the same input in one matmul against the
+        three weights side by side (self-attention): one [D, 3 H K] product instead of three
+        [D, H K] ones, and one weight-gradient matmul in the backward pass."""
+        d, h, k = self.w_query.shape
+        w = jnp.concatenate(
+            [m.reshape(d, h * k) for m in (self.w_query, self.w_key, self.w_value)], axis=1
+        )
+        y = matmul(x_BxLxD, w, self.dtype).reshape(*x_BxLxD.shape[:-1], 3, h, k)
+        return y[..., 0, :, :], y[..., 1, :, :], y[..., 2, :, :]
+
     def __call__(
         self,
         x_BxQxD: jax.Array,
@@ -247,7 +271,20 @@ class Attention(nn.Module):
     ) -> jax.Array:
         q = self._proj(x_BxQxD, self.w_query)
         k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
-        o = attend(q, k, v, mask, self.dtype)
+        return self.attend_out(q, k, v, mask)
+
+    def self_attention(self, x_BxLxD: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Attention of x over itself, its Q/K/V from one matmul (`project_qkv`)."""
+        return self.attend_out(*self.project_qkv(x_BxLxD), mask)
+
+    def attend_out(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+    ) -> jax.Array:
+        """`attend` of projected queries/keys/values, then the output projection."""
+        return self.out(attend(q, k, v, mask, self.dtype))
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """The output projection of attended values [..., H, K] -> [..., D]."""
         h, hd, d = self.w_out.shape
         y = matmul(o.reshape(*o.shape[:-2], h * hd), self.w_out.reshape(h * hd, d), self.dtype)
         return y.astype(self.dtype)

@@ -76,7 +76,7 @@ class V1Config(SemanticVocab):
 class V1Cache:
     """Decoding state of N = G * B rows (G per user, contiguous; `OneRecV1.init_cache`)."""
 
-    self_kv: KVCache  # [L, N, T_max, H, K]: the per-beam part, reordered with the beams
+    self_kv: KVCache  # [L, N, H, T_max, K]: the per-beam part, reordered with the beams
     cross_kv: tuple[jax.Array, jax.Array]  # every layer's memory (K, V) [L, B, S, H, K]
     mem_mask: jax.Array  # [B, S]
 
@@ -203,4 +203,4 @@ class OneRecV1(nn.Module):
         shared = SharedInputs(cross_mask=cache.mem_mask[:, None, :], pos=pos)
         x_Nx1xD, out = self.blocks(x_Nx1xD, layer, shared, Mode.DECODE)
         logits_NxV = self.head(self.final_norm(x_Nx1xD)).astype(jnp.float32)[:, 0]
-        return logits_NxV, cache.replace(self_kv=out.self_kv)
+        return logits_NxV, cache.replace(self_kv=cache.self_kv.write(out.self_kv, pos))

@@ -107,8 +107,8 @@ class V2Config(SemanticVocab):
 class V2Cache:
     """Decoding state of N = G * B rows (G per user, contiguous; `OneRecV2.init_cache`)."""
 
-    dense_kv: KVCache | None  # [first_dense, N, T_max, H, K]; None without that stack
-    moe_kv: KVCache | None  # [n_layers - first_dense, N, T_max, H, K]; likewise
+    dense_kv: KVCache | None  # [first_dense, N, H, T_max, K]; None without that stack
+    moe_kv: KVCache | None  # [n_layers - first_dense, N, H, T_max, K]; likewise
     kv_sets: jax.Array  # the user's context K/V sets [L_kv, B, S, S_kv, G, K] (`encode`)
     mem_mask: jax.Array  # [B, S]
 
@@ -196,7 +196,7 @@ class OneRecV2(nn.Module):
             x_NxTxD, out = stack(x_NxTxD, layer, shared, mode)
             if is_moe:
                 stats = out.moe_stats
-            new.append(out.self_kv)
+            new.append(None if cache is None else cache.write(out.self_kv, shared.pos))
         return x_NxTxD, stats, (new[0], new[1])
 
     # -- training --------------------------------------------------------------------------
