@@ -206,7 +206,9 @@ class DecoderBlock(nn.Module):
         the keys/values of `pos`, which the model writes into the stack's cache)."""
         h_NxTxD = RMSNorm(dtype=self.dtype, name=_pre_norm_name(position))(x_NxTxD)
         if mode is Mode.TRAIN:
-            return x_NxTxD + attn.self_attention(h_NxTxD, shared.causal), None
+            # Separate Q and K/V matmuls: stacking the weights into one did not speed up
+            # XLA:CPU's training step (BENCHMARKS.md); decoding's one-row steps gain from it.
+            return x_NxTxD + attn(h_NxTxD, h_NxTxD, shared.causal), None
         q_Nx1xHxK, k_Nx1xHxK, v_Nx1xHxK = attn.project_qkv(h_NxTxD)
         new = KVCache(jnp.swapaxes(k_Nx1xHxK, 1, 2), jnp.swapaxes(v_Nx1xHxK, 1, 2))
         keys, values, mask = layer.self_kv.with_new(new, shared.pos)
