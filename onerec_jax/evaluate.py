@@ -71,12 +71,14 @@ def evaluate_run(
     batch: int = 64,
     max_requests: int | None = None,
     mesh: Mapping[str, int] | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
     `max_requests`, default 2048, of the world's unbounded splits), `batch` requests per beam
     search (the metrics may not depend on it), on the mesh `mesh` ({"data": -1}, say; default
     the run's own `mesh` section, an error if it does not fit the devices here). A batch is
-    padded up to a multiple of the mesh's batch shards (pad rows dropped)."""
+    padded up to a multiple of the mesh's batch shards (pad rows dropped). `write=False`
+    writes no eval JSON into the workdir (an alignment run comparing its init with itself)."""
     if batch < 1:
         raise ValueError(f"eval batch size must be >= 1, got {batch}")
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
@@ -123,6 +125,6 @@ def evaluate_run(
             metrics[f"engagement@{k}"] = float(np.nanmean(r[:, :k]))
         metrics["engagement_logged"] = float(np.nanmean(np.concatenate(target_reward)))
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
-    if jax.process_index() == 0:  # every process computed the same metrics: one file
+    if write and jax.process_index() == 0:  # every process has the same metrics: one file
         (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

@@ -185,3 +185,11 @@ def test_float_codes_and_out_of_range_nodes():
     # Node ids past the last node are dead: no valid codes, no child.
     assert not np.asarray(trie.valid_mask(1, np.array([2, 99]))).any()
     np.testing.assert_array_equal(np.asarray(trie.step(1, np.array([2]), np.array([0]))), [-1])
+
+
+def test_find_gives_zero_for_tuples_that_name_no_item():
+    """`find` (the format reward's legality check of codes sampled without the trie): the item
+    of each legal tuple, 0 for unknown or out-of-vocabulary ones, in the input's shape."""
+    t = sid.SemanticIds.from_codes(np.array([[0, 1], [1, 0]]), (2, 2))
+    codes = np.array([[[0, 1], [1, 1]], [[5, 0], [1, 0]]])
+    np.testing.assert_array_equal(t.find(codes), [[1, 0], [0, 2]])

@@ -133,6 +133,16 @@ class SemanticIds:
 
     def items_of(self, codes: np.ndarray) -> np.ndarray:
         """Item ids [...] of code tuples [..., L]; a tuple that names no item raises."""
+        items = self.find(codes)
+        if not np.all(items > 0):
+            flat = np.asarray(codes).reshape(-1, self.n_levels)
+            bad = flat[np.flatnonzero(items.reshape(-1) == 0)[0]].tolist()
+            raise SemanticIdError(f"code tuple {bad} is not the semantic id of any item")
+        return items
+
+    def find(self, codes: np.ndarray) -> np.ndarray:
+        """Item ids [...] of code tuples [..., L], 0 where a tuple names no item (codes sampled
+        without the trie: the format reward's legality check)."""
         codes = np.asarray(codes)
         if not np.issubdtype(codes.dtype, np.integer):
             raise SemanticIdError(f"codes must be integers, got dtype {codes.dtype}")
@@ -144,10 +154,7 @@ class SemanticIds:
         key = _mixed_radix(safe, self.vocab)
         pos = np.minimum(np.searchsorted(self._keys, key), len(self._keys) - 1)
         found = (self._keys[pos] == key) & ~out_of_range
-        if not np.all(found):
-            bad = flat[np.flatnonzero(~found)[0]].tolist()
-            raise SemanticIdError(f"code tuple {bad} is not the semantic id of any item")
-        return (self._order[pos] + 1).reshape(codes.shape[:-1])
+        return np.where(found, self._order[pos] + 1, 0).reshape(codes.shape[:-1])
 
     def trie(self) -> Trie:
         return Trie.build(self.codes[1:], self.vocab)

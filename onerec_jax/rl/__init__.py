@@ -1,0 +1,1 @@
+"""Alignment after pre-training: reward model, policy-optimisation losses, rollouts."""

@@ -1,0 +1,242 @@
+"""`onerec align`: policy optimisation of a pre-trained generator against the world's true reward.
+
+`align(acfg, init_dir, workdir)` restores the newest checkpoint of a pre-trained run (INIT) and
+then, for each update:
+  1. takes a batch of training requests (the run's own source, split and pipeline);
+  2. rolls out G items (or sessions) per request from the old policy: the G best by
+     trie-constrained beam search, or G draws (within the trie, or free, in which case the
+     illegal ones are discarded and the legal ones get `format_advantage` on top);
+  3. scores each rollout with the world's expected reward of its item (a session: the mean of
+     its items) and normalises the rewards within each request's group;
+  4. takes one AdamW step on ECPO / GBPO / GPPO (onerec_jax/rl/losses.py) of the rollouts'
+     log-probabilities under the current policy, plus `ntp_weight` x the next-token loss of the
+     logged targets (what keeps the policy a recommender of real sessions).
+The old policy is the current one every `refresh` updates (1: on-policy rollouts, ratios of
+1 at the update; its gradient is then the plain policy gradient, clipping acting from the
+second update after a refresh).
+
+The workdir is a run directory like `onerec train`'s: config.json (the pre-trained run's,
+reading its tokenizer), align.json (this config and INIT), checkpoints (the policy and its
+optimizer, the data position; resuming continues), TensorBoard logs and metrics.jsonl
+(align/*), summary.json. So `onerec eval --workdir DIR` evaluates the aligned policy like any
+run. At the end, the true reward of the top-K lists of INIT and of the aligned policy on the
+same validation requests goes into summary.json.
+
+Left for later (issue 15): the reward model (P-Score), RSFT, DPO, duration-aware shaping in
+GBPO, and rewards from logged feedback; the MoE balancing biases stay as pre-trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from onerec_jax.data import pipeline
+from onerec_jax.evaluate import evaluate_run, true_reward
+from onerec_jax.generate import beam_search
+from onerec_jax.monitor import MetricWriter, Progress
+from onerec_jax.rl import align_config, losses
+from onerec_jax.rl.rollout import rollout_logp, sample_rollouts
+from onerec_jax.train import state as state_lib
+from onerec_jax.train.batches import AddCodes
+from onerec_jax.train.checkpointing import Checkpoints
+from onerec_jax.train.loss import loss_fn
+from onerec_jax.train.step import NOT_MODEL_INPUTS, TrainState
+
+# Fields that may differ when a run is resumed (the rest must match align.json).
+RESUMABLE = ("steps", "log_every", "eval_requests", "eval_beam")
+
+
+def _loss_kwargs(acfg: ml_collections.ConfigDict) -> dict[str, float]:
+    if acfg.method == "ecpo":
+        return {"eps": acfg.eps, "delta": acfg.delta}
+    if acfg.method == "gppo":
+        return {"eps_low": acfg.eps_low, "eps_high": acfg.eps_high}
+    return {}
+
+
+def make_update(model: Any, tx: optax.GradientTransformation, acfg: ml_collections.ConfigDict):
+    """The jitted update: (state, batch, codes [B, G, M, Q], old logp [B, G], advantages,
+    mask) -> (state, metrics)."""
+    method, kw, ntp_weight = losses.LOSSES[acfg.method], _loss_kwargs(acfg), acfg.ntp_weight
+
+    def update(state: TrainState, batch: dict, codes, logp_old, adv, mask):
+        inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+        def objective(params):
+            variables = {"params": params, "moe_bias": state.moe_bias}
+            logp = rollout_logp(model, variables, inputs, codes)
+            pg = method(logp, logp_old, adv, mask, **kw)
+            nll, _ = model.apply(variables, inputs, batch["target_codes"])
+            valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
+            ntp, _ = loss_fn(nll, valid, model.cfg.loss)
+            m = mask.astype(jnp.float32)
+            ratio = jnp.sum(jnp.exp(logp - logp_old) * m) / jnp.maximum(jnp.sum(m), 1.0)
+            return pg + ntp_weight * ntp, {"pg_loss": pg, "ntp_loss": ntp, "ratio": ratio}
+
+        (total, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, opt_state, state.moe_bias)
+        return new, {**metrics, "loss": total, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(update, donate_argnums=0)
+
+
+def rollouts(run, variables, inputs, trie, acfg, key) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [B, G, M, Q], items [B, G, M]) from the old policy; item 0 where a rollout names
+    no item (fewer than G items in a beam, or an illegal free sample)."""
+    model, g = run.model, acfg.group
+    if acfg.rollout == "beam":
+        out = beam_search(model, variables, inputs, trie, g)
+        if "session_codes" in out:
+            codes, items = np.asarray(out["session_codes"]), np.asarray(out["sessions"])
+        else:
+            codes, items = np.asarray(out["codes"])[:, :, None], np.asarray(out["items"])[..., None]
+        return codes, np.where(np.isfinite(np.asarray(out["logprob"]))[..., None], items, 0)
+    codes = np.asarray(
+        sample_rollouts(
+            model, variables, inputs, g, key, trie if acfg.trie else None, acfg.temperature
+        )
+    )
+    return codes, run.table.find(codes)
+
+
+def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: pathlib.Path):
+    """Check everything, then write config.json / align.json (a resumed run: check them)."""
+    align_config.check(acfg)
+    run, state, init_step = state_lib.restore_latest(init_dir)
+    if acfg.reward == "true" and run.source.kind != "world":
+        raise ValueError(
+            f"{init_dir}: reward 'true' needs a world source (the world knows each item's "
+            f"expected reward); this run's source is {run.cfg.source}"
+        )
+    cfg = ml_collections.ConfigDict(run.cfg.to_dict())
+    cfg.tokenizer_dir = str(state_lib.table_dir(run.cfg, init_dir).resolve())
+    cfg.steps = acfg.steps
+    cfg.optim.learning_rate, cfg.optim.warmup_steps = acfg.learning_rate, acfg.warmup_steps
+    record = {"init": str(init_dir), "init_step": init_step, "align": acfg.to_dict()}
+    saved = workdir / "align.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        mine = {k: v for k, v in record["align"].items() if k not in RESUMABLE}
+        theirs = {k: v for k, v in old.get("align", {}).items() if k not in RESUMABLE}
+        if old.get("init") != record["init"] or mine != theirs:
+            raise ValueError(
+                f"{saved}: this workdir holds an alignment run of another config or init; "
+                "use a new --workdir (only steps, log_every and the eval fields may change)"
+            )
+    elif (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise ValueError(f"{workdir}: holds a run that is not an alignment run; pick another")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    saved.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return run, state, cfg
+
+
+def align(
+    acfg: ml_collections.ConfigDict, init_dir: str | os.PathLike, workdir: str | os.PathLike
+) -> dict[str, Any]:
+    """Run (or resume) an alignment run; returns the summary written to WORKDIR/summary.json."""
+    init_dir = pathlib.Path(init_dir).resolve()
+    workdir = pathlib.Path(workdir).resolve()
+    run, init_state, cfg = _prepare(acfg, init_dir, workdir)
+    _, tx, _ = state_lib.optimizer(cfg)
+    model, trie = run.model, run.table.trie()
+    ds = pipeline.make_dataset(
+        run.source,
+        run.spec,
+        pipeline.PipelineConfig(batch_size=acfg.batch_size, seed=acfg.seed),
+        transform=AddCodes(run.table.codes),
+    )
+    data = iter(ds)
+    ckpt = Checkpoints(workdir / "checkpoints", keep=acfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), init_state)
+        state, _ = ckpt.restore(start, target, data)
+    else:
+        params = init_state.params
+        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), init_state.moe_bias)
+    update = make_update(model, tx, acfg)
+    logp_of = jax.jit(rollout_logp, static_argnums=0)
+    writer = MetricWriter(workdir / "logs")
+    bar = Progress(start, acfg.steps)
+    free = acfg.rollout == "sample" and not acfg.trie
+    sums: dict[str, float] = {}
+    old_vars = None
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, acfg.steps):
+            host = next(data)
+            batch = jax.tree.map(jnp.asarray, host)
+            inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+            if step % acfg.refresh == 0 or old_vars is None:
+                old_vars = {"params": state.params, "moe_bias": state.moe_bias}
+                old_vars = jax.tree.map(jnp.copy, old_vars)  # the update donates the state
+            key = jax.random.fold_in(jax.random.key(acfg.seed), step)
+            codes, items = rollouts(run, old_vars, inputs, trie, acfg, key)
+            legal = np.all(items > 0, axis=-1)  # [B, G]
+            b, g, m = items.shape
+            r = true_reward(run.source, host, items.reshape(b, g * m)).reshape(b, g, m)
+            reward = np.where(legal, np.nanmean(np.where(legal[..., None], r, 0.0), -1), 0.0)
+            adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
+            if free:
+                adv = adv + acfg.format_advantage * jnp.asarray(legal, jnp.float32)
+            codes_j = jnp.asarray(np.maximum(codes, 0), jnp.int32)
+            logp_old = logp_of(model, old_vars, inputs, codes_j)
+            state, metrics = update(state, batch, codes_j, logp_old, adv, jnp.asarray(legal))
+            done = step + 1
+            row = {k: float(v) for k, v in metrics.items()}
+            row["reward"] = float(reward[legal].mean()) if legal.any() else float("nan")
+            row["legal_rate"] = float(legal.mean())
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(f"{workdir}: alignment loss is {row['loss']} at {done}")
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if done % acfg.log_every == 0 or done == acfg.steps:
+                n = acfg.log_every if done % acfg.log_every == 0 else done % acfg.log_every
+                mean = {f"align/{k}": v / n for k, v in sums.items()}
+                writer.scalars(done, mean)
+                with (workdir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": done, **mean}, sort_keys=True) + "\n")
+                sums = {}
+            if done % acfg.checkpoint_every == 0 or done == acfg.steps:
+                ckpt.save(done, state, data, {"step": done})
+            bar.update(done, row["loss"])
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    summary: dict[str, Any] = {
+        "method": acfg.method,
+        "init": str(init_dir),
+        "steps": int(state.step),
+        "wall_s_this_run": time.perf_counter() - t0,
+    }
+    if acfg.eval_requests:
+        kw = {"beam": acfg.eval_beam, "max_requests": acfg.eval_requests, "write": False}
+        summary["before"] = evaluate_run(init_dir, "validation", **kw)
+        summary["after"] = evaluate_run(workdir, "validation", **kw)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of an alignment summary: the true reward of the top 1/5/10 and
+    Recall@10 before and after, and their changes."""
+    out = {}
+    for k in ("engagement@1", "engagement@5", "engagement@10", "recall@10"):
+        if k in summary.get("before", {}):
+            a, b = summary["before"][k], summary["after"][k]
+            out[k] = {"before": a, "after": b, "change": b - a}
+    return out

@@ -1,0 +1,83 @@
+"""The alignment config: every field of an `onerec align` run, commented.
+
+`onerec align --method M --init WORKDIR --workdir DIR [--config FILE] [--config.field=value]`:
+FILE is a Python file whose `get_config()` returns this config with some fields changed (it
+defaults to this one); the model, data and tokenizer are the pre-trained run's (WORKDIR).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# One line each, as `onerec align --help` lists them.
+METHODS = {
+    "ecpo": "clipped ratio against an early-clipped old policy, group-normalised advantages, "
+    "no KL (OneRec report)",
+    "gbpo": "unclipped ratio against an old policy bounded below by sg(pi) or 1 - sg(pi): "
+    "every rollout keeps a bounded gradient (OneRec-V2)",
+    "gppo": "PPO clipping whose clipped rollouts keep a bounded gradient (Klear-Reasoner)",
+}
+ROLLOUTS = ("beam", "sample")
+REWARDS = ("true",)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "ecpo"  # one of METHODS (set by --method)
+    c.seed = 0  # rollout sampling and request order
+    c.steps = 100  # policy updates in total (a resumed run continues to this)
+    c.batch_size = 16  # requests per update (training split of the pre-trained run's source)
+    c.group = 16  # rollouts per request (G): the group its advantages are normalised over
+    c.rollout = "beam"  # "beam": the G best items by beam search; "sample": G draws from pi_old
+    c.trie = True  # sample within the trie; False: free sampling judged by the format reward
+    c.temperature = 1.0  # of sampled rollouts
+    c.format_advantage = 1.0  # added to legal free samples' advantage (illegal: discarded)
+    c.refresh = 1  # updates between refreshes of the old (rollout) policy
+    c.reward = "true"  # "true": the world's expected reward of each rolled-out item
+    c.ntp_weight = 0.1  # weight of the next-token loss on the logged targets, mixed in
+    c.eps = 0.2  # ECPO's clip; GPPO's lower clip is eps_low, its upper eps_high
+    c.delta = 0.1  # ECPO's early-clip margin: ratios stay below 1 + eps + delta
+    c.eps_low = 0.2
+    c.eps_high = 0.28
+    c.learning_rate = 1e-4  # constant after warmup
+    c.warmup_steps = 0
+    c.log_every = 10
+    c.checkpoint_every = 50  # a multiple of `refresh` (a resumed run refreshes at its start)
+    c.keep_checkpoints = 3
+    c.eval_requests = 256  # validation requests of the before/after comparison; 0: none
+    c.eval_beam = 32  # beam of that comparison's top-K lists
+    return c
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    """One ValueError naming the field for values no alignment run can use."""
+    if c.method not in METHODS:
+        raise ValueError(f"align method {c.method!r}: expected one of {sorted(METHODS)}")
+    if c.rollout not in ROLLOUTS:
+        raise ValueError(f"align field rollout={c.rollout!r}: expected one of {ROLLOUTS}")
+    if c.reward not in REWARDS:
+        raise ValueError(f"align field reward={c.reward!r}: expected one of {REWARDS}")
+    at_least = {
+        "steps": 0,
+        "batch_size": 1,
+        "group": 2,
+        "refresh": 1,
+        "log_every": 1,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 1,
+        "eval_requests": 0,
+        "eval_beam": 1,
+        "warmup_steps": 0,
+    }
+    for key, low in at_least.items():
+        if c[key] < low:
+            raise ValueError(f"align field {key} must be >= {low}, got {c[key]}")
+    if c.checkpoint_every % c.refresh:
+        raise ValueError(
+            f"align field checkpoint_every ({c.checkpoint_every}) must be a multiple of refresh "
+            f"({c.refresh}): a resumed run starts with a fresh old policy"
+        )
+    if c.temperature <= 0:
+        raise ValueError(f"align field temperature must be > 0, got {c.temperature}")
+    if c.rollout == "beam" and not c.trie:
+        raise ValueError("align field trie=False needs rollout='sample' (beams use the trie)")
