@@ -76,3 +76,25 @@ def test_short_alignment_runs_resumes_and_evaluates(tmp_path, capsys):
     assert cli.main([*other, *common, "--config.steps=4"]) == 2
     assert "another config" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", str(work), "--max-requests", "8", "--beam", "8"]) == 0
+
+
+def test_alignment_learning_rate_is_constant_after_a_warmup_that_starts_above_zero():
+    """The first update already moves the parameters, and the rate depends on the update count
+    alone (a resumed or extended run steps as an uninterrupted one)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from onerec_jax.rl.align import optimizer
+
+    pre = ml_collections.ConfigDict({"optim": {"clip_norm": 1.0, "moment_dtype": "float32"}})
+    for warmup, want in ((0, [1.0, 1.0, 1.0]), (2, [0.5, 1.0, 1.0])):
+        a = align_config.get_config()
+        a.learning_rate, a.warmup_steps = 1.0, warmup
+        tx = optimizer(pre, a)
+        params = {"kernel": jnp.zeros(())}
+        state = tx.init(params)
+        moves = []
+        for _ in range(3):  # Adam's first steps move by ~lr whatever the gradient's size
+            upd, state = tx.update({"kernel": jnp.ones(())}, state, params)
+            moves.append(-float(upd["kernel"]))
+        assert moves == pytest.approx(want, rel=1e-3)

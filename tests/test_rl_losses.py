@@ -160,3 +160,18 @@ def test_duration_shaping_rejects_bad_parameters():
     one = np.ones((1, 1))
     with pytest.raises(ValueError, match="top share"):
         shaping.duration_advantage(one, one, one > 0, one, one, one > 0, top=0.0)
+
+
+def test_improbable_rollouts_give_finite_losses_and_gradients():
+    """Log-probabilities of -95 (a long session's) and log-ratios of -120 / +100: no method may
+    go through exp and back (0 / 0, log 0)."""
+    lp = jnp.asarray([[-95.0, -95.0, -120.0, 100.0]])
+    old = jnp.asarray([[-95.0, -95.0, 0.0, 0.0]])
+    adv = jnp.asarray([[1.0, -1.0, -1.0, 1.0]])
+    for fn in (losses.ecpo_loss, losses.gbpo_loss, losses.gppo_loss):
+        loss, g = jax.value_and_grad(lambda x, f=fn: f(x, old, adv))(lp)
+        assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g))), fn.__name__
+    # GBPO at equal tiny probabilities: pi'_old = pi for A >= 0 (ratio 1), and
+    # max(pi_old, 1 - pi) ~ 1 for A < 0 (ratio ~ e^-95 ~ 0).
+    gb = jax.grad(lambda x: losses.gbpo_loss(x, old[:, :2], adv[:, :2]))(lp[:, :2]) * 2
+    np.testing.assert_allclose(np.asarray(gb)[0], [-1.0, 0.0], atol=1e-6)

@@ -94,3 +94,25 @@ def test_rollout_shape_is_checked(setup):
     model, variables, inputs, _ = setup
     with pytest.raises(ValueError, match=r"expected \[B, G, 1, 3\]"):
         rollout_logp(model, variables, inputs, jnp.zeros((3, 2, 2, 3), jnp.int32))
+
+
+@pytest.mark.slow
+def test_capacity_moe_rollouts_are_scored_dropless():
+    """With capacity dispatch a rollout's training-mode score would depend on its batch mates
+    (G beams of a user pile onto the same experts); rollout_logp routes dropless, as decoding
+    does, so it still equals beam search's scores."""
+    from onerec_jax.model.moe import MoEConfig
+
+    src = sources.open_source("world:tiny")
+    b = schema.build_batch(src.raw_batch(np.arange(3), SPEC.history_window, SPEC), SPEC)
+    inputs = {k: jnp.asarray(v) for k, v in b.items() if k not in ("user_id", "request_ts")}
+    grid = np.stack(np.meshgrid(*[np.arange(k) for k in VOCAB], indexing="ij"), -1).reshape(-1, 3)
+    table = SemanticIds.from_codes(grid[:40], VOCAB)
+    moe = MoEConfig(n_experts=8, top_k=2, d_ff=32, dispatch="capacity", capacity_factor=0.5)
+    enc = tiny_encoder(src, 8, 16)
+    model = OneRecV1(V1Config(encoder=enc, vocab=VOCAB, d_ff=64, moe=moe, max_targets=1))
+    variables = jax.jit(model.init)(jax.random.key(4), inputs, jnp.zeros((3, 1, 3), jnp.int32))
+    out = beam_search(model, variables, inputs, table.trie(), 16)
+    codes = jnp.asarray(out["codes"])[:, :, None, :]
+    logp = jax.jit(rollout_logp, static_argnums=0)(model, variables, inputs, codes)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(out["logprob"]), atol=1e-4)

@@ -47,9 +47,11 @@ from onerec_jax.monitor import MetricWriter, Progress
 from onerec_jax.rl import align_config, losses
 from onerec_jax.rl.rollout import rollout_logp, sample_rollouts
 from onerec_jax.train import state as state_lib
+from onerec_jax.train import step as step_lib
 from onerec_jax.train.batches import AddCodes
 from onerec_jax.train.checkpointing import Checkpoints
 from onerec_jax.train.loss import loss_fn
+from onerec_jax.train.run_log import truncate_metrics
 from onerec_jax.train.step import NOT_MODEL_INPUTS, TrainState
 
 # Fields that may differ when a run is resumed (the rest must match align.json).
@@ -111,9 +113,44 @@ def rollouts(run, variables, inputs, trie, acfg, key) -> tuple[np.ndarray, np.nd
     return codes, run.table.find(codes)
 
 
+def optimizer(
+    cfg: ml_collections.ConfigDict, acfg: ml_collections.ConfigDict
+) -> optax.GradientTransformation:
+    """The pre-trained run's optimizer chain (clipping, AdamW with its moment dtype: the same
+    state tree, so `onerec eval` restores the aligned run like any run) with the alignment's
+    learning rate: constant after a linear warmup whose first update is already lr / warmup
+    (a schedule of the count alone, so a resumed run, even one extended, steps as an
+    uninterrupted one)."""
+    ocfg = step_lib.OptimConfig(
+        learning_rate=acfg.learning_rate,
+        warmup_steps=acfg.warmup_steps,
+        total_steps=acfg.steps,
+        weight_decay=acfg.weight_decay,
+        clip_norm=cfg.optim.clip_norm,
+        moment_dtype=cfg.optim.moment_dtype,
+    )
+    lr, warm = acfg.learning_rate, max(acfg.warmup_steps, 1)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        return lr * jnp.minimum(1.0, (count + 1) / warm)
+
+    return optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), step_lib.adamw(ocfg, schedule))
+
+
+def _write(path: pathlib.Path, obj: dict) -> None:
+    """JSON written whole or not at all (a crash mid-write leaves the old file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
 def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: pathlib.Path):
-    """Check everything, then write config.json / align.json (a resumed run: check them)."""
+    """Check everything, then write config.json / align.json; a run with a checkpoint must
+    match them (a start that failed before its first checkpoint may be redone with another
+    config: nothing of it is kept)."""
     align_config.check(acfg)
+    if jax.process_count() > 1:
+        raise ValueError("onerec align runs in one process for now (it has no mesh support)")
     run, state, init_step = state_lib.restore_latest(init_dir)
     if acfg.reward == "true" and run.source.kind != "world":
         raise ValueError(
@@ -124,9 +161,11 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
     cfg.tokenizer_dir = str(state_lib.table_dir(run.cfg, init_dir).resolve())
     cfg.steps = acfg.steps
     cfg.optim.learning_rate, cfg.optim.warmup_steps = acfg.learning_rate, acfg.warmup_steps
+    cfg.optim.weight_decay = acfg.weight_decay
     record = {"init": str(init_dir), "init_step": init_step, "align": acfg.to_dict()}
     saved = workdir / "align.json"
-    if saved.exists():
+    started = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+    if saved.exists() and started:
         old = json.loads(saved.read_text())
         mine = {k: v for k, v in record["align"].items() if k not in RESUMABLE}
         theirs = {k: v for k, v in old.get("align", {}).items() if k not in RESUMABLE}
@@ -135,11 +174,16 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
                 f"{saved}: this workdir holds an alignment run of another config or init; "
                 "use a new --workdir (only steps, log_every and the eval fields may change)"
             )
-    elif (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        if old.get("init_step") != init_step:
+            raise ValueError(
+                f"{saved}: the run started from step {old.get('init_step')} of {init_dir}, "
+                f"whose newest checkpoint is now step {init_step}; use a new --workdir"
+            )
+    elif (workdir / "config.json").exists() and not saved.exists():
         raise ValueError(f"{workdir}: holds a run that is not an alignment run; pick another")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    saved.write_text(json.dumps(record, indent=2, sort_keys=True))
+    _write(workdir / "config.json", cfg.to_dict())
+    _write(saved, record)
     return run, state, cfg
 
 
@@ -150,7 +194,7 @@ def align(
     init_dir = pathlib.Path(init_dir).resolve()
     workdir = pathlib.Path(workdir).resolve()
     run, init_state, cfg = _prepare(acfg, init_dir, workdir)
-    _, tx, _ = state_lib.optimizer(cfg)
+    tx = optimizer(cfg, acfg)
     model, trie = run.model, run.table.trie()
     ds = pipeline.make_dataset(
         run.source,
@@ -161,18 +205,20 @@ def align(
     data = iter(ds)
     ckpt = Checkpoints(workdir / "checkpoints", keep=acfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
+    params = init_state.params
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), init_state.moe_bias)
+    del init_state, params  # the pre-trained optimizer moments are not needed
     if start:
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), init_state)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
         state, _ = ckpt.restore(start, target, data)
-    else:
-        params = init_state.params
-        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), init_state.moe_bias)
+    truncate_metrics(workdir / "metrics.jsonl", start)  # rows a killed run wrote after it
     update = make_update(model, tx, acfg)
     logp_of = jax.jit(rollout_logp, static_argnums=0)
     writer = MetricWriter(workdir / "logs")
     bar = Progress(start, acfg.steps)
     free = acfg.rollout == "sample" and not acfg.trie
     sums: dict[str, float] = {}
+    rows_in_window = 0
     old_vars = None
     t0 = time.perf_counter()
     try:
@@ -180,7 +226,7 @@ def align(
             host = next(data)
             batch = jax.tree.map(jnp.asarray, host)
             inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-            if step % acfg.refresh == 0 or old_vars is None:
+            if step % acfg.refresh == 0:  # `start` is a multiple of refresh (align_config)
                 old_vars = {"params": state.params, "moe_bias": state.moe_bias}
                 old_vars = jax.tree.map(jnp.copy, old_vars)  # the update donates the state
             key = jax.random.fold_in(jax.random.key(acfg.seed), step)
@@ -203,13 +249,13 @@ def align(
                 raise FloatingPointError(f"{workdir}: alignment loss is {row['loss']} at {done}")
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v
+            rows_in_window += 1
             if done % acfg.log_every == 0 or done == acfg.steps:
-                n = acfg.log_every if done % acfg.log_every == 0 else done % acfg.log_every
-                mean = {f"align/{k}": v / n for k, v in sums.items()}
+                mean = {f"align/{k}": v / rows_in_window for k, v in sums.items()}
                 writer.scalars(done, mean)
                 with (workdir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps({"step": done, **mean}, sort_keys=True) + "\n")
-                sums = {}
+                sums, rows_in_window = {}, 0
             if done % acfg.checkpoint_every == 0 or done == acfg.steps:
                 ckpt.save(done, state, data, {"step": done})
             bar.update(done, row["loss"])

@@ -24,7 +24,7 @@ REWARDS = ("true",)
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "ecpo"  # one of METHODS (set by --method)
-    c.seed = 0  # rollout sampling and request order
+    c.seed = 0  # rollout sampling (the requests come in the pre-trained run's order)
     c.steps = 100  # policy updates in total (a resumed run continues to this)
     c.batch_size = 16  # requests per update (training split of the pre-trained run's source)
     c.group = 16  # rollouts per request (G): the group its advantages are normalised over
@@ -39,10 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.delta = 0.1  # ECPO's early-clip margin: ratios stay below 1 + eps + delta
     c.eps_low = 0.2
     c.eps_high = 0.28
-    c.learning_rate = 1e-4  # constant after warmup
+    c.learning_rate = 1e-4  # constant after a linear warmup (the first update at lr / warmup)
     c.warmup_steps = 0
+    c.weight_decay = 0.0  # AdamW's, of the matmul weights (towards 0, not towards INIT)
     c.log_every = 10
-    c.checkpoint_every = 50  # a multiple of `refresh` (a resumed run refreshes at its start)
+    # checkpoint_every and steps are multiples of `refresh`: a resumed run starts with a fresh
+    # old policy, as an uninterrupted one does at that step
+    c.checkpoint_every = 50
     c.keep_checkpoints = 3
     c.eval_requests = 256  # validation requests of the before/after comparison; 0: none
     c.eval_beam = 32  # beam of that comparison's top-K lists
@@ -58,7 +61,7 @@ def check(c: ml_collections.ConfigDict) -> None:
     if c.reward not in REWARDS:
         raise ValueError(f"align field reward={c.reward!r}: expected one of {REWARDS}")
     at_least = {
-        "steps": 0,
+        "steps": 1,
         "batch_size": 1,
         "group": 2,
         "refresh": 1,
@@ -72,11 +75,20 @@ def check(c: ml_collections.ConfigDict) -> None:
     for key, low in at_least.items():
         if c[key] < low:
             raise ValueError(f"align field {key} must be >= {low}, got {c[key]}")
-    if c.checkpoint_every % c.refresh:
-        raise ValueError(
-            f"align field checkpoint_every ({c.checkpoint_every}) must be a multiple of refresh "
-            f"({c.refresh}): a resumed run starts with a fresh old policy"
-        )
+    for key in ("checkpoint_every", "steps"):
+        if c[key] % c.refresh:
+            raise ValueError(
+                f"align field {key} ({c[key]}) must be a multiple of refresh ({c.refresh}): a "
+                "resumed run starts with a fresh old policy"
+            )
+    positive = {"learning_rate": c.learning_rate, "eps": c.eps, "eps_high": c.eps_high}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"align field {key} must be > 0, got {value}")
+    if not 0 < c.eps_low < 1:
+        raise ValueError(f"align field eps_low must be in (0, 1), got {c.eps_low}")
+    if c.delta < 0 or c.weight_decay < 0 or c.ntp_weight < 0:
+        raise ValueError("align fields delta, weight_decay and ntp_weight must be >= 0")
     if c.temperature <= 0:
         raise ValueError(f"align field temperature must be > 0, got {c.temperature}")
     if c.rollout == "beam" and not c.trie:

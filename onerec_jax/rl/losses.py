@@ -76,12 +76,13 @@ def gbpo_loss(
 ) -> jax.Array:
     """-mean (pi / pi'_old) A (module docstring)."""
     logp = logp.astype(jnp.float32)
-    p = jnp.exp(jax.lax.stop_gradient(logp))
-    p_old = jnp.exp(logp_old.astype(jnp.float32))
+    lp = jax.lax.stop_gradient(logp)
     a = adv.astype(jnp.float32)
-    p_old_bounded = jnp.where(a >= 0, jnp.maximum(p_old, p), jnp.maximum(p_old, 1.0 - p))
-    # pi / pi'_old with pi = exp(logp), in log space: the gradient is ratio * d logp.
-    ratio = jnp.exp(logp - jnp.log(p_old_bounded))
+    # log pi'_old, never through exp and back: rollouts of log-probability -100 (a long
+    # session) would underflow to 0 and give log(0). log(1 - pi) = log1p(-exp(lp)) is -inf at
+    # pi = 1, where the max takes pi_old.
+    bound = jnp.where(a >= 0, lp, jnp.log1p(-jnp.exp(jnp.minimum(lp, 0.0))))
+    ratio = jnp.exp(logp - jnp.maximum(logp_old.astype(jnp.float32), bound))
     return -_masked_mean(ratio * a, mask)
 
 
@@ -94,15 +95,23 @@ def gppo_loss(
     eps_high: float = 0.28,
 ) -> jax.Array:
     """-mean min(r A, clip_gp(r) A): PPO's surrogate whose clipped values keep the gradient
-    (1 - eps_low) A d logp below the band and (1 + eps_high) A d logp above it."""
+    (1 - eps_low) A d logp below the band and (1 + eps_high) A d logp above it.
+
+    min(r A, clip(r) A) is min(r, 1 + eps_high) A for A >= 0 and max(r, 1 - eps_low) A for
+    A < 0, so the clipped branch is picked explicitly; the ratio is never formed where it is
+    clipped (exp of a log-ratio of +100 is inf, and even an unselected inf makes the
+    gradient NaN)."""
     logp = logp.astype(jnp.float32)
-    ratio = jnp.exp(logp - logp_old.astype(jnp.float32))
-    r_sg = jax.lax.stop_gradient(ratio)
-    lo = (1.0 - eps_low) * ratio / r_sg  # value 1 - eps_low, gradient through ratio
-    hi = (1.0 + eps_high) * ratio / r_sg
-    clipped = jnp.where(r_sg < 1.0 - eps_low, lo, jnp.where(r_sg > 1.0 + eps_high, hi, ratio))
+    log_r = logp - logp_old.astype(jnp.float32)
+    lr_sg = jax.lax.stop_gradient(log_r)
     a = adv.astype(jnp.float32)
-    return -_masked_mean(jnp.minimum(ratio * a, clipped * a), mask)
+    use_hi = (a >= 0) & (lr_sg > jnp.log1p(eps_high))
+    use_lo = (a < 0) & (lr_sg < jnp.log1p(-eps_low))
+    ratio = jnp.exp(jnp.where(use_hi | use_lo, 0.0, log_r))
+    # (1 -/+ eps) r / sg(r) without the division: value 1 -/+ eps, gradient (1 -/+ eps) d logp.
+    unit = jnp.exp(logp - jax.lax.stop_gradient(logp))
+    r = jnp.where(use_hi, (1.0 + eps_high) * unit, jnp.where(use_lo, (1.0 - eps_low) * unit, ratio))
+    return -_masked_mean(r * a, mask)
 
 
 def dpo_loss(

@@ -18,6 +18,7 @@ from onerec_jax.model.semantic_tokens import level_nll
 from onerec_jax.model.v1 import OneRecV1
 from onerec_jax.model.v2 import OneRecV2
 from onerec_jax.tokenizer.semantic_ids import Trie
+from onerec_jax.train.step import dropless
 
 
 def _items_per_rollout(model: OneRecV1 | OneRecV2) -> int:
@@ -34,7 +35,11 @@ def rollout_logp(
     """log pi(rollout | request) [B, G]: the sum of the log-probabilities of its codes (each
     scored against its level's slice of the head, as training scores them). `per_code` gives
     them unsummed, [B, G, M * Q]. M is 1 for point-wise models, `max_targets` for session-wise
-    ones; every code must be in range (rollouts name real items or were sampled in-vocab)."""
+    ones; every code must be in range (rollouts name real items or were sampled in-vocab).
+    MoE layers route dropless, as decoding does: with capacity dispatch a rollout's score
+    would depend on the other rollouts of the batch, and would not be the probability of the
+    policy that generated it."""
+    model = dropless(model)
     cfg = model.cfg
     b, g, m, q = codes_BxGxMxQ.shape
     if m != _items_per_rollout(model) or q != len(cfg.vocab):

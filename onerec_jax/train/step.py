@@ -102,7 +102,7 @@ def stored_in(dtype: jnp.dtype, adam: optax.GradientTransformation) -> optax.Gra
     return optax.GradientTransformation(init, update)
 
 
-def _adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     """optax.adamw, its moments stored in `cfg.moment_dtype`."""
     if cfg.moment_dtype not in MOMENT_DTYPES:
         raise ValueError(
@@ -137,7 +137,7 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
     )
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        _adamw(cfg, schedule),
+        adamw(cfg, schedule),
     )
     return tx, schedule
 

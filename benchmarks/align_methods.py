@@ -1,0 +1,122 @@
+"""What each alignment method does to the world's TRUE reward, over seeds, for V1 and V2.
+
+For each family and seed: pre-train the default (tiny-world) config with that seed, then align it
+with every method (`onerec align`, the same seed, the same settings); the before/after numbers
+are measured by the align run itself on the same validation requests (onerec_jax/rl/align.py).
+Reports, per family and method, the mean change of the true expected reward of the top-10 and
+top-1 recommendations, Recall@10 before/after, the rollouts' legality rate, each with a 95 %
+t-interval over seeds. Writes benchmarks/results/align_methods.json and prints a Markdown table.
+
+    .venv/bin/python benchmarks/align_methods.py [--families v1 v2] [--seeds 3] [--out runs/align]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from scipy import stats
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+METHODS = ("ecpo", "gbpo", "gppo")
+ONEREC = [sys.executable, "-m", "onerec_jax.cli"]
+
+
+def _run(args: list[str]) -> dict:
+    out = subprocess.run([*ONEREC, *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"onerec {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _interval(x: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval."""
+    a = np.asarray(x, np.float64)
+    if len(a) < 2:
+        return float(a.mean()), float("nan")
+    return float(a.mean()), float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", nargs="+", default=["v1", "v2"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--pre-steps", type=int, default=300)
+    ap.add_argument("--align-steps", type=int, default=60)
+    ap.add_argument("--learning-rate", type=float, default=3e-4)
+    ap.add_argument("--eval-requests", type=int, default=512)
+    ap.add_argument("--out", default="runs/align_methods")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "align_methods.json"))
+    a = ap.parse_args()
+    out = pathlib.Path(a.out)
+    rows = []
+    for family in a.families:
+        for seed in range(a.seeds):
+            pre = out / f"{family}_pre_s{seed}"
+            if not (pre / "summary.json").exists():
+                _run(
+                    [
+                        *("train", "--config", "default", "--workdir", str(pre)),
+                        *(f"--config.model.family={family}", f"--config.seed={seed}"),
+                        *(f"--config.steps={a.pre_steps}", "--config.eval_requests=0"),
+                    ]
+                )
+            for method in a.methods:
+                s = _run(
+                    [
+                        *("align", "--method", method, "--init", str(pre)),
+                        *("--workdir", str(out / f"{family}_{method}_s{seed}")),
+                        *(f"--config.seed={seed}", f"--config.steps={a.align_steps}"),
+                        f"--config.learning_rate={a.learning_rate}",
+                        f"--config.eval_requests={a.eval_requests}",
+                    ]
+                )
+                metrics = [
+                    json.loads(x)
+                    for x in (out / f"{family}_{method}_s{seed}" / "metrics.jsonl")
+                    .read_text()
+                    .splitlines()
+                ]
+                row = {"family": family, "method": method, "seed": seed}
+                for k in ("engagement@1", "engagement@10", "recall@10"):
+                    row[f"{k} before"] = s["before"][k]
+                    row[f"{k} after"] = s["after"][k]
+                row["legal_rate"] = float(np.mean([m["align/legal_rate"] for m in metrics]))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    table = []
+    for family in a.families:
+        for method in a.methods:
+            rs = [r for r in rows if r["family"] == family and r["method"] == method]
+            entry = {"family": family, "method": method, "seeds": len(rs)}
+            for k in ("engagement@10", "engagement@1", "recall@10"):
+                entry[f"{k} change"] = _interval([r[f"{k} after"] - r[f"{k} before"] for r in rs])
+                entry[f"{k} before"] = _interval([r[f"{k} before"] for r in rs])
+            entry["legal_rate"] = _interval([r["legal_rate"] for r in rs])
+            table.append(entry)
+    result = {"command": " ".join(sys.argv), "settings": vars(a), "rows": rows, "table": table}
+    pathlib.Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        "| family | method | true reward@10 before | change | true reward@1 change | "
+        "Recall@10 change | legality |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for e in table:
+        ch = {
+            k: "{:+.3f} ± {:.3f}".format(*e[f"{k} change"])
+            for k in ("engagement@10", "engagement@1", "recall@10")
+        }
+        print(
+            f"| {e['family']} | {e['method']} | {e['engagement@10 before'][0]:.3f} | "
+            f"{ch['engagement@10']} | {ch['engagement@1']} | {ch['recall@10']} | "
+            f"{e['legal_rate'][0]:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
