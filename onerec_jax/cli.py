@@ -101,17 +101,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _align(args: argparse.Namespace) -> int:
-    from onerec_jax import config
-    from onerec_jax.rl import align, align_config
-
-    cfg = config.load(args.config, default=align_config.get_config)
-    cfg = config.resolve(cfg, [*args.overrides, f"method={args.method}"])
-    summary = align.align(cfg, args.init, args.workdir)
-    print(json.dumps(summary, sort_keys=True))
-    return 0
-
-
 def _eval(args: argparse.Namespace) -> int:
     from onerec_jax.evaluate import evaluate_run
     from scaling.compile_plan import parse_mesh
@@ -268,23 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_process_flags(tr)
     tr.set_defaults(fn=_train)
 
-    from onerec_jax.rl.align_config import METHODS
+    from onerec_jax.rl import cli as rl_cli
 
-    al = sub.add_parser(
-        "align",
-        help="align a pre-trained run with a reward (policy optimisation), resumable",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="methods:\n"
-        + "\n".join(f"  {k:6s} {v}" for k, v in METHODS.items())
-        + "\n\nAny field of onerec_jax/rl/align_config.py can be set with --config.FIELD=VALUE",
-    )
-    al.add_argument("--method", required=True, choices=sorted(METHODS))
-    al.add_argument("--init", required=True, help="the pre-trained run's workdir")
-    al.add_argument("--workdir", required=True, help="checkpoints, logs and summary go here")
-    al.add_argument(
-        "--config", default=None, help="a Python file with get_config() (align_config's fields)"
-    )
-    al.set_defaults(fn=_align)
+    rl_cli.register(sub)
 
     evp = sub.add_parser("eval", help="Recall/NDCG@K of a run's newest checkpoint")
     evp.add_argument("--workdir", required=True)

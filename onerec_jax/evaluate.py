@@ -72,13 +72,16 @@ def evaluate_run(
     max_requests: int | None = None,
     mesh: Mapping[str, int] | None = None,
     write: bool = True,
+    scorer: Any = None,
 ) -> dict[str, Any]:
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
     `max_requests`, default 2048, of the world's unbounded splits), `batch` requests per beam
     search (the metrics may not depend on it), on the mesh `mesh` ({"data": -1}, say; default
     the run's own `mesh` section, an error if it does not fit the devices here). A batch is
     padded up to a multiple of the mesh's batch shards (pad rows dropped). `write=False`
-    writes no eval JSON into the workdir (an alignment run comparing its init with itself)."""
+    writes no eval JSON into the workdir (an alignment run comparing its init with itself).
+    `scorer(batch, items [B, K]) -> [B, K]` (a reward model; NaN for item 0) adds
+    `reward_model@K`, its mean score of the top K."""
     if batch < 1:
         raise ValueError(f"eval batch size must be >= 1, got {batch}")
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
@@ -92,7 +95,7 @@ def evaluate_run(
     n = min(n, max_requests or n)
     batch = min(batch, n)
     protocol = ev.protocol_of(src)
-    ranked, targets, masks, reward, target_reward = [], [], [], [], []
+    ranked, targets, masks, reward, target_reward, scored = [], [], [], [], [], []
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
         # The model reads the run's context window; what counts as seen is the protocol's.
@@ -111,6 +114,8 @@ def evaluate_run(
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
+        if scorer is not None:
+            scored.append(scorer(b, top))
         if src.kind == "world":  # the generator knows the expected reward of any item
             reward.append(true_reward(src, b, top))
             target_reward.append(
@@ -124,6 +129,10 @@ def evaluate_run(
         for k in ENGAGEMENT_KS:
             metrics[f"engagement@{k}"] = float(np.nanmean(r[:, :k]))
         metrics["engagement_logged"] = float(np.nanmean(np.concatenate(target_reward)))
+    if scored:
+        sc = np.concatenate(scored)
+        for k in ENGAGEMENT_KS:
+            metrics[f"reward_model@{k}"] = float(np.nanmean(sc[:, :k]))
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
     if write and jax.process_index() == 0:  # every process has the same metrics: one file
         (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

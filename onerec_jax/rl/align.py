@@ -22,8 +22,13 @@ optimizer, the data position; resuming continues), TensorBoard logs and metrics.
 run. At the end, the true reward of the top-K lists of INIT and of the aligned policy on the
 same validation requests goes into summary.json.
 
-Left for later (issue 15): the reward model (P-Score), RSFT, DPO, duration-aware shaping in
-GBPO, and rewards from logged feedback; the MoE balancing biases stay as pre-trained.
+With `reward_model` (a P-Score fit by `onerec reward-model`, onerec_jax/rl/reward_model.py) the
+reward model scores the before/after lists too (`reward_model@K`, where reward hacking shows:
+its score up, the true reward flat or down), and `reward=model` aligns against it instead of
+the true reward.
+
+Left for later (issue 15): RSFT, DPO, duration-aware shaping in GBPO, rewards from logged
+feedback; the MoE balancing biases stay as pre-trained.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from onerec_jax.data import pipeline
 from onerec_jax.evaluate import evaluate_run, true_reward
 from onerec_jax.generate import beam_search
 from onerec_jax.monitor import MetricWriter, Progress
-from onerec_jax.rl import align_config, losses
+from onerec_jax.rl import align_config, losses, reward_model
 from onerec_jax.rl.rollout import rollout_logp, sample_rollouts
 from onerec_jax.train import state as state_lib
 from onerec_jax.train import step as step_lib
@@ -137,6 +142,27 @@ def optimizer(
     return optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), step_lib.adamw(ocfg, schedule))
 
 
+def _reward_model(acfg: ml_collections.ConfigDict, run: Any):
+    """`(host batch, items [B, N]) -> P-Score [B, N]` (NaN for item 0) of the configured reward
+    model, or None; refused if it was fit on another catalogue or context."""
+    if not acfg.reward_model:
+        return None
+    model, params, _ = reward_model.load(acfg.reward_model)
+    if model.cfg.encoder != reward_model.encoder_of(run):
+        raise ValueError(
+            f"{acfg.reward_model}: this reward model was fit on another catalogue or context "
+            "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
+        )
+    score = reward_model.make_scorer(model)
+
+    def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
+        batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
+        s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
+        return np.where(items > 0, s, np.nan)
+
+    return rm_score
+
+
 def _write(path: pathlib.Path, obj: dict) -> None:
     """JSON written whole or not at all (a crash mid-write leaves the old file)."""
     tmp = path.with_suffix(".tmp")
@@ -195,6 +221,7 @@ def align(
     workdir = pathlib.Path(workdir).resolve()
     run, init_state, cfg = _prepare(acfg, init_dir, workdir)
     tx = optimizer(cfg, acfg)
+    rm_score = _reward_model(acfg, run)
     model, trie = run.model, run.table.trie()
     ds = pipeline.make_dataset(
         run.source,
@@ -233,7 +260,11 @@ def align(
             codes, items = rollouts(run, old_vars, inputs, trie, acfg, key)
             legal = np.all(items > 0, axis=-1)  # [B, G]
             b, g, m = items.shape
-            r = true_reward(run.source, host, items.reshape(b, g * m)).reshape(b, g, m)
+            flat = items.reshape(b, g * m)
+            if acfg.reward == "model":
+                r = rm_score(host, flat).reshape(b, g, m)
+            else:
+                r = true_reward(run.source, host, flat).reshape(b, g, m)
             reward = np.where(legal, np.nanmean(np.where(legal[..., None], r, 0.0), -1), 0.0)
             adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
             if free:
@@ -271,6 +302,7 @@ def align(
     }
     if acfg.eval_requests:
         kw = {"beam": acfg.eval_beam, "max_requests": acfg.eval_requests, "write": False}
+        kw["scorer"] = rm_score
         summary["before"] = evaluate_run(init_dir, "validation", **kw)
         summary["after"] = evaluate_run(workdir, "validation", **kw)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -18,7 +18,7 @@ METHODS = {
     "gppo": "PPO clipping whose clipped rollouts keep a bounded gradient (Klear-Reasoner)",
 }
 ROLLOUTS = ("beam", "sample")
-REWARDS = ("true",)
+REWARDS = ("true", "model")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0  # of sampled rollouts
     c.format_advantage = 1.0  # added to legal free samples' advantage (illegal: discarded)
     c.refresh = 1  # updates between refreshes of the old (rollout) policy
-    c.reward = "true"  # "true": the world's expected reward of each rolled-out item
+    # "true": the world's expected reward of each rolled-out item; "model": the P-Score of
+    # `reward_model` (onerec reward-model), which then also scores the before/after lists
+    c.reward = "true"
+    c.reward_model = ""  # a reward model's directory; "" = none
     c.ntp_weight = 0.1  # weight of the next-token loss on the logged targets, mixed in
     c.eps = 0.2  # ECPO's clip; GPPO's lower clip is eps_low, its upper eps_high
     c.delta = 0.1  # ECPO's early-clip margin: ratios stay below 1 + eps + delta
@@ -91,5 +94,7 @@ def check(c: ml_collections.ConfigDict) -> None:
         raise ValueError("align fields delta, weight_decay and ntp_weight must be >= 0")
     if c.temperature <= 0:
         raise ValueError(f"align field temperature must be > 0, got {c.temperature}")
+    if c.reward == "model" and not c.reward_model:
+        raise ValueError("align field reward='model' needs reward_model (a directory)")
     if c.rollout == "beam" and not c.trie:
         raise ValueError("align field trie=False needs rollout='sample' (beams use the trie)")

@@ -1,0 +1,253 @@
+"""P-Score: a reward model of logged feedback, one tower per user context and candidate item.
+
+The user tower is OneRec's user encoder (the same pathways and blocks as V1's, its own
+weights), mean-pooled over the context's valid tokens; the item tower is an item-id embedding.
+Their concatenation and product go through an MLP to one logit per label:
+
+    play_frac   the played share of the video, min(play / duration, 1) (a soft label)
+    like, follow, comment, share, dislike   the flags of the logged exposure
+
+trained with binary cross-entropy on the target exposures of the training split. The fused
+score is the labels' probabilities weighted as the world's true reward weighs the true
+probabilities (REWARD_WEIGHTS), so on the world the two are on one scale and comparable.
+`evaluate` reports per-label AUC and calibration (mean prediction / mean label) on held-out
+requests and, on the world, the correlation of the fused score with the true expected reward
+of the same (request, item) pairs: of the logged items, and of random catalogue items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from onerec_jax.data import schema
+from onerec_jax.data.world_config import REWARD_WEIGHTS
+from onerec_jax.model.layers import Dense
+from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
+
+LABELS = ("play_frac", "like", "follow", "comment", "share", "dislike")
+_BITS = {
+    "like": schema.LIKE,
+    "follow": schema.FOLLOW,
+    "comment": schema.COMMENT,
+    "share": schema.SHARE,
+    "dislike": schema.DISLIKE,
+}
+WEIGHTS = np.asarray([REWARD_WEIGHTS[k] for k in LABELS], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PScoreConfig:
+    encoder: EncoderConfig
+    hidden: int = 128
+
+
+class PScore(nn.Module):
+    cfg: PScoreConfig
+
+    @nn.compact
+    def __call__(self, batch: dict[str, jax.Array], items_BxN: jax.Array) -> jax.Array:
+        """Label logits [B, N, 6] of recommending items [B, N] to the batch's requests."""
+        c = self.cfg
+        mem, mask = UserEncoder(c.encoder, name="user")(batch)
+        w = mask.astype(jnp.float32)[..., None]
+        user_BxD = jnp.sum(mem * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
+        item = nn.Embed(c.encoder.n_items + 1, c.encoder.d_model, name="item_embed")
+        v_BxNxD = item(items_BxN)
+        u_BxNxD = jnp.broadcast_to(user_BxD[:, None, :], v_BxNxD.shape)
+        h = jnp.concatenate([u_BxNxD, v_BxNxD, u_BxNxD * v_BxNxD], -1)
+        for i in range(2):  # two hidden layers, not a loop over tokens
+            h = nn.gelu(Dense(c.hidden, ("embed", "mlp"), use_bias=True, name=f"mlp_{i}")(h))
+        return Dense(len(LABELS), ("mlp", None), use_bias=True, name="out")(h)
+
+
+def labels(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Label targets [B, M, 6] of a batch's logged target exposures (play_frac soft)."""
+    play, dur = batch["target_play_ms"], batch["target_dur_ms"]
+    frac = np.clip(np.nan_to_num(play / np.maximum(dur, 1.0)), 0.0, 1.0)
+    flags = batch["target_flags"].astype(np.int64)
+    cols = [frac] + [((flags & bit) != 0).astype(np.float32) for bit in _BITS.values()]
+    return np.stack(cols, -1).astype(np.float32)
+
+
+def fused(logits: jax.Array) -> jax.Array:
+    """The P-Score: the labels' probabilities weighted as the world's reward weighs them."""
+    w = jnp.asarray(WEIGHTS).reshape((1,) * (logits.ndim - 1) + (-1,))
+    return jnp.sum(jax.nn.sigmoid(logits.astype(jnp.float32)) * w, -1)
+
+
+def loss(params: Any, model: PScore, batch: dict, y_BxMx6: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy over the valid target exposures and the labels."""
+    inputs = {k: v for k, v in batch.items() if not k.startswith("target_")}
+    logits = model.apply({"params": params}, inputs, batch["target_item"]).astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(logits, y_BxMx6)
+    w = batch["target_mask"].astype(jnp.float32)[..., None]
+    return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w) * len(LABELS), 1.0)
+
+
+def auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """ROC AUC by ranks (ties share their mean rank); NaN when one class is absent."""
+    y = np.asarray(y, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), np.float64)
+    s = np.asarray(scores)[order]
+    i = 0
+    while i < len(s):  # tie groups (host-side evaluation, not a hot path)
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def encoder_of(run: Any) -> EncoderConfig:
+    """The pre-trained run's encoder sizes (V1's encoder, V2's context pathways)."""
+    c = run.model.cfg
+    return c.encoder if hasattr(c, "encoder") else c.context
+
+
+def _inputs(batch: dict) -> dict:
+    """The user tower's inputs of a batch (no targets, no raw ids)."""
+    skip = ("user_id", "request_ts")
+    return {k: v for k, v in batch.items() if not k.startswith("target_") and k not in skip}
+
+
+def make_scorer(model: PScore):
+    """Jitted (params, batch, items [B, N]) -> fused P-Score [B, N]."""
+
+    @jax.jit
+    def score(params: Any, batch: dict, items: jax.Array) -> jax.Array:
+        return fused(model.apply({"params": params}, _inputs(batch), items))
+
+    return score
+
+
+def train(
+    run: Any, steps: int, batch_size: int, learning_rate: float, seed: int, progress: Any = None
+) -> tuple[PScore, Any, list[float]]:
+    """Fit a P-Score on the run's training split; returns (model, params, losses per step)."""
+    from onerec_jax.data import pipeline
+
+    model = PScore(PScoreConfig(encoder_of(run)))
+    ds = pipeline.make_dataset(
+        run.source, run.spec, pipeline.PipelineConfig(batch_size=batch_size, seed=seed)
+    )
+    data = iter(ds)
+    first = next(data)
+    x = {k: jnp.asarray(v) for k, v in _inputs(first).items()}
+    params = jax.jit(model.init)(jax.random.key(seed), x, jnp.asarray(first["target_item"]))
+    params = nn.unbox(params)["params"]
+    tx = optax.adamw(learning_rate, weight_decay=0.0)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, batch, y):
+        value, grads = jax.value_and_grad(loss)(params, model, batch, y)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, value
+
+    history = []
+    host = first
+    for i in range(steps):
+        batch = {k: jnp.asarray(v) for k, v in host.items() if k not in ("user_id", "request_ts")}
+        params, opt, value = step(params, opt, batch, jnp.asarray(labels(host)))
+        history.append(float(value))
+        if progress is not None:
+            progress(i + 1, history[-1])
+        host = next(data)
+    return model, params, history
+
+
+def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 0) -> dict:
+    """Per-label AUC and calibration on the validation split's first `n_requests` requests'
+    logged target exposures; on the world, the Pearson correlation of the fused score with the
+    true expected reward for those items and for random catalogue items."""
+    from onerec_jax.data.sources import open_source
+    from onerec_jax.evaluate import true_reward
+    from onerec_jax.train.run_config import source_seed
+
+    src = open_source(run.cfg.source, seed=source_seed(run.cfg), split="validation")
+    n = min(n_requests, len(src)) if src.kind != "world" else n_requests
+    raw = schema.build_batch(
+        src.raw_batch(np.arange(n), run.spec.history_window, run.spec), run.spec
+    )
+    score = make_scorer(model)
+    x = {k: jnp.asarray(v) for k, v in _inputs(raw).items()}
+    logits = np.asarray(model.apply({"params": params}, x, jnp.asarray(raw["target_item"])))
+    valid = raw["target_mask"]
+    y = labels(raw)[valid]
+    p = 1.0 / (1.0 + np.exp(-logits[valid]))
+    out: dict[str, Any] = {"requests": int(n), "exposures": int(valid.sum())}
+    for j, name in enumerate(LABELS):
+        target = y[:, j] >= 0.5 if name == "play_frac" else y[:, j] > 0
+        out[f"auc/{name}"] = auc(p[:, j], target)
+        out[f"calibration/{name}"] = float(p[:, j].mean() / max(y[:, j].mean(), 1e-9))
+    if src.kind == "world":
+        items = np.where(valid, raw["target_item"], 0)
+        s_logged = np.asarray(score(params, x, jnp.asarray(np.maximum(items, 1))))
+        t_logged = true_reward(src, raw, items)
+        rnd = np.random.default_rng(seed).integers(1, src.n_items + 1, (n, 8))
+        s_rnd = np.asarray(score(params, x, jnp.asarray(rnd)))
+        t_rnd = true_reward(src, raw, rnd)
+        out["corr_true_reward/logged"] = float(np.corrcoef(s_logged[valid], t_logged[valid])[0, 1])
+        out["corr_true_reward/random"] = float(np.corrcoef(s_rnd.ravel(), t_rnd.ravel())[0, 1])
+    return out
+
+
+def save(directory: Any, model: PScore, params: Any, meta: dict) -> None:
+    """params.msgpack and reward_model.json (its config and `meta`), each written whole."""
+    import json
+    import os
+    import pathlib
+
+    from flax import serialization
+
+    d = pathlib.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"encoder": dataclasses.asdict(model.cfg.encoder), "hidden": model.cfg.hidden}
+    for name, data in (
+        ("params.msgpack", serialization.to_bytes(params)),
+        ("reward_model.json", json.dumps({"config": cfg, **meta}, indent=2).encode()),
+    ):
+        tmp = d / f"{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, d / name)
+
+
+def load(directory: Any) -> tuple[PScore, Any, dict]:
+    """(model, params, its reward_model.json) of a directory written by `save`."""
+    import json
+    import pathlib
+
+    from flax import serialization
+
+    d = pathlib.Path(directory)
+    meta_path = d / "reward_model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{d}: no reward model here (reward_model.json missing)")
+    meta = json.loads(meta_path.read_text())
+    enc = meta["config"]["encoder"]
+    model = PScore(PScoreConfig(EncoderConfig(**enc), meta["config"]["hidden"]))
+    ids = jnp.zeros((1, 1), jnp.int32)
+    spec = schema.SchemaSpec(
+        short_len=enc["short_len"], pos_len=enc["pos_len"], life_len=enc["life_len"]
+    )
+    x = _inputs({k: jnp.zeros((1, *shape), dt) for k, (shape, dt) in spec.shapes().items()})
+    target = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, ids))["params"]
+    try:
+        params = serialization.from_bytes(target, (d / "params.msgpack").read_bytes())
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(
+            f"{d / 'params.msgpack'}: not this reward model's parameters ({e})"
+        ) from None
+    return model, params, meta
