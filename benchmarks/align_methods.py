@@ -1,8 +1,10 @@
 """What each alignment method does to the world's TRUE reward, over seeds, for V1 and V2.
 
-For each family and seed: pre-train the default (tiny-world) config with that seed, then align it
-with every method (`onerec align`, the same seed, the same settings); the before/after numbers
-are measured by the align run itself on the same validation requests (onerec_jax/rl/align.py).
+For each family and seed: pre-train the default (tiny-world) config with that seed, fit a P-Score
+reward model on its logged feedback (`onerec reward-model`), then align it with every method
+against the true reward, and with ECPO against the reward model (`onerec align`, the same seed
+and settings); the before/after numbers (true reward, Recall, the reward model's score of the
+same lists) are measured by the align run itself on the same validation requests.
 Reports, per family and method, the mean change of the true expected reward of the top-10 and
 top-1 recommendations, Recall@10 before/after, the rollouts' legality rate, each with a 95 %
 t-interval over seeds. Writes benchmarks/results/align_methods.json and prints a Markdown table.
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pre-steps", type=int, default=300)
     ap.add_argument("--align-steps", type=int, default=60)
+    ap.add_argument("--rm-steps", type=int, default=300, help="reward-model fitting steps")
     ap.add_argument("--learning-rate", type=float, default=3e-4)
     ap.add_argument("--eval-requests", type=int, default=512)
     ap.add_argument("--out", default="runs/align_methods")
@@ -66,24 +69,33 @@ def main() -> None:
                         *(f"--config.steps={a.pre_steps}", "--config.eval_requests=0"),
                     ]
                 )
-            for method in a.methods:
+            rm_dir = out / f"{family}_rm_s{seed}"
+            if not (rm_dir / "reward_model.json").exists():
+                _run(
+                    [
+                        *("reward-model", "--init", str(pre), "--out", str(rm_dir)),
+                        *("--steps", str(a.rm_steps), "--seed", str(seed)),
+                    ]
+                )
+            rm_eval = json.loads((rm_dir / "reward_model.json").read_text())["eval"]
+            for method, reward in [(m, "true") for m in a.methods] + [("ecpo", "model")]:
+                name = f"{family}_{method}{'_rm' if reward == 'model' else ''}_s{seed}"
                 s = _run(
                     [
                         *("align", "--method", method, "--init", str(pre)),
-                        *("--workdir", str(out / f"{family}_{method}_s{seed}")),
+                        *("--workdir", str(out / name)),
                         *(f"--config.seed={seed}", f"--config.steps={a.align_steps}"),
                         f"--config.learning_rate={a.learning_rate}",
                         f"--config.eval_requests={a.eval_requests}",
+                        f"--config.reward={reward}",
+                        f"--config.reward_model={rm_dir}",
                     ]
                 )
-                metrics = [
-                    json.loads(x)
-                    for x in (out / f"{family}_{method}_s{seed}" / "metrics.jsonl")
-                    .read_text()
-                    .splitlines()
-                ]
-                row = {"family": family, "method": method, "seed": seed}
-                for k in ("engagement@1", "engagement@10", "recall@10"):
+                lines = (out / name / "metrics.jsonl").read_text().splitlines()
+                metrics = [json.loads(x) for x in lines]
+                row = {"family": family, "method": method, "reward": reward, "seed": seed}
+                row["rm_corr_true_reward"] = rm_eval.get("corr_true_reward/random")
+                for k in ("engagement@1", "engagement@10", "recall@10", "reward_model@10"):
                     row[f"{k} before"] = s["before"][k]
                     row[f"{k} after"] = s["after"][k]
                 row["legal_rate"] = float(np.mean([m["align/legal_rate"] for m in metrics]))
@@ -91,29 +103,32 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     table = []
     for family in a.families:
-        for method in a.methods:
-            rs = [r for r in rows if r["family"] == family and r["method"] == method]
-            entry = {"family": family, "method": method, "seeds": len(rs)}
-            for k in ("engagement@10", "engagement@1", "recall@10"):
+        for method, reward in [(m, "true") for m in a.methods] + [("ecpo", "model")]:
+            rs = [
+                r
+                for r in rows
+                if r["family"] == family and r["method"] == method and r["reward"] == reward
+            ]
+            entry = {"family": family, "method": method, "reward": reward, "seeds": len(rs)}
+            for k in ("engagement@10", "engagement@1", "recall@10", "reward_model@10"):
                 entry[f"{k} change"] = _interval([r[f"{k} after"] - r[f"{k} before"] for r in rs])
                 entry[f"{k} before"] = _interval([r[f"{k} before"] for r in rs])
             entry["legal_rate"] = _interval([r["legal_rate"] for r in rs])
             table.append(entry)
     result = {"command": " ".join(sys.argv), "settings": vars(a), "rows": rows, "table": table}
     pathlib.Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    keys = ("engagement@10", "engagement@1", "recall@10", "reward_model@10")
     print(
-        "| family | method | true reward@10 before | change | true reward@1 change | "
-        "Recall@10 change | legality |"
+        "| family | method (reward) | true reward@10 before | change | true reward@1 change | "
+        "Recall@10 change | reward model@10 change | legality |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for e in table:
-        ch = {
-            k: "{:+.3f} ± {:.3f}".format(*e[f"{k} change"])
-            for k in ("engagement@10", "engagement@1", "recall@10")
-        }
+        ch = {k: "{:+.3f} ± {:.3f}".format(*e[f"{k} change"]) for k in keys}
         print(
-            f"| {e['family']} | {e['method']} | {e['engagement@10 before'][0]:.3f} | "
-            f"{ch['engagement@10']} | {ch['engagement@1']} | {ch['recall@10']} | "
+            f"| {e['family']} | {e['method']} ({e['reward']}) | "
+            f"{e['engagement@10 before'][0]:.3f} | {ch['engagement@10']} | "
+            f"{ch['engagement@1']} | {ch['recall@10']} | {ch['reward_model@10']} | "
             f"{e['legal_rate'][0]:.2f} |"
         )
 
