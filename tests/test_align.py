@@ -98,3 +98,20 @@ def test_alignment_learning_rate_is_constant_after_a_warmup_that_starts_above_ze
             upd, state = tx.update({"kernel": jnp.ones(())}, state, params)
             moves.append(-float(upd["kernel"]))
         assert moves == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_dpo_and_rsft_run(tmp_path, capsys):
+    pre = tmp_path / "pre"
+    train = ["--config.steps=10", "--config.eval_requests=0", "--config.checkpoint_every=10"]
+    assert cli.main(["train", "--config", "default", "--workdir", str(pre), *train]) == 0
+    common = ["--config.batch_size=4", "--config.group=4", "--config.steps=2"]
+    common += ["--config.log_every=1", "--config.eval_requests=0"]
+    for method, key in (("dpo", "align/pairs"), ("rsft", "align/kept")):
+        work = tmp_path / method
+        args = ["align", "--method", method, "--init", str(pre), "--workdir", str(work)]
+        assert cli.main([*args, *common]) == 0
+        rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert all(0.0 <= r[key] <= 1.0 for r in rows)
+        assert all(r["align/loss"] == r["align/loss"] for r in rows)  # finite, not NaN

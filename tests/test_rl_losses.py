@@ -175,3 +175,23 @@ def test_improbable_rollouts_give_finite_losses_and_gradients():
     # max(pi_old, 1 - pi) ~ 1 for A < 0 (ratio ~ e^-95 ~ 0).
     gb = jax.grad(lambda x: losses.gbpo_loss(x, old[:, :2], adv[:, :2]))(lp[:, :2]) * 2
     np.testing.assert_allclose(np.asarray(gb)[0], [-1.0, 0.0], atol=1e-6)
+
+
+def test_preference_pairs_by_hand():
+    """Chosen = the best legal rollout, rejected = the worst; no pair with fewer than two legal
+    rollouts or one reward for all; `share` keeps a random subset."""
+    reward = np.asarray([[0.3, 0.9, 0.1, 5.0], [0.2, 0.2, 0.2, 0.2], [1.0, 0.0, 0.0, 0.0]])
+    legal = np.asarray([[True, True, True, False], [True] * 4, [True, False, False, False]])
+    pair, ok = shaping.preference_pairs(reward, legal, 1.0, np.random.default_rng(0))
+    assert pair[0].tolist() == [1, 2]  # 5.0 is illegal
+    assert ok.tolist() == [True, False, False]
+    _, none = shaping.preference_pairs(reward, legal, 1e-9, np.random.default_rng(0))
+    assert not none.any()
+
+
+def test_session_play_time_counts_valid_items_only():
+    host = {
+        "target_play_ms": np.asarray([[1e3, 2e3, np.nan], [4e3, 8e3, 16e3]], np.float32),
+        "target_mask": np.asarray([[True, True, False], [True, False, True]]),
+    }
+    np.testing.assert_allclose(shaping.session_play_s(host), [3.0, 20.0])

@@ -27,7 +27,13 @@ reward model scores the before/after lists too (`reward_model@K`, where reward h
 its score up, the true reward flat or down), and `reward=model` aligns against it instead of
 the true reward.
 
-Left for later (issue 15): RSFT, DPO, duration-aware shaping in GBPO, rewards from logged
+DPO (`--method dpo`): the best and worst of the G beam rollouts by reward are a chosen /
+rejected pair (for a random `dpo_share` of the requests), scored against the pre-trained policy
+(kept frozen) with DPO, plus `ntp_weight` x NTP. RSFT (`--method rsft`): no rollouts; NTP on
+the requests whose logged session played at least the (1 - rsft_keep) quantile of session play
+time (estimated once on the first 2,048 training requests).
+
+Left for later (issue 15): duration-aware shaping inside GBPO's loop and rewards from logged
 feedback; the MoE balancing biases stay as pre-trained.
 """
 
@@ -49,7 +55,7 @@ from onerec_jax.data import pipeline
 from onerec_jax.evaluate import evaluate_run, true_reward
 from onerec_jax.generate import beam_search
 from onerec_jax.monitor import MetricWriter, Progress
-from onerec_jax.rl import align_config, losses, reward_model
+from onerec_jax.rl import align_config, losses, reward_model, shaping
 from onerec_jax.rl.rollout import rollout_logp, sample_rollouts
 from onerec_jax.train import state as state_lib
 from onerec_jax.train import step as step_lib
@@ -72,21 +78,39 @@ def _loss_kwargs(acfg: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def make_update(model: Any, tx: optax.GradientTransformation, acfg: ml_collections.ConfigDict):
-    """The jitted update: (state, batch, codes [B, G, M, Q], old logp [B, G], advantages,
-    mask) -> (state, metrics)."""
-    method, kw, ntp_weight = losses.LOSSES[acfg.method], _loss_kwargs(acfg), acfg.ntp_weight
+    """The jitted update (state, batch, extra) -> (state, metrics). `extra` holds what the
+    method reads: the policy-gradient methods `codes` [B, G, M, Q], `logp_old` [B, G], `adv`,
+    `mask`; DPO `codes` [B, 2, M, Q] (chosen, rejected), `ref` [B, 2] (their log-probabilities
+    under the pre-trained policy) and `mask` [B]; RSFT `keep` [B] (the requests trained on)."""
+    kind, kw, ntp_weight = acfg.method, _loss_kwargs(acfg), acfg.ntp_weight
 
-    def update(state: TrainState, batch: dict, codes, logp_old, adv, mask):
+    def update(state: TrainState, batch: dict, extra: dict):
         inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
         def objective(params):
             variables = {"params": params, "moe_bias": state.moe_bias}
-            logp = rollout_logp(model, variables, inputs, codes)
-            pg = method(logp, logp_old, adv, mask, **kw)
             nll, _ = model.apply(variables, inputs, batch["target_codes"])
             valid = batch["target_mask"] & jnp.all(batch["target_codes"] >= 0, axis=-1)
+            if kind == "rsft":  # only the kept requests' sessions, NTP alone
+                ntp, _ = loss_fn(nll, valid & extra["keep"][:, None], model.cfg.loss)
+                return ntp, {"ntp_loss": ntp}
             ntp, _ = loss_fn(nll, valid, model.cfg.loss)
-            m = mask.astype(jnp.float32)
+            logp = rollout_logp(model, variables, inputs, extra["codes"])
+            m = extra["mask"].astype(jnp.float32)
+            if kind == "dpo":
+                ref = extra["ref"]
+                term = losses.dpo_loss(
+                    logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], acfg.dpo_beta, extra["mask"]
+                )
+                margin = (logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])
+                mean_margin = jnp.sum(margin * m) / jnp.maximum(jnp.sum(m), 1.0)
+                return term + ntp_weight * ntp, {
+                    "dpo_loss": term,
+                    "ntp_loss": ntp,
+                    "margin": mean_margin,
+                }
+            logp_old = extra["logp_old"]
+            pg = losses.LOSSES[kind](logp, logp_old, extra["adv"], extra["mask"], **kw)
             ratio = jnp.sum(jnp.exp(logp - logp_old) * m) / jnp.maximum(jnp.sum(m), 1.0)
             return pg + ntp_weight * ntp, {"pg_loss": pg, "ntp_loss": ntp, "ratio": ratio}
 
@@ -234,7 +258,13 @@ def align(
     start = ckpt.latest_step() or 0
     params = init_state.params
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), init_state.moe_bias)
-    del init_state, params  # the pre-trained optimizer moments are not needed
+    # DPO's reference is the pre-trained policy, kept whole; the pre-trained optimizer
+    # moments are not needed (copies: the update donates the state).
+    ref_vars = None
+    if acfg.method == "dpo":
+        ref_vars = jax.tree.map(jnp.copy, {"params": params, "moe_bias": init_state.moe_bias})
+    threshold = shaping.rsft_threshold(run, acfg.rsft_keep) if acfg.method == "rsft" else 0.0
+    del init_state, params
     if start:
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
         state, _ = ckpt.restore(start, target, data)
@@ -257,25 +287,41 @@ def align(
                 old_vars = {"params": state.params, "moe_bias": state.moe_bias}
                 old_vars = jax.tree.map(jnp.copy, old_vars)  # the update donates the state
             key = jax.random.fold_in(jax.random.key(acfg.seed), step)
-            codes, items = rollouts(run, old_vars, inputs, trie, acfg, key)
-            legal = np.all(items > 0, axis=-1)  # [B, G]
-            b, g, m = items.shape
-            flat = items.reshape(b, g * m)
-            if acfg.reward == "model":
-                r = rm_score(host, flat).reshape(b, g, m)
+            row: dict[str, float] = {}
+            if acfg.method == "rsft":
+                keep = shaping.session_play_s(host) >= threshold
+                state, metrics = update(state, batch, {"keep": jnp.asarray(keep)})
+                row["kept"] = float(keep.mean())
             else:
-                r = true_reward(run.source, host, flat).reshape(b, g, m)
-            reward = np.where(legal, np.nanmean(np.where(legal[..., None], r, 0.0), -1), 0.0)
-            adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
-            if free:
-                adv = adv + acfg.format_advantage * jnp.asarray(legal, jnp.float32)
-            codes_j = jnp.asarray(np.maximum(codes, 0), jnp.int32)
-            logp_old = logp_of(model, old_vars, inputs, codes_j)
-            state, metrics = update(state, batch, codes_j, logp_old, adv, jnp.asarray(legal))
+                codes, items = rollouts(run, old_vars, inputs, trie, acfg, key)
+                legal = np.all(items > 0, axis=-1)  # [B, G]
+                b, g, m = items.shape
+                flat = items.reshape(b, g * m)
+                if acfg.reward == "model":
+                    r = rm_score(host, flat).reshape(b, g, m)
+                else:
+                    r = true_reward(run.source, host, flat).reshape(b, g, m)
+                reward = np.where(legal, np.nanmean(np.where(legal[..., None], r, 0.0), -1), 0.0)
+                codes_j = jnp.asarray(np.maximum(codes, 0), jnp.int32)
+                if acfg.method == "dpo":
+                    rng = np.random.default_rng([acfg.seed, step])
+                    pair, ok = shaping.preference_pairs(reward, legal, acfg.dpo_share, rng)
+                    codes_j = jnp.take_along_axis(codes_j, jnp.asarray(pair)[..., None, None], 1)
+                    ref = logp_of(model, ref_vars, inputs, codes_j)
+                    extra = {"codes": codes_j, "ref": ref, "mask": jnp.asarray(ok)}
+                    row["pairs"] = float(ok.mean())
+                else:
+                    adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
+                    if free:
+                        adv = adv + acfg.format_advantage * jnp.asarray(legal, jnp.float32)
+                    logp_old = logp_of(model, old_vars, inputs, codes_j)
+                    extra = {"codes": codes_j, "logp_old": logp_old, "adv": adv}
+                    extra["mask"] = jnp.asarray(legal)
+                state, metrics = update(state, batch, extra)
+                row["reward"] = float(reward[legal].mean()) if legal.any() else float("nan")
+                row["legal_rate"] = float(legal.mean())
             done = step + 1
-            row = {k: float(v) for k, v in metrics.items()}
-            row["reward"] = float(reward[legal].mean()) if legal.any() else float("nan")
-            row["legal_rate"] = float(legal.mean())
+            row.update({k: float(v) for k, v in metrics.items()})
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"{workdir}: alignment loss is {row['loss']} at {done}")
             for k, v in row.items():

@@ -16,6 +16,10 @@ METHODS = {
     "gbpo": "unclipped ratio against an old policy bounded below by sg(pi) or 1 - sg(pi): "
     "every rollout keeps a bounded gradient (OneRec-V2)",
     "gppo": "PPO clipping whose clipped rollouts keep a bounded gradient (Klear-Reasoner)",
+    "dpo": "preference alignment: the best and worst of G beams by reward as chosen/rejected, "
+    "DPO against the pre-trained policy plus NTP (2502.18965)",
+    "rsft": "next-token training on the logged sessions that played longest only (the top "
+    "rsft_keep share by play time; OneRec report)",
 }
 ROLLOUTS = ("beam", "sample")
 REWARDS = ("true", "model")
@@ -42,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.delta = 0.1  # ECPO's early-clip margin: ratios stay below 1 + eps + delta
     c.eps_low = 0.2
     c.eps_high = 0.28
+    c.dpo_beta = 0.1  # DPO's inverse temperature
+    c.dpo_share = 1.0  # share of requests given a chosen/rejected pair (the paper: 1 %)
+    c.rsft_keep = 0.5  # share of logged sessions RSFT trains on: the longest-played ones
     c.learning_rate = 1e-4  # constant after a linear warmup (the first update at lr / warmup)
     c.warmup_steps = 0
     c.weight_decay = 0.0  # AdamW's, of the matmul weights (towards 0, not towards INIT)
@@ -88,6 +95,11 @@ def check(c: ml_collections.ConfigDict) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ValueError(f"align field {key} must be > 0, got {value}")
+    for key in ("dpo_share", "rsft_keep"):
+        if not 0 < c[key] <= 1:
+            raise ValueError(f"align field {key} must be in (0, 1], got {c[key]}")
+    if c.dpo_beta <= 0:
+        raise ValueError(f"align field dpo_beta must be > 0, got {c.dpo_beta}")
     if not 0 < c.eps_low < 1:
         raise ValueError(f"align field eps_low must be in (0, 1), got {c.eps_low}")
     if c.delta < 0 or c.weight_decay < 0 or c.ntp_weight < 0:

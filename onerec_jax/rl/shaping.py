@@ -1,4 +1,5 @@
-"""Rewards into advantages on the host: OneRec-V2's duration-aware shaping.
+"""Rewards into training signals on the host: OneRec-V2's duration-aware shaping, DPO's
+preference pairs, RSFT's play-time filter.
 
 Duration-aware shaping (OneRec-V2): a play time means little without the video's length and the
 user's habits, so an exposure is judged against the same user's other exposures of similar
@@ -10,6 +11,8 @@ holds none of the user's history gets 0 unless disliked.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -63,3 +66,37 @@ def duration_advantage(
     disliked = np.asarray(disliked_BxG, bool)
     good = (n > 0) & (q >= 1.0 - top) & ~disliked
     return np.where(disliked, -1.0, np.where(good, 1.0, 0.0)).astype(np.float32)
+
+
+def session_play_s(host: dict) -> np.ndarray:
+    """Seconds played of each request's logged target session [B] (its valid items)."""
+    play = np.nan_to_num(np.asarray(host["target_play_ms"], np.float64))
+    return np.sum(np.where(host["target_mask"], play, 0.0), -1) / 1000.0
+
+
+def rsft_threshold(run: Any, keep: float, n: int = 2048) -> float:
+    """The play time below which RSFT drops a session: the (1 - keep) quantile over the first
+    `n` training requests (a property of the data, the same on every resume)."""
+    from onerec_jax.data import schema
+
+    src = run.source
+    n = min(n, len(src))
+    host = schema.build_batch(
+        src.raw_batch(np.arange(n), run.spec.history_window, run.spec), run.spec
+    )
+    return float(np.quantile(session_play_s(host), 1.0 - keep))
+
+
+def preference_pairs(
+    reward: np.ndarray, legal: np.ndarray, share: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(index [B, 2] of each request's chosen (best reward) and rejected (worst) rollout, mask
+    [B]): a pair where the request has two legal rollouts of different rewards, kept for a
+    random `share` of the requests."""
+    r_hi = np.where(legal, reward, -np.inf)
+    r_lo = np.where(legal, reward, np.inf)
+    best, worst = np.argmax(r_hi, -1), np.argmin(r_lo, -1)
+    rows = np.arange(len(reward))
+    ok = (legal.sum(-1) >= 2) & (r_hi[rows, best] > r_lo[rows, worst])
+    ok &= rng.random(len(reward)) < share
+    return np.stack([best, worst], -1), ok
