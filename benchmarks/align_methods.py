@@ -2,7 +2,8 @@
 
 For each family and seed: pre-train the default (tiny-world) config with that seed, fit a P-Score
 reward model on its logged feedback (`onerec reward-model`), then align it with every method
-against the true reward, and with ECPO against the reward model (`onerec align`, the same seed
+against the true reward (RSFT: no reward, the logged play time), and with ECPO against the
+reward model (`onerec align`, the same seed
 and settings); the before/after numbers (true reward, Recall, the reward model's score of the
 same lists) are measured by the align run itself on the same validation requests.
 Reports, per family and method, the mean change of the true expected reward of the top-10 and
@@ -24,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ("ecpo", "gbpo", "gppo")
+METHODS = ("ecpo", "gbpo", "gppo", "dpo", "rsft")
 ONEREC = [sys.executable, "-m", "onerec_jax.cli"]
 
 
@@ -80,16 +81,21 @@ def main() -> None:
             rm_eval = json.loads((rm_dir / "reward_model.json").read_text())["eval"]
             for method, reward in [(m, "true") for m in a.methods] + [("ecpo", "model")]:
                 name = f"{family}_{method}{'_rm' if reward == 'model' else ''}_s{seed}"
-                s = _run(
-                    [
-                        *("align", "--method", method, "--init", str(pre)),
-                        *("--workdir", str(out / name)),
-                        *(f"--config.seed={seed}", f"--config.steps={a.align_steps}"),
-                        f"--config.learning_rate={a.learning_rate}",
-                        f"--config.eval_requests={a.eval_requests}",
-                        f"--config.reward={reward}",
-                        f"--config.reward_model={rm_dir}",
-                    ]
+                done = out / name / "summary.json"  # a finished run is read, not redone
+                s = (
+                    json.loads(done.read_text())
+                    if done.exists()
+                    else _run(
+                        [
+                            *("align", "--method", method, "--init", str(pre)),
+                            *("--workdir", str(out / name)),
+                            *(f"--config.seed={seed}", f"--config.steps={a.align_steps}"),
+                            f"--config.learning_rate={a.learning_rate}",
+                            f"--config.eval_requests={a.eval_requests}",
+                            f"--config.reward={reward}",
+                            f"--config.reward_model={rm_dir}",
+                        ]
+                    )
                 )
                 lines = (out / name / "metrics.jsonl").read_text().splitlines()
                 metrics = [json.loads(x) for x in lines]
@@ -98,7 +104,8 @@ def main() -> None:
                 for k in ("engagement@1", "engagement@10", "recall@10", "reward_model@10"):
                     row[f"{k} before"] = s["before"][k]
                     row[f"{k} after"] = s["after"][k]
-                row["legal_rate"] = float(np.mean([m["align/legal_rate"] for m in metrics]))
+                legal = [m["align/legal_rate"] for m in metrics if "align/legal_rate" in m]
+                row["legal_rate"] = float(np.mean(legal)) if legal else float("nan")  # RSFT
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     table = []
