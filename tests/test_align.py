@@ -20,6 +20,8 @@ from onerec_jax.rl import align_config
         ("checkpoint_every", 5, "multiple of refresh"),
         ("trie", False, "needs rollout='sample'"),
         ("temperature", 0.0, "temperature must be > 0"),
+        ("advantage", "rank", "advantage='rank'"),
+        ("dpo_share", 0.0, "dpo_share must be in"),
     ],
 )
 def test_bad_align_fields_are_refused_by_name(field, value, message):
@@ -101,16 +103,21 @@ def test_alignment_learning_rate_is_constant_after_a_warmup_that_starts_above_ze
 
 
 @pytest.mark.slow
-def test_dpo_and_rsft_run(tmp_path, capsys):
+def test_dpo_rsft_and_duration_shaped_gbpo_run(tmp_path, capsys):
     pre = tmp_path / "pre"
     train = ["--config.steps=10", "--config.eval_requests=0", "--config.checkpoint_every=10"]
     assert cli.main(["train", "--config", "default", "--workdir", str(pre), *train]) == 0
     common = ["--config.batch_size=4", "--config.group=4", "--config.steps=2"]
     common += ["--config.log_every=1", "--config.eval_requests=0"]
-    for method, key in (("dpo", "align/pairs"), ("rsft", "align/kept")):
+    runs = (
+        ("dpo", "align/pairs", []),
+        ("rsft", "align/kept", []),
+        ("gbpo", "align/legal_rate", ["--config.advantage=duration"]),
+    )
+    for method, key, extra in runs:
         work = tmp_path / method
         args = ["align", "--method", method, "--init", str(pre), "--workdir", str(work)]
-        assert cli.main([*args, *common]) == 0
+        assert cli.main([*args, *common, *extra]) == 0
         rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert all(0.0 <= r[key] <= 1.0 for r in rows)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from onerec_jax.data import schema
 from onerec_jax.rl import losses, shaping
 
 
@@ -195,3 +196,22 @@ def test_session_play_time_counts_valid_items_only():
         "target_mask": np.asarray([[True, True, False], [True, False, True]]),
     }
     np.testing.assert_allclose(shaping.session_play_s(host), [3.0, 20.0])
+
+
+def test_world_history_is_the_users_sessions_before_the_request():
+    from onerec_jax.data import sources
+
+    world = sources.open_source("world:tiny")
+    spec = schema.SchemaSpec(pos_len=8, life_len=16)
+    raw = world.raw_batch(np.arange(3), None, spec)
+    play, dur, valid = shaping.world_history(world, raw["user_id"], raw["request_ts"], 4)
+    for i, (u, ts) in enumerate(zip(raw["user_id"], raw["request_ts"], strict=True)):
+        s = int(world.session_of(np.asarray([u]), np.asarray([ts]))[0])
+        ev = world.session_events(int(u), np.arange(max(0, s - 4), s))
+        n = len(ev["play_ms"])
+        assert valid[i].sum() == n and valid[i, :n].all()
+        np.testing.assert_array_equal(play[i, :n], ev["play_ms"])
+        np.testing.assert_array_equal(dur[i, :n], ev["dur_ms"])
+        # the request's own history ends with these events (the same world, the same order)
+        h = raw["hist_play_ms"][raw["hist_offsets"][i] : raw["hist_offsets"][i + 1]]
+        np.testing.assert_array_equal(h[-n:], ev["play_ms"])

@@ -187,6 +187,21 @@ def _reward_model(acfg: ml_collections.ConfigDict, run: Any):
     return rm_score
 
 
+def _duration_advantage(world: Any, host: dict, items: np.ndarray, acfg: Any) -> np.ndarray:
+    """OneRec-V2's shaped advantages [B, G] of point-wise rollouts: each item's expected play
+    time (the world's play fraction x its duration) and an expected dislike (p >= 1/2) against
+    the user's history (`shaping.duration_advantage`). Session rollouts: their first item."""
+    first = np.maximum(items[:, :, 0], 1)
+    e = world.true_engagement(host["user_id"], host["request_ts"], first)
+    dur = world.dur_ms[first].astype(np.float64)
+    h_play, h_dur, h_valid = shaping.world_history(
+        world, host["user_id"], host["request_ts"], acfg.history_sessions
+    )
+    return shaping.duration_advantage(
+        e["play_frac"] * dur, dur, e["dislike"] >= 0.5, h_play, h_dur, h_valid
+    )
+
+
 def _write(path: pathlib.Path, obj: dict) -> None:
     """JSON written whole or not at all (a crash mid-write leaves the old file)."""
     tmp = path.with_suffix(".tmp")
@@ -311,7 +326,11 @@ def align(
                     extra = {"codes": codes_j, "ref": ref, "mask": jnp.asarray(ok)}
                     row["pairs"] = float(ok.mean())
                 else:
-                    adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
+                    if acfg.advantage == "duration":
+                        adv = jnp.asarray(_duration_advantage(run.source, host, items, acfg))
+                        adv = jnp.where(jnp.asarray(legal), adv, 0.0)
+                    else:
+                        adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
                     if free:
                         adv = adv + acfg.format_advantage * jnp.asarray(legal, jnp.float32)
                     logp_old = logp_of(model, old_vars, inputs, codes_j)

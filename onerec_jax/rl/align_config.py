@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
     # `reward_model` (onerec reward-model), which then also scores the before/after lists
     c.reward = "true"
     c.reward_model = ""  # a reward model's directory; "" = none
+    # How rewards become advantages: "group" (normalised within each request's G rollouts) |
+    # "duration" (OneRec-V2's duration-aware shaping on the world: a rollout's expected play
+    # time against the user's own plays of videos of similar length, +1 / -1 / 0; shaping.py)
+    c.advantage = "group"
+    c.history_sessions = 32  # the user's sessions before the request that "duration" reads
     c.ntp_weight = 0.1  # weight of the next-token loss on the logged targets, mixed in
     c.eps = 0.2  # ECPO's clip; GPPO's lower clip is eps_low, its upper eps_high
     c.delta = 0.1  # ECPO's early-clip margin: ratios stay below 1 + eps + delta
@@ -106,6 +111,13 @@ def check(c: ml_collections.ConfigDict) -> None:
         raise ValueError("align fields delta, weight_decay and ntp_weight must be >= 0")
     if c.temperature <= 0:
         raise ValueError(f"align field temperature must be > 0, got {c.temperature}")
+    if c.advantage not in ("group", "duration"):
+        raise ValueError(f"align field advantage={c.advantage!r}: expected 'group' or 'duration'")
+    if c.advantage == "duration" and (c.reward != "true" or c.method in ("dpo", "rsft")):
+        raise ValueError(
+            "align field advantage='duration' reads the world's expected play time of each "
+            "rollout: it needs reward='true' and a policy-gradient method (ecpo, gbpo, gppo)"
+        )
     if c.reward == "model" and not c.reward_model:
         raise ValueError("align field reward='model' needs reward_model (a directory)")
     if c.rollout == "beam" and not c.trie:

@@ -100,3 +100,21 @@ def preference_pairs(
     ok = (legal.sum(-1) >= 2) & (r_hi[rows, best] > r_lo[rows, worst])
     ok &= rng.random(len(reward)) < share
     return np.stack([best, worst], -1), ok
+
+
+def world_history(
+    world: Any, user_ids: np.ndarray, request_ts: np.ndarray, n_sessions: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(play_ms [B, H], dur_ms [B, H], valid [B, H]): the exposures of each request's user in
+    the `n_sessions` sessions before the request (the world regenerates them exactly)."""
+    rows = []
+    for u, ts in zip(np.asarray(user_ids), np.asarray(request_ts), strict=True):
+        s = int(world.session_of(np.asarray([u]), np.asarray([ts]))[0])
+        ev = world.session_events(int(u), np.arange(max(0, s - n_sessions), s))
+        rows.append((ev["play_ms"], ev["dur_ms"]))
+    h = max(1, max(len(p) for p, _ in rows))
+    play, dur = np.zeros((len(rows), h)), np.ones((len(rows), h))
+    valid = np.zeros((len(rows), h), bool)
+    for i, (p, d) in enumerate(rows):
+        play[i, : len(p)], dur[i, : len(p)], valid[i, : len(p)] = p, d, True
+    return play, dur, valid
