@@ -36,6 +36,16 @@ def _run(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def variants(methods: list[str]) -> list[tuple[str, str, str]]:
+    """(method, reward, advantage) of every run per seed: each method against the true reward
+    with group advantages, GBPO with duration-aware shaping, and ECPO against the reward model
+    (where reward hacking would show)."""
+    out = [(m, "true", "group") for m in methods]
+    if "gbpo" in methods:
+        out.append(("gbpo", "true", "duration"))
+    return [*out, ("ecpo", "model", "group")]
+
+
 def _interval(x: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t-interval."""
     a = np.asarray(x, np.float64)
@@ -79,8 +89,9 @@ def main() -> None:
                     ]
                 )
             rm_eval = json.loads((rm_dir / "reward_model.json").read_text())["eval"]
-            for method, reward in [(m, "true") for m in a.methods] + [("ecpo", "model")]:
-                name = f"{family}_{method}{'_rm' if reward == 'model' else ''}_s{seed}"
+            for method, reward, adv in variants(a.methods):
+                suffix = "_rm" if reward == "model" else "_dur" if adv == "duration" else ""
+                name = f"{family}_{method}{suffix}_s{seed}"
                 done = out / name / "summary.json"  # a finished run is read, not redone
                 s = (
                     json.loads(done.read_text())
@@ -93,6 +104,7 @@ def main() -> None:
                             f"--config.learning_rate={a.learning_rate}",
                             f"--config.eval_requests={a.eval_requests}",
                             f"--config.reward={reward}",
+                            f"--config.advantage={adv}",
                             f"--config.reward_model={rm_dir}",
                         ]
                     )
@@ -100,6 +112,7 @@ def main() -> None:
                 lines = (out / name / "metrics.jsonl").read_text().splitlines()
                 metrics = [json.loads(x) for x in lines]
                 row = {"family": family, "method": method, "reward": reward, "seed": seed}
+                row["advantage"] = adv
                 row["rm_corr_true_reward"] = rm_eval.get("corr_true_reward/random")
                 for k in ("engagement@1", "engagement@10", "recall@10", "reward_model@10"):
                     row[f"{k} before"] = s["before"][k]
@@ -110,13 +123,11 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     table = []
     for family in a.families:
-        for method, reward in [(m, "true") for m in a.methods] + [("ecpo", "model")]:
-            rs = [
-                r
-                for r in rows
-                if r["family"] == family and r["method"] == method and r["reward"] == reward
-            ]
-            entry = {"family": family, "method": method, "reward": reward, "seeds": len(rs)}
+        for method, reward, adv in variants(a.methods):
+            key = (family, method, reward, adv)
+            rs = [r for r in rows if (r["family"], r["method"], r["reward"], r["advantage"]) == key]
+            entry = {"family": family, "method": method, "reward": reward, "advantage": adv}
+            entry["seeds"] = len(rs)
             for k in ("engagement@10", "engagement@1", "recall@10", "reward_model@10"):
                 entry[f"{k} change"] = _interval([r[f"{k} after"] - r[f"{k} before"] for r in rs])
                 entry[f"{k} before"] = _interval([r[f"{k} before"] for r in rs])
@@ -126,14 +137,14 @@ def main() -> None:
     pathlib.Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     keys = ("engagement@10", "engagement@1", "recall@10", "reward_model@10")
     print(
-        "| family | method (reward) | true reward@10 before | change | true reward@1 change | "
-        "Recall@10 change | reward model@10 change | legality |"
+        "| family | method (reward, advantage) | true reward@10 before | change | "
+        "true reward@1 change | Recall@10 change | reward model@10 change | legality |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for e in table:
         ch = {k: "{:+.3f} ± {:.3f}".format(*e[f"{k} change"]) for k in keys}
         print(
-            f"| {e['family']} | {e['method']} ({e['reward']}) | "
+            f"| {e['family']} | {e['method']} ({e['reward']}, {e['advantage']}) | "
             f"{e['engagement@10 before'][0]:.3f} | {ch['engagement@10']} | "
             f"{ch['engagement@1']} | {ch['recall@10']} | {ch['reward_model@10']} | "
             f"{e['legal_rate'][0]:.2f} |"
