@@ -1,11 +1,13 @@
 """What each alignment method does to the world's TRUE reward, over seeds, for V1 and V2.
 
-For each family and seed: pre-train the default (tiny-world) config with that seed, fit a P-Score
-reward model on its logged feedback (`onerec reward-model`), then align it with every method
-against the true reward (RSFT: no reward, the logged play time), and with ECPO against the
-reward model (`onerec align`, the same seed
-and settings); the before/after numbers (true reward, Recall, the reward model's score of the
-same lists) are measured by the align run itself on the same validation requests.
+For each family and seed: pre-train the default (tiny-world) config with that seed (a seed is
+a whole world: items, users, the init), fit a P-Score reward model on its logged feedback
+(`onerec reward-model`), then align it with every method against the true reward (RSFT: no
+reward, the logged play time), GBPO again with duration-aware shaping, and ECPO against the
+reward model (`onerec align`, the same seed and settings). The before/after numbers (true
+reward, Recall, the reward model's score of the same lists) are measured by the align run
+itself on the same validation requests. A finished run is read back only if it was made with
+the settings asked for.
 Reports, per family and method, the mean change of the true expected reward of the top-10 and
 top-1 recommendations, Recall@10 before/after, the rollouts' legality rate, each with a 95 %
 t-interval over seeds. Writes benchmarks/results/align_methods.json and prints a Markdown table.
@@ -34,6 +36,21 @@ def _run(args: list[str]) -> dict:
     if out.returncode:
         raise RuntimeError(f"onerec {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _reuse(done: pathlib.Path, record: pathlib.Path, want: dict, where: str) -> bool:
+    """Whether a finished run (`done` exists) can be read back: its `record` JSON must hold
+    the settings asked for now (`where` a dotted path into it); a mismatch is an error, not a
+    silent reuse of numbers made with other settings."""
+    if not done.exists():
+        return False
+    have = json.loads(record.read_text())
+    for part in where.split(".") if where else []:
+        have = have[part]
+    bad = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if bad:
+        raise RuntimeError(f"{done.parent}: made with other settings {bad}; use a new --out")
+    return True
 
 
 def variants(methods: list[str]) -> list[tuple[str, str, str]]:
@@ -67,12 +84,16 @@ def main() -> None:
     ap.add_argument("--out", default="runs/align_methods")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "align_methods.json"))
     a = ap.parse_args()
-    out = pathlib.Path(a.out)
+    out = pathlib.Path(a.out).resolve()  # the runs' subprocesses work in the repository root
     rows = []
     for family in a.families:
         for seed in range(a.seeds):
             pre = out / f"{family}_pre_s{seed}"
-            if not (pre / "summary.json").exists():
+            if _reuse(pre / "summary.json", pre / "summary.json", {"status": "finished"}, ""):
+                cfg = json.loads((pre / "config.json").read_text())
+                if cfg["steps"] != a.pre_steps:
+                    raise RuntimeError(f"{pre}: pre-trained for {cfg['steps']} steps; new --out")
+            else:
                 _run(
                     [
                         *("train", "--config", "default", "--workdir", str(pre)),
@@ -81,7 +102,8 @@ def main() -> None:
                     ]
                 )
             rm_dir = out / f"{family}_rm_s{seed}"
-            if not (rm_dir / "reward_model.json").exists():
+            rm_json = rm_dir / "reward_model.json"
+            if not _reuse(rm_json, rm_json, {"steps": a.rm_steps}, ""):
                 _run(
                     [
                         *("reward-model", "--init", str(pre), "--out", str(rm_dir)),
@@ -92,10 +114,12 @@ def main() -> None:
             for method, reward, adv in variants(a.methods):
                 suffix = "_rm" if reward == "model" else "_dur" if adv == "duration" else ""
                 name = f"{family}_{method}{suffix}_s{seed}"
+                want = {"steps": a.align_steps, "learning_rate": a.learning_rate, "seed": seed}
+                want.update(eval_requests=a.eval_requests, reward=reward, advantage=adv)
                 done = out / name / "summary.json"  # a finished run is read, not redone
                 s = (
                     json.loads(done.read_text())
-                    if done.exists()
+                    if _reuse(done, out / name / "align.json", want, "align")
                     else _run(
                         [
                             *("align", "--method", method, "--init", str(pre)),

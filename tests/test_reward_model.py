@@ -24,8 +24,10 @@ def test_labels_by_hand():
         "target_dur_ms": np.asarray([[30e3, 60e3, 10e3]], np.float32),
         "target_flags": np.asarray([[schema.LIKE | schema.SHARE, schema.DISLIKE, 0]], np.uint8),
     }
-    y = rm.labels(batch)
-    np.testing.assert_allclose(y[0, :, 0], [0.5, 1.0, 0.0])  # play share, capped; NaN -> 0
+    y, known = rm.labels(batch)
+    np.testing.assert_allclose(y[0, :2, 0], [0.5, 1.0])  # play share, capped at 1
+    # an unknown play time is left out of the play label (not taken as 0); flags always known
+    assert known[0, :, 0].tolist() == [True, True, False] and known[0, :, 1:].all()
     assert y[0, 0, 1:].tolist() == [1, 0, 0, 1, 0]  # like, follow, comment, share, dislike
     assert y[0, 1, 1:].tolist() == [0, 0, 0, 0, 1]
 

@@ -27,18 +27,23 @@ reward model scores the before/after lists too (`reward_model@K`, where reward h
 its score up, the true reward flat or down), and `reward=model` aligns against it instead of
 the true reward.
 
-DPO (`--method dpo`): the best and worst of the G beam rollouts by reward are a chosen /
+DPO (`--method dpo`): the best and worst of the G rollouts by reward are a chosen /
 rejected pair (for a random `dpo_share` of the requests), scored against the pre-trained policy
 (kept frozen) with DPO, plus `ntp_weight` x NTP. RSFT (`--method rsft`): no rollouts; NTP on
 the requests whose logged session played at least the (1 - rsft_keep) quantile of session play
 time (estimated once on the first 2,048 training requests).
 
-Left for later (issue 15): duration-aware shaping inside GBPO's loop and rewards from logged
-feedback; the MoE balancing biases stay as pre-trained.
+`advantage=duration` (policy-gradient methods, the world): OneRec-V2's duration-aware shaping
+replaces group normalisation: each rollout's expected play time (and an expected dislike,
+p >= 1/2) against the user's own plays of videos of similar length (shaping.py).
+
+Not built: rewards from logged feedback for rollouts (a rollout has no logged feedback); the
+MoE balancing biases stay as pre-trained.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -171,8 +176,12 @@ def _reward_model(acfg: ml_collections.ConfigDict, run: Any):
     model, or None; refused if it was fit on another catalogue or context."""
     if not acfg.reward_model:
         return None
-    model, params, _ = reward_model.load(acfg.reward_model)
-    if model.cfg.encoder != reward_model.encoder_of(run):
+    model, params, meta = reward_model.load(acfg.reward_model)
+    mine = reward_model.data_of(run)
+    theirs = meta.get("data", {"encoder": dataclasses.asdict(model.cfg.encoder)})
+    if any(theirs.get(k, mine[k]) != mine[k] for k in ("source", "source_seed", "n_items")) or (
+        {**theirs["encoder"], "remat": "none", "unroll": False} != mine["encoder"]
+    ):
         raise ValueError(
             f"{acfg.reward_model}: this reward model was fit on another catalogue or context "
             "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
@@ -217,7 +226,7 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
     if jax.process_count() > 1:
         raise ValueError("onerec align runs in one process for now (it has no mesh support)")
     run, state, init_step = state_lib.restore_latest(init_dir)
-    if acfg.reward == "true" and run.source.kind != "world":
+    if acfg.method != "rsft" and acfg.reward == "true" and run.source.kind != "world":
         raise ValueError(
             f"{init_dir}: reward 'true' needs a world source (the world knows each item's "
             f"expected reward); this run's source is {run.cfg.source}"

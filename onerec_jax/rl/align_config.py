@@ -86,6 +86,7 @@ def check(c: ml_collections.ConfigDict) -> None:
         "eval_requests": 0,
         "eval_beam": 1,
         "warmup_steps": 0,
+        "history_sessions": 1,
     }
     for key, low in at_least.items():
         if c[key] < low:

@@ -29,6 +29,9 @@ def _reward_model(args: argparse.Namespace) -> int:
     from onerec_jax.train.run_config import load_run_config
     from onerec_jax.train.state import open_run
 
+    for flag in ("steps", "batch_size", "eval_requests"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     out = pathlib.Path(args.out)
     if (out / "reward_model.json").exists() and not args.overwrite:
         raise FileExistsError(f"{out}: holds a reward model already (--overwrite replaces it)")
@@ -42,6 +45,7 @@ def _reward_model(args: argparse.Namespace) -> int:
         bar.close()
     metrics = rm.evaluate(run, model, params, args.eval_requests, args.seed)
     meta = {"init": str(pathlib.Path(args.init).resolve()), "steps": args.steps}
+    meta["data"] = rm.data_of(run)
     meta.update(final_train_loss=sum(losses[-10:]) / len(losses[-10:]), eval=metrics)
     rm.save(out, model, params, meta)
     print(json.dumps(meta, sort_keys=True))

@@ -67,13 +67,18 @@ class PScore(nn.Module):
         return Dense(len(LABELS), ("mlp", None), use_bias=True, name="out")(h)
 
 
-def labels(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """Label targets [B, M, 6] of a batch's logged target exposures (play_frac soft)."""
-    play, dur = batch["target_play_ms"], batch["target_dur_ms"]
-    frac = np.clip(np.nan_to_num(play / np.maximum(dur, 1.0)), 0.0, 1.0)
+def labels(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Label targets [B, M, 6] of a batch's logged target exposures (play_frac soft), and
+    which are known [B, M, 6]: the play share only where the source logs play time and
+    duration (NaN where it does not: such a label is left out, not taken as 0)."""
+    play = np.asarray(batch["target_play_ms"], np.float64)
+    dur = np.asarray(batch["target_dur_ms"], np.float64)
+    has_play = np.isfinite(play) & np.isfinite(dur) & (dur > 0)
+    frac = np.where(has_play, np.clip(play / np.where(has_play, dur, 1.0), 0.0, 1.0), 0.0)
     flags = batch["target_flags"].astype(np.int64)
     cols = [frac] + [((flags & bit) != 0).astype(np.float32) for bit in _BITS.values()]
-    return np.stack(cols, -1).astype(np.float32)
+    known = np.stack([has_play] + [np.ones_like(has_play)] * len(_BITS), -1)
+    return np.stack(cols, -1).astype(np.float32), known
 
 
 def fused(logits: jax.Array) -> jax.Array:
@@ -82,13 +87,15 @@ def fused(logits: jax.Array) -> jax.Array:
     return jnp.sum(jax.nn.sigmoid(logits.astype(jnp.float32)) * w, -1)
 
 
-def loss(params: Any, model: PScore, batch: dict, y_BxMx6: jax.Array) -> jax.Array:
-    """Mean binary cross-entropy over the valid target exposures and the labels."""
+def loss(
+    params: Any, model: PScore, batch: dict, y_BxMx6: jax.Array, known_BxMx6: jax.Array
+) -> jax.Array:
+    """Mean binary cross-entropy over the valid target exposures' known labels."""
     inputs = {k: v for k, v in batch.items() if not k.startswith("target_")}
     logits = model.apply({"params": params}, inputs, batch["target_item"]).astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(logits, y_BxMx6)
-    w = batch["target_mask"].astype(jnp.float32)[..., None]
-    return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w) * len(LABELS), 1.0)
+    w = (batch["target_mask"][..., None] & known_BxMx6).astype(jnp.float32)
+    return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def auc(scores: np.ndarray, y: np.ndarray) -> float:
@@ -114,6 +121,20 @@ def encoder_of(run: Any) -> EncoderConfig:
     """The pre-trained run's encoder sizes (V1's encoder, V2's context pathways)."""
     c = run.model.cfg
     return c.encoder if hasattr(c, "encoder") else c.context
+
+
+def data_of(run: Any) -> dict[str, Any]:
+    """What a reward model must share with a run it scores: the source, the world's seed, the
+    catalogue and the context's sizes (not remat / unroll, which a run may change)."""
+    from onerec_jax.train.run_config import source_seed
+
+    enc = dataclasses.replace(encoder_of(run), remat="none", unroll=False)
+    return {
+        "source": str(run.cfg.source),
+        "source_seed": source_seed(run.cfg),
+        "n_items": int(run.source.n_items),
+        "encoder": dataclasses.asdict(enc),
+    }
 
 
 def _inputs(batch: dict) -> dict:
@@ -151,8 +172,8 @@ def train(
     opt = tx.init(params)
 
     @jax.jit
-    def step(params, opt, batch, y):
-        value, grads = jax.value_and_grad(loss)(params, model, batch, y)
+    def step(params, opt, batch, y, known):
+        value, grads = jax.value_and_grad(loss)(params, model, batch, y, known)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, value
 
@@ -160,7 +181,8 @@ def train(
     host = first
     for i in range(steps):
         batch = {k: jnp.asarray(v) for k, v in host.items() if k not in ("user_id", "request_ts")}
-        params, opt, value = step(params, opt, batch, jnp.asarray(labels(host)))
+        y, known = labels(host)
+        params, opt, value = step(params, opt, batch, jnp.asarray(y), jnp.asarray(known))
         history.append(float(value))
         if progress is not None:
             progress(i + 1, history[-1])
@@ -185,13 +207,16 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
     x = {k: jnp.asarray(v) for k, v in _inputs(raw).items()}
     logits = np.asarray(model.apply({"params": params}, x, jnp.asarray(raw["target_item"])))
     valid = raw["target_mask"]
-    y = labels(raw)[valid]
+    y_all, known_all = labels(raw)
+    y, known = y_all[valid], known_all[valid]
     p = 1.0 / (1.0 + np.exp(-logits[valid]))
     out: dict[str, Any] = {"requests": int(n), "exposures": int(valid.sum())}
     for j, name in enumerate(LABELS):
-        target = y[:, j] >= 0.5 if name == "play_frac" else y[:, j] > 0
-        out[f"auc/{name}"] = auc(p[:, j], target)
-        out[f"calibration/{name}"] = float(p[:, j].mean() / max(y[:, j].mean(), 1e-9))
+        k = known[:, j]
+        target = y[k, j] >= 0.5 if name == "play_frac" else y[k, j] > 0
+        out[f"auc/{name}"] = auc(p[k, j], target)
+        mean_y = y[k, j].mean() if k.any() else float("nan")
+        out[f"calibration/{name}"] = float(p[k, j].mean() / mean_y) if mean_y > 0 else float("nan")
     if src.kind == "world":
         items = np.where(valid, raw["target_item"], 0)
         s_logged = np.asarray(score(params, x, jnp.asarray(np.maximum(items, 1))))
@@ -242,7 +267,7 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
     spec = schema.SchemaSpec(
         short_len=enc["short_len"], pos_len=enc["pos_len"], life_len=enc["life_len"]
     )
-    x = _inputs({k: jnp.zeros((1, *shape), dt) for k, (shape, dt) in spec.shapes().items()})
+    x = _inputs({k: np.zeros((1, *shape), dt) for k, (shape, dt) in spec.shapes().items()})
     target = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, ids))["params"]
     try:
         params = serialization.from_bytes(target, (d / "params.msgpack").read_bytes())
@@ -250,4 +275,7 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
         raise ValueError(
             f"{d / 'params.msgpack'}: not this reward model's parameters ({e})"
         ) from None
-    return model, params, meta
+    shapes = jax.tree.map(lambda a, t: a.shape == t.shape, params, target)
+    if not all(jax.tree.leaves(shapes)):
+        raise ValueError(f"{d / 'params.msgpack'}: parameter shapes differ from its config")
+    return model, jax.device_put(params), meta

@@ -75,16 +75,28 @@ def session_play_s(host: dict) -> np.ndarray:
 
 
 def rsft_threshold(run: Any, keep: float, n: int = 2048) -> float:
-    """The play time below which RSFT drops a session: the (1 - keep) quantile over the first
-    `n` training requests (a property of the data, the same on every resume)."""
+    """The play time below which RSFT drops a session: the (1 - keep) quantile over `n`
+    training requests drawn with a fixed permutation (a property of the data, the same on
+    every resume). Refused when the source logs no play time, or when play times tie so much
+    that the threshold would keep far more than `keep` of the sessions."""
     from onerec_jax.data import schema
 
     src = run.source
     n = min(n, len(src))
-    host = schema.build_batch(
-        src.raw_batch(np.arange(n), run.spec.history_window, run.spec), run.spec
-    )
-    return float(np.quantile(session_play_s(host), 1.0 - keep))
+    idx = np.sort(np.random.default_rng(0).permutation(len(src))[:n]) if len(src) > n else None
+    idx = np.arange(n) if idx is None else idx
+    host = schema.build_batch(src.raw_batch(idx, run.spec.history_window, run.spec), run.spec)
+    known = np.isfinite(np.where(host["target_mask"], host["target_play_ms"], 0.0)).all(-1)
+    if not known.any():
+        raise ValueError(f"{run.cfg.source}: RSFT needs logged play time; this source has none")
+    s = session_play_s({k: v[known] for k, v in host.items() if k.startswith("target_")})
+    t = float(np.quantile(s, 1.0 - keep))
+    if np.mean(s >= t) > keep + 0.25:
+        raise ValueError(
+            f"{run.cfg.source}: {np.mean(s >= t):.0%} of sessions play at least the RSFT "
+            f"threshold ({t:.1f} s), not ~{keep:.0%}: play times tie too much for this filter"
+        )
+    return t
 
 
 def preference_pairs(
