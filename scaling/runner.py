@@ -22,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import pathlib
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -34,23 +32,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from onerec_jax.atomic import write_atomic
 from scaling import results
 from scaling import sweep as sweep_lib
 from scaling.claims import Claims
 
 _TOKENIZER = "_tokenizer"
-
-
-def _write_atomic(path: pathlib.Path, data: str | bytes) -> None:
-    """Write a file whole or not at all (a unique temporary name: runners on several hosts
-    may share PIDs), fsynced before it replaces the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _row_path(sweep_dir: pathlib.Path, name: str) -> pathlib.Path:
@@ -155,7 +142,7 @@ def _check_plan(sweep_dir: pathlib.Path, resolved: list[sweep_lib.Resolved]) -> 
             )
         merged[name] = new
     if merged != old:
-        _write_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 def sync_results(sweep_dir: pathlib.Path) -> int:
@@ -230,7 +217,7 @@ def _train_point(r: sweep_lib.Resolved, sweep: sweep_lib.Sweep, sweep_dir: pathl
         tokens_target=r.point.tokens,
         entropy_floor=entropy_floor(r.cfg),
     )
-    _write_atomic(_row_path(sweep_dir, name), results.line(row))
+    write_atomic(_row_path(sweep_dir, name), results.line(row))
     results.append_missing(sweep_dir / "results.jsonl", [row], key="point")
     (sweep_dir / "failed" / f"{name}.txt").unlink(missing_ok=True)
     return True
@@ -309,7 +296,7 @@ def _run(
             except Exception:
                 failed.append(name)
                 text = traceback.format_exc()
-                _write_atomic(sweep_dir / "failed" / f"{name}.txt", text)
+                write_atomic(sweep_dir / "failed" / f"{name}.txt", text)
                 bar.write(f"sweep: {name} FAILED: {text.strip().splitlines()[-1]}")
                 continue
             finally:

@@ -104,7 +104,7 @@ def test_dpo_by_hand():
     )
 
 
-def test_masked_mean_ignores_masked_rollouts_and_an_empty_mask_gives_zero():
+def testmasked_mean_ignores_masked_rollouts_and_an_empty_mask_gives_zero():
     lp = jnp.log(jnp.asarray([[0.55, 0.3]]))
     old = jnp.log(jnp.asarray([[0.5, 0.5]]))
     adv = jnp.asarray([[1.0, 5.0]])

@@ -31,7 +31,7 @@ DPO (`--method dpo`): the best and worst of the G rollouts by reward are a chose
 rejected pair (for a random `dpo_share` of the requests), scored against the pre-trained policy
 (kept frozen) with DPO, plus `ntp_weight` x NTP. RSFT (`--method rsft`): no rollouts; NTP on
 the requests whose logged session played at least the (1 - rsft_keep) quantile of session play
-time (estimated once on the first 2,048 training requests).
+time (estimated once on 2,048 training requests drawn with a fixed seed).
 
 `advantage=duration` (policy-gradient methods, the world): OneRec-V2's duration-aware shaping
 replaces group normalisation: each rollout's expected play time (and an expected dislike,
@@ -43,7 +43,6 @@ MoE balancing biases stay as pre-trained.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -56,6 +55,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from onerec_jax.atomic import write_atomic
 from onerec_jax.data import pipeline
 from onerec_jax.evaluate import evaluate_run, true_reward
 from onerec_jax.generate import beam_search
@@ -101,22 +101,20 @@ def make_update(model: Any, tx: optax.GradientTransformation, acfg: ml_collectio
                 return ntp, {"ntp_loss": ntp}
             ntp, _ = loss_fn(nll, valid, model.cfg.loss)
             logp = rollout_logp(model, variables, inputs, extra["codes"])
-            m = extra["mask"].astype(jnp.float32)
             if kind == "dpo":
                 ref = extra["ref"]
                 term = losses.dpo_loss(
                     logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], acfg.dpo_beta, extra["mask"]
                 )
                 margin = (logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])
-                mean_margin = jnp.sum(margin * m) / jnp.maximum(jnp.sum(m), 1.0)
                 return term + ntp_weight * ntp, {
                     "dpo_loss": term,
                     "ntp_loss": ntp,
-                    "margin": mean_margin,
+                    "margin": losses.masked_mean(margin, extra["mask"]),
                 }
             logp_old = extra["logp_old"]
             pg = losses.LOSSES[kind](logp, logp_old, extra["adv"], extra["mask"], **kw)
-            ratio = jnp.sum(jnp.exp(logp - logp_old) * m) / jnp.maximum(jnp.sum(m), 1.0)
+            ratio = losses.masked_mean(jnp.exp(logp - logp_old), extra["mask"])
             return pg + ntp_weight * ntp, {"pg_loss": pg, "ntp_loss": ntp, "ratio": ratio}
 
         (total, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -177,11 +175,7 @@ def _reward_model(acfg: ml_collections.ConfigDict, run: Any):
     if not acfg.reward_model:
         return None
     model, params, meta = reward_model.load(acfg.reward_model)
-    mine = reward_model.data_of(run)
-    theirs = meta.get("data", {"encoder": dataclasses.asdict(model.cfg.encoder)})
-    if any(theirs.get(k, mine[k]) != mine[k] for k in ("source", "source_seed", "n_items")) or (
-        {**theirs["encoder"], "remat": "none", "unroll": False} != mine["encoder"]
-    ):
+    if meta.get("data") != reward_model.data_of(run):
         raise ValueError(
             f"{acfg.reward_model}: this reward model was fit on another catalogue or context "
             "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
@@ -209,13 +203,6 @@ def _duration_advantage(world: Any, host: dict, items: np.ndarray, acfg: Any) ->
     return shaping.duration_advantage(
         e["play_frac"] * dur, dur, e["dislike"] >= 0.5, h_play, h_dur, h_valid
     )
-
-
-def _write(path: pathlib.Path, obj: dict) -> None:
-    """JSON written whole or not at all (a crash mid-write leaves the old file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: pathlib.Path):
@@ -256,8 +243,8 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
     elif (workdir / "config.json").exists() and not saved.exists():
         raise ValueError(f"{workdir}: holds a run that is not an alignment run; pick another")
     workdir.mkdir(parents=True, exist_ok=True)
-    _write(workdir / "config.json", cfg.to_dict())
-    _write(saved, record)
+    write_atomic(workdir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    write_atomic(saved, json.dumps(record, indent=2, sort_keys=True))
     return run, state, cfg
 
 
@@ -307,7 +294,8 @@ def align(
             host = next(data)
             batch = jax.tree.map(jnp.asarray, host)
             inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-            if step % acfg.refresh == 0:  # `start` is a multiple of refresh (align_config)
+            # `start` is a multiple of refresh (align_config); RSFT has no rollouts to make.
+            if step % acfg.refresh == 0 and acfg.method != "rsft":
                 old_vars = {"params": state.params, "moe_bias": state.moe_bias}
                 old_vars = jax.tree.map(jnp.copy, old_vars)  # the update donates the state
             key = jax.random.fold_in(jax.random.key(acfg.seed), step)
@@ -381,14 +369,3 @@ def align(
         summary["after"] = evaluate_run(workdir, "validation", **kw)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
-
-
-def summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of an alignment summary: the true reward of the top 1/5/10 and
-    Recall@10 before and after, and their changes."""
-    out = {}
-    for k in ("engagement@1", "engagement@5", "engagement@10", "recall@10"):
-        if k in summary.get("before", {}):
-            a, b = summary["before"][k], summary["after"][k]
-            out[k] = {"before": a, "after": b, "change": b - a}
-    return out

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The float32 mean of x over `mask` (all of x when None); 0 when nothing is masked in."""
     x = x.astype(jnp.float32)
     if mask is None:
         return jnp.mean(x)
@@ -68,7 +69,7 @@ def ecpo_loss(
     ratio = jnp.exp(logp - logp_old_early)
     a = adv.astype(jnp.float32)
     surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * a)
-    return -_masked_mean(surrogate, mask)
+    return -masked_mean(surrogate, mask)
 
 
 def gbpo_loss(
@@ -83,7 +84,7 @@ def gbpo_loss(
     # pi = 1, where the max takes pi_old.
     bound = jnp.where(a >= 0, lp, jnp.log1p(-jnp.exp(jnp.minimum(lp, 0.0))))
     ratio = jnp.exp(logp - jnp.maximum(logp_old.astype(jnp.float32), bound))
-    return -_masked_mean(ratio * a, mask)
+    return -masked_mean(ratio * a, mask)
 
 
 def gppo_loss(
@@ -111,7 +112,7 @@ def gppo_loss(
     # (1 -/+ eps) r / sg(r) without the division: value 1 -/+ eps, gradient (1 -/+ eps) d logp.
     unit = jnp.exp(logp - jax.lax.stop_gradient(logp))
     r = jnp.where(use_hi, (1.0 + eps_high) * unit, jnp.where(use_lo, (1.0 - eps_low) * unit, ratio))
-    return -_masked_mean(r * a, mask)
+    return -masked_mean(r * a, mask)
 
 
 def dpo_loss(
@@ -124,7 +125,7 @@ def dpo_loss(
 ) -> jax.Array:
     """-mean log sigmoid(beta ((logp_w - ref_w) - (logp_l - ref_l))) over the pairs."""
     margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
-    return -_masked_mean(jax.nn.log_sigmoid(beta * margin.astype(jnp.float32)), mask)
+    return -masked_mean(jax.nn.log_sigmoid(beta * margin.astype(jnp.float32)), mask)
 
 
 LOSSES = {"ecpo": ecpo_loss, "gbpo": gbpo_loss, "gppo": gppo_loss}

@@ -232,21 +232,16 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
 def save(directory: Any, model: PScore, params: Any, meta: dict) -> None:
     """params.msgpack and reward_model.json (its config and `meta`), each written whole."""
     import json
-    import os
     import pathlib
 
     from flax import serialization
 
+    from onerec_jax.atomic import write_atomic
+
     d = pathlib.Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     cfg = {"encoder": dataclasses.asdict(model.cfg.encoder), "hidden": model.cfg.hidden}
-    for name, data in (
-        ("params.msgpack", serialization.to_bytes(params)),
-        ("reward_model.json", json.dumps({"config": cfg, **meta}, indent=2).encode()),
-    ):
-        tmp = d / f"{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, d / name)
+    write_atomic(d / "params.msgpack", serialization.to_bytes(params))
+    write_atomic(d / "reward_model.json", json.dumps({"config": cfg, **meta}, indent=2))
 
 
 def load(directory: Any) -> tuple[PScore, Any, dict]:

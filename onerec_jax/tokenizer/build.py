@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from onerec_jax.atomic import write_atomic
 from onerec_jax.data.sources import open_source
 from onerec_jax.monitor import MetricWriter
 from onerec_jax.tokenizer import embed, rq_kmeans, rq_vae, semantic_ids
@@ -45,12 +46,6 @@ def _fields(dc: Any) -> dict[str, Any]:
     d = dataclasses.asdict(dc)
     d.pop("seed")
     return d
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def auto_codes(n_items: int) -> int:
@@ -91,8 +86,8 @@ def tokenize(
     report_path.unlink(missing_ok=True)
     report["table"].save(out)
     del report["table"]
-    _write_atomic(out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-    _write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
 
