@@ -28,6 +28,7 @@ from scipy import stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("ecpo", "gbpo", "gppo", "dpo", "rsft")
+KEY = ("family", "method", "reward", "advantage", "extra")
 ONEREC = [sys.executable, "-m", "onerec_jax.cli"]
 
 
@@ -53,14 +54,31 @@ def _reuse(done: pathlib.Path, record: pathlib.Path, want: dict, where: str) -> 
     return True
 
 
-def variants(methods: list[str]) -> list[tuple[str, str, str]]:
-    """(method, reward, advantage) of every run per seed: each method against the true reward
-    with group advantages, GBPO with duration-aware shaping, and ECPO against the reward model
-    (where reward hacking would show)."""
-    out = [(m, "true", "group") for m in methods]
+# Rollout settings beyond the defaults (beam rollouts, old policy refreshed every update):
+# sampled rollouts within the trie and free ones judged by the format reward, and an old
+# policy kept for 4 updates, where ECPO's and GPPO's clipping first differ (with refresh 1
+# every ratio is exactly 1 at the update, so the two give identical runs).
+EXTRA = {
+    "sample": {"rollout": "sample"},
+    "free": {"rollout": "sample", "trie": False},
+    "r4": {"refresh": 4, "checkpoint_every": 20},
+}
+
+
+def variants(methods: list[str]) -> list[tuple[str, str, str, str]]:
+    """(method, reward, advantage, extra) of every run per seed: each method against the true
+    reward with group advantages, GBPO with duration-aware shaping, ECPO against the reward
+    model (where reward hacking would show), then ECPO with sampled and free rollouts and
+    ECPO and GPPO with a stale old policy (`EXTRA`)."""
+    out = [(m, "true", "group", "") for m in methods]
     if "gbpo" in methods:
-        out.append(("gbpo", "true", "duration"))
-    return [*out, ("ecpo", "model", "group")]
+        out.append(("gbpo", "true", "duration", ""))
+    out.append(("ecpo", "model", "group", ""))
+    if "ecpo" in methods:
+        out += [("ecpo", "true", "group", x) for x in ("sample", "free", "r4")]
+    if "gppo" in methods:
+        out.append(("gppo", "true", "group", "r4"))
+    return out
 
 
 def _interval(x: list[float]) -> tuple[float, float]:
@@ -111,11 +129,14 @@ def main() -> None:
                     ]
                 )
             rm_eval = json.loads((rm_dir / "reward_model.json").read_text())["eval"]
-            for method, reward, adv in variants(a.methods):
+            for method, reward, adv, extra in variants(a.methods):
                 suffix = "_rm" if reward == "model" else "_dur" if adv == "duration" else ""
+                suffix += f"_{extra}" if extra else ""
                 name = f"{family}_{method}{suffix}_s{seed}"
                 want = {"steps": a.align_steps, "learning_rate": a.learning_rate, "seed": seed}
                 want.update(eval_requests=a.eval_requests, reward=reward, advantage=adv)
+                want.update({"rollout": "beam", "trie": True, "refresh": 1})
+                want.update(EXTRA.get(extra, {}))
                 done = out / name / "summary.json"  # a finished run is read, not redone
                 s = (
                     json.loads(done.read_text())
@@ -130,6 +151,7 @@ def main() -> None:
                             f"--config.reward={reward}",
                             f"--config.advantage={adv}",
                             f"--config.reward_model={rm_dir}",
+                            *(f"--config.{k}={v}" for k, v in EXTRA.get(extra, {}).items()),
                         ]
                     )
                 )
@@ -137,6 +159,7 @@ def main() -> None:
                 metrics = [json.loads(x) for x in lines]
                 row = {"family": family, "method": method, "reward": reward, "seed": seed}
                 row["advantage"] = adv
+                row["extra"] = extra
                 row["rm_corr_true_reward"] = rm_eval.get("corr_true_reward/random")
                 for k in ("engagement@1", "engagement@10", "recall@10", "reward_model@10"):
                     row[f"{k} before"] = s["before"][k]
@@ -147,10 +170,11 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     table = []
     for family in a.families:
-        for method, reward, adv in variants(a.methods):
-            key = (family, method, reward, adv)
-            rs = [r for r in rows if (r["family"], r["method"], r["reward"], r["advantage"]) == key]
+        for method, reward, adv, extra in variants(a.methods):
+            key = (family, method, reward, adv, extra)
+            rs = [r for r in rows if tuple(r[k] for k in KEY) == key]
             entry = {"family": family, "method": method, "reward": reward, "advantage": adv}
+            entry["extra"] = extra
             entry["seeds"] = len(rs)
             for k in ("engagement@10", "engagement@1", "recall@10", "reward_model@10"):
                 entry[f"{k} change"] = _interval([r[f"{k} after"] - r[f"{k} before"] for r in rs])
@@ -168,7 +192,8 @@ def main() -> None:
     for e in table:
         ch = {k: "{:+.3f} ± {:.3f}".format(*e[f"{k} change"]) for k in keys}
         print(
-            f"| {e['family']} | {e['method']} ({e['reward']}, {e['advantage']}) | "
+            f"| {e['family']} | {e['method']} ({e['reward']}, {e['advantage']}, "
+            f"{e['extra'] or 'beam'}) | "
             f"{e['engagement@10 before'][0]:.3f} | {ch['engagement@10']} | "
             f"{ch['engagement@1']} | {ch['recall@10']} | {ch['reward_model@10']} | "
             f"{e['legal_rate'][0]:.2f} |"
