@@ -26,6 +26,8 @@ import sys
 import numpy as np
 from scipy import stats
 
+from onerec_jax.rl import align_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("ecpo", "gbpo", "gppo", "dpo", "rsft")
 KEY = ("family", "method", "reward", "advantage", "extra")
@@ -48,6 +50,8 @@ def _reuse(done: pathlib.Path, record: pathlib.Path, want: dict, where: str) -> 
     have = json.loads(record.read_text())
     for part in where.split(".") if where else []:
         have = have[part]
+    if where == "align":  # a field added since the run was made: it ran with the default
+        have = {**align_config.get_config().to_dict(), **have}
     bad = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if bad:
         raise RuntimeError(f"{done.parent}: made with other settings {bad}; use a new --out")
@@ -55,11 +59,10 @@ def _reuse(done: pathlib.Path, record: pathlib.Path, want: dict, where: str) -> 
 
 
 # Rollout settings beyond the defaults (beam rollouts, old policy refreshed every update):
-# sampled rollouts within the trie and free ones judged by the format reward, and an old
+# rollouts sampled freely from the policy and judged by the format reward, and an old
 # policy kept for 4 updates, where ECPO's and GPPO's clipping first differ (with refresh 1
 # every ratio is exactly 1 at the update, so the two give identical runs).
 EXTRA = {
-    "sample": {"rollout": "sample"},
     "free": {"rollout": "sample", "trie": False},
     "r4": {"refresh": 4, "checkpoint_every": 20},
 }
@@ -68,14 +71,14 @@ EXTRA = {
 def variants(methods: list[str]) -> list[tuple[str, str, str, str]]:
     """(method, reward, advantage, extra) of every run per seed: each method against the true
     reward with group advantages, GBPO with duration-aware shaping, ECPO against the reward
-    model (where reward hacking would show), then ECPO with sampled and free rollouts and
+    model (where reward hacking would show), then ECPO with free sampled rollouts and
     ECPO and GPPO with a stale old policy (`EXTRA`)."""
     out = [(m, "true", "group", "") for m in methods]
     if "gbpo" in methods:
         out.append(("gbpo", "true", "duration", ""))
     out.append(("ecpo", "model", "group", ""))
     if "ecpo" in methods:
-        out += [("ecpo", "true", "group", x) for x in ("sample", "free", "r4")]
+        out += [("ecpo", "true", "group", x) for x in ("free", "r4")]
     if "gppo" in methods:
         out.append(("gppo", "true", "group", "r4"))
     return out
