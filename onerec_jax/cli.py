@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl_cli.register(sub)
 
+    from onerec_jax.baselines import cli as baseline_cli
+
+    baseline_cli.register(sub)
+
     evp = sub.add_parser("eval", help="Recall/NDCG@K of a run's newest checkpoint")
     evp.add_argument("--workdir", required=True)
     evp.add_argument("--split", choices=("validation", "test"), default="test")

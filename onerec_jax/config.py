@@ -244,6 +244,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, low in at_least.items():
         if key in cfg and cfg[key] < low:
             raise ConfigError(f"config field {key} must be >= {low}, got {cfg[key]}")
+    data = cfg.get("data", {})
+    if "log_session_len" in data:
+        if data.log_session_len < 1:
+            raise ConfigError(
+                f"config field data.log_session_len must be >= 1, got {data.log_session_len}"
+            )
+        if str(cfg.get("source", "")).startswith("world:") and data.log_session_len != 5:
+            raise ConfigError(
+                "config field data.log_session_len applies to logged sources only; the "
+                f"world's sessions are its own (source {cfg.source})"
+            )
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -158,9 +158,17 @@ def rank_unseen(scores_BxN: np.ndarray, seen: dict[str, Any], k: int) -> np.ndar
     rows = np.repeat(np.arange(len(off) - 1), np.diff(off))
     s[rows, seen["hist_item"]] = -np.inf
     # Stable order: higher score first, ties by item id (argsort of -score is stable).
-    part = np.argpartition(-s, k, axis=1)[:, :k]
+    if k < s.shape[1]:
+        part = np.argpartition(-s, k, axis=1)[:, :k]
+    else:  # a catalogue smaller than k (a user's own log): every item, padded below
+        part = np.broadcast_to(np.arange(s.shape[1]), s.shape)
     order = np.lexsort((part, -np.take_along_axis(s, part, 1)), axis=1)
-    return np.take_along_axis(part, order, 1)
+    ranked = np.take_along_axis(part, order, 1)
+    # Excluded items that only fill a short list are padding (0), never a recommendation.
+    ranked = np.where(np.isneginf(np.take_along_axis(s, ranked, 1)), 0, ranked)
+    if ranked.shape[1] < k:
+        ranked = np.pad(ranked, ((0, 0), (0, k - ranked.shape[1])))
+    return ranked
 
 
 def evaluate_scorer(source: Any, scorer: Any, k_max: int = 50, batch: int = 512) -> dict:

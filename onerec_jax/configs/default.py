@@ -66,6 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.pos_len = 32  # positive-feedback pathway events (report: 256)
     c.data.life_len = 64  # lifelong pathway events (report: 2000)
     c.data.max_targets = 5  # m, target items per request
+    # Logged sources only: the most events one training example takes as its targets (a
+    # user's training events are cut into sessions of at most this many, after 30-minute gaps
+    # too). 1 = every training event is an example of its own whose history is every earlier
+    # event: training on every prefix of a history, the setting of a next-item test target.
+    c.data.log_session_len = 5
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "v1"  # "v1" encoder-decoder | "v2" lazy decoder-only

@@ -46,6 +46,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "unroll_layers": False,
     "pack_targets": 0,
     "optim.moment_dtype": "float32",
+    "data.log_session_len": 5,
 }
 
 # Fields a run may change when it resumes: they change where the state lies, how much memory a

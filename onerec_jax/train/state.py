@@ -135,7 +135,13 @@ def open_run(
     cfg: ml_collections.ConfigDict, workdir: pathlib.Path, build_table: bool = False
 ) -> Run:
     """The training source, table and model of a run, checked against each other."""
-    source = open_source(cfg.source, seed=source_seed(cfg), split="train", order_seed=cfg.seed)
+    source = open_source(
+        cfg.source,
+        seed=source_seed(cfg),
+        split="train",
+        order_seed=cfg.seed,
+        max_session_len=cfg.data.log_session_len,
+    )
     table = load_table(cfg, workdir, build_table)
     if table.n_items != source.n_items:
         raise ValueError(

@@ -1,0 +1,70 @@
+"""What every baseline is fitted on: the training events of a logged source, per user, in order.
+
+A user's training events are the ones the training split's sessions cover: all but the last two
+when the user has >= 3 events (those two are the validation and test targets), else all of
+them (`LogSource`'s rule, the one V1 and V2 train under). Nothing of the validation or test
+targets is ever read here; a request's history at scoring time comes from the request itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from onerec_jax import ranking
+from onerec_jax.data import schema
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """Training events per user: user u's items are `item[offsets[u]:offsets[u + 1]]` in time
+    order (u = 1..n_users; user 0 is padding and owns none)."""
+
+    offsets: np.ndarray  # int64 [n_users + 2]
+    item: np.ndarray  # int32 [N], 1..n_items
+    n_items: int
+    matrix: sp.csr_matrix  # users x items (1..n_items) event counts
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 2
+
+    def sequence(self, u: int) -> np.ndarray:
+        return self.item[self.offsets[u] : self.offsets[u + 1]]
+
+
+def training_data(source: Any) -> TrainData:
+    """The training events of a logged source (any split of it: the log is shared)."""
+    if getattr(source, "kind", None) != "log":
+        raise ValueError(
+            "the baselines run on logged sources (movielens-100k, parquet:PATH), whose "
+            f"leave-last-out splits they share with V1 and V2; got a {source.kind!r} source"
+        )
+    log = source.log
+    n_ev = np.diff(log.offsets)[1:]
+    kept = n_ev - np.where(n_ev >= 3, 2, 0)
+    pos = schema.ranges(log.offsets[1:-1], kept)
+    offsets = np.concatenate([[0, 0], np.cumsum(kept)]).astype(np.int64)
+    return TrainData(
+        offsets, log.item[pos].astype(np.int32), log.n_items, ranking.training_matrix(log)
+    )
+
+
+def histories(raw: dict[str, Any]) -> list[np.ndarray]:
+    """Each request's history items, oldest first (the ragged `hist_*` of a raw batch)."""
+    off = raw["hist_offsets"]
+    return [raw["hist_item"][off[i] : off[i + 1]] for i in range(len(off) - 1)]
+
+
+def last_items(raw: dict[str, Any], length: int) -> np.ndarray:
+    """[B, length] int32: each request's `length` most recent history items, right-aligned
+    (the newest last), 0-padded on the left."""
+    out = np.zeros((len(raw["hist_offsets"]) - 1, length), np.int32)
+    for i, h in enumerate(histories(raw)):
+        h = h[-length:]
+        if len(h):
+            out[i, length - len(h) :] = h
+    return out
