@@ -26,6 +26,25 @@ def _batches(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_export(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from onerec_jax.data import logs
+    from onerec_jax.data.sources import open_source
+
+    src = open_source(args.source)
+    if src.kind != "log":
+        raise ValueError(f"{args.source}: only logged sources are written as a user log")
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out}: exists (--overwrite replaces it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logs.write(out, src.log)
+    log = src.log
+    print(f"{out}: {log.n_events:,} events, {log.n_users:,} users, {log.n_items:,} items")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from scaling import demo
 
@@ -213,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(fn=_data_stats)
+
+    exp = data.add_parser(
+        "export",
+        help="write a logged source as a user log (Parquet, or CSV by suffix): "
+        "`--source parquet:PATH` reads it back",
+    )
+    exp.add_argument("--source", required=True, help="movielens-100k | parquet:PATH")
+    exp.add_argument("--out", required=True, help="the file to write (.parquet or .csv)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    exp.set_defaults(fn=_data_export)
 
     bat = data.add_parser("batches", help="build the world and MovieLens pipelines, show batches")
     bat.add_argument("--logdir", default="runs/batches", help="TensorBoard log folder")

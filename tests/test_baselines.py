@@ -183,3 +183,18 @@ def test_rank_unseen_on_a_catalogue_smaller_than_k():
     ranked = ranking.rank_unseen(s, seen, 10)
     np.testing.assert_array_equal(ranked, [[5, 3, 1, 0, 0, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(ranking.rank_unseen(s, seen, 2), [[5, 3]])
+
+
+def test_movielens_exported_as_a_user_log_scores_the_same(tmp_path, capsys):
+    """`onerec data export` writes MovieLens-100k as a Parquet user log; read back through
+    `parquet:PATH` it gives the same splits, protocol and baseline scores."""
+    path = tmp_path / "ml.parquet"
+    assert cli.main(["data", "export", "--source", "movielens-100k", "--out", str(path)]) == 0
+    assert "100,000 events" in capsys.readouterr().out
+    assert cli.main(["data", "export", "--source", "movielens-100k", "--out", str(path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    a, b = (
+        tune.run("seq-knn", s, tune=False, seeds=1, say=lambda m: None)
+        for s in ("movielens-100k", f"parquet:{path}")
+    )
+    assert a["test_mean"] == b["test_mean"] and a["protocol"] == b["protocol"]
