@@ -131,17 +131,23 @@ class Run:
     spec: schema.SchemaSpec
 
 
-def open_run(
-    cfg: ml_collections.ConfigDict, workdir: pathlib.Path, build_table: bool = False
-) -> Run:
-    """The training source, table and model of a run, checked against each other."""
-    source = open_source(
+def training_source(cfg: ml_collections.ConfigDict) -> Any:
+    """The training split of a run's source; a logged source cut into sessions of at most
+    `data.log_session_len` events (1: one example per event, its whole past as history)."""
+    return open_source(
         cfg.source,
         seed=source_seed(cfg),
         split="train",
         order_seed=cfg.seed,
         max_session_len=cfg.data.log_session_len,
     )
+
+
+def open_run(
+    cfg: ml_collections.ConfigDict, workdir: pathlib.Path, build_table: bool = False
+) -> Run:
+    """The training source, table and model of a run, checked against each other."""
+    source = training_source(cfg)
     table = load_table(cfg, workdir, build_table)
     if table.n_items != source.n_items:
         raise ValueError(
