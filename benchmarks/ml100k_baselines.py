@@ -46,10 +46,9 @@ def main() -> None:
             k: f"{m[k]:.4f}" + (f" ± {sd[k]:.4f}" if r["seeds"] > 1 else "")
             for k in ("recall@10", "ndcg@10", "recall@50")
         }
-        chosen = {
-            **r["params"],
-            **{k: v for k, v in r["test"][0]["chosen"].items() if k == "epochs"},
-        }
+        chosen = dict(r["params"])
+        if "epochs" in r["test"][0]["chosen"]:  # each seed's, chosen on validation
+            chosen["epochs"] = [t["chosen"]["epochs"] for t in r["test"]]
         print(
             f"| {name} | {cell['recall@10']} | {cell['ndcg@10']} | {cell['recall@50']} | "
             f"{json.dumps(chosen, sort_keys=True)} |"

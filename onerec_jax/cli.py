@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = data.add_parser(
         "export",
         help="write a logged source as a user log (Parquet, or CSV by suffix): "
-        "`--source parquet:PATH` reads it back",
+        "`--source parquet:PATH` (csv:PATH) reads it back",
     )
     exp.add_argument("--source", required=True, help="movielens-100k | parquet:PATH")
     exp.add_argument("--out", required=True, help="the file to write (.parquet or .csv)")

@@ -250,10 +250,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config field data.log_session_len must be >= 1, got {data.log_session_len}"
             )
-        if str(cfg.get("source", "")).startswith("world:") and data.log_session_len != 5:
+        if str(cfg.get("source", "")).startswith("world:"):
+            if data.log_session_len != 5:
+                raise ConfigError(
+                    "config field data.log_session_len applies to logged sources only; the "
+                    f"world's sessions are its own (source {cfg.source})"
+                )
+        elif "max_targets" in data and data.log_session_len > data.max_targets:
             raise ConfigError(
-                "config field data.log_session_len applies to logged sources only; the "
-                f"world's sessions are its own (source {cfg.source})"
+                f"config field data.log_session_len ({data.log_session_len}) exceeds "
+                f"data.max_targets ({data.max_targets}): the events past max_targets in a "
+                "session would never be a target"
             )
 
 

@@ -176,10 +176,11 @@ def point_config(sweep: Sweep, point: Point, steps: int) -> ml_collections.Confi
 
 
 def _train_source(cfg: ml_collections.ConfigDict) -> Any:
-    from onerec_jax.data.sources import open_source
-    from onerec_jax.train.run_config import source_seed
+    """The training split as a point's run reads it (a log's sessions as its config cuts
+    them), in the first seed's order."""
+    from onerec_jax.train.state import training_source
 
-    return open_source(cfg.source, seed=source_seed(cfg), split="train", order_seed=0)
+    return training_source(cfg, order_seed=0)
 
 
 def tokens_per_request(
@@ -210,12 +211,12 @@ def resolve(sweep: Sweep, vocab: Sequence[int]) -> tuple[list[Resolved], list[st
     from onerec_jax.train.run_config import source_seed
 
     out, notes = [], []
-    sources: dict[tuple[str, int], Any] = {}  # by source and world seed
-    tpr: dict[tuple[str, int], float] = {}  # tokens per request
+    sources: dict[tuple[str, int, int], Any] = {}  # by source, world seed, log sessions
+    tpr: dict[tuple[str, int, int], float] = {}  # tokens per request
     counted: dict[tuple[str, tuple[str, ...]], Any] = {}  # model counts by rung and overrides
     for p in sweep.points:
         probe = point_config(sweep, p, 1)
-        key = (probe.source, source_seed(probe))
+        key = (probe.source, source_seed(probe), probe.data.log_session_len)
         if key not in sources:
             sources[key] = _train_source(probe)
             tpr[key] = tokens_per_request(sources[key], probe, len(vocab))

@@ -49,3 +49,18 @@ def test_a_run_from_before_the_field_reads_as_sessions_of_five():
     cfg = _cfg().to_dict()
     del cfg["data"]["log_session_len"]
     assert upgrade_config(cfg).data.log_session_len == 5
+
+
+def test_more_session_events_than_target_slots_is_refused():
+    with pytest.raises(config.ConfigError, match=r"exceeds data\.max_targets"):
+        _cfg("data.max_targets=3")
+    _cfg("data.max_targets=3", "data.log_session_len=3")
+
+
+def test_a_sweep_plans_with_the_sessions_its_runs_train_on():
+    from scaling import sweep
+
+    one = sweep._train_source(_cfg("data.log_session_len=1", "data.max_targets=1"))
+    five = sweep._train_source(_cfg())
+    assert len(one) > 4 * len(five) // 2  # ~97k prefixes against ~20k sessions
+    assert (one.target_end - one.target_start == 1).all()

@@ -24,7 +24,9 @@ def _baseline(args: argparse.Namespace) -> int:
         m, sd = result["test_mean"], result["test_sd"]
         print(
             f"{args.name} on {args.source} (test, {result['seeds']} seed(s)): "
-            + ", ".join(f"{k} {m[k]:.4f} ± {sd[k]:.4f}" for k in m)
+            + ", ".join(
+                f"{k} {m[k]:.4f}" + (f" ± {sd[k]:.4f}" if result["seeds"] > 1 else "") for k in m
+            )
             + f"; settings {json.dumps(result['params'], sort_keys=True)}"
         )
     return 0

@@ -20,12 +20,20 @@ from onerec_jax.baselines.data import TrainData, last_items
 
 GRID = {
     "last": [1, 3, 10, 30],
-    "window": [1, 3, 10],
-    "gap_decay": [0.5, 1.0],
-    "recency": [0.5, 0.8, 1.0],
+    "window": [1, 3, 10, 30],
+    "gap_decay": [0.25, 0.5, 1.0],
+    "recency": [0.25, 0.5, 0.8, 1.0],
     "norm": [0.0, 0.5],
 }
 DEFAULT = {"last": 10, "window": 3, "gap_decay": 1.0, "recency": 0.8, "norm": 0.5}
+
+
+def distinct(p: dict) -> bool:
+    """Whether a grid point is not a copy of another: gap_decay means nothing with window 1,
+    recency nothing with last 1 (only the value 1.0 is kept there)."""
+    return not (p["window"] == 1 and p["gap_decay"] != 1.0) and not (
+        p["last"] == 1 and p["recency"] != 1.0
+    )
 
 
 def transitions(data: TrainData, window: int, gap_decay: float) -> sp.csr_matrix:

@@ -25,8 +25,8 @@ import scipy.sparse as sp
 
 from onerec_jax.baselines.data import TrainData, histories
 
-BPR_GRID = {"dim": [32, 64, 128], "reg": [1e-5, 1e-4, 1e-3], "learning_rate": [1e-3, 3e-3]}
-BPR_DEFAULT = {"dim": 64, "reg": 1e-4, "learning_rate": 3e-3, "epochs": 60, "eval_every": 5}
+BPR_GRID = {"dim": [64, 128, 256], "reg": [1e-4, 1e-3, 1e-2], "learning_rate": [1e-3, 3e-3]}
+BPR_DEFAULT = {"dim": 128, "reg": 1e-3, "learning_rate": 1e-3, "epochs": 150, "eval_every": 10}
 EASE_GRID = {"lam": [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0]}
 EASE_DEFAULT = {"lam": 200.0}
 
@@ -91,7 +91,7 @@ def fit_bpr(
     best: tuple[float, FactorScorer] | None = None
     for epoch in range(1, int(p["epochs"]) + 1):
         order = rng.permutation(len(users))
-        for s in range(0, len(order) - batch + 1, batch):  # the ragged rest waits a epoch
+        for s in range(0, len(order) - batch + 1, batch):  # the ragged rest: the next epoch
             b = order[s : s + batch]
             j = _negatives(rng, data.matrix, users[b])
             w, opt, _ = _bpr_step(w, opt, users[b], data.item[b], j, tx=tx, reg=float(p["reg"]))

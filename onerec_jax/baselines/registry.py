@@ -20,6 +20,7 @@ class Baseline:
     grid: dict[str, list]  # searched on the validation split (every combination)
     default: dict[str, Any]  # fields not in the grid, and the values used without --tune
     stochastic: bool  # results depend on the seed (reported over several)
+    distinct: Callable[[dict], bool] = lambda p: True  # False: a grid point equal to another
 
     def about(self, name: str) -> str:
         return ABOUT[name]
@@ -35,8 +36,8 @@ def _item_knn(data: TrainData, params: dict, seed: int = 0, validate: Any = None
 
 BASELINES: dict[str, Baseline] = {
     "popularity": Baseline(_popularity, {}, {}, False),
-    "item-knn": Baseline(_item_knn, {"k": [20, 50, 100, 200, 400]}, {"k": 100}, False),
-    "seq-knn": Baseline(knn.fit, knn.GRID, knn.DEFAULT, False),
+    "item-knn": Baseline(_item_knn, {"k": [50, 100, 200, 400, 800, 1600]}, {"k": 100}, False),
+    "seq-knn": Baseline(knn.fit, knn.GRID, knn.DEFAULT, False, knn.distinct),
     "bpr": Baseline(mf.fit_bpr, mf.BPR_GRID, mf.BPR_DEFAULT, True),
     "ease": Baseline(mf.fit_ease, mf.EASE_GRID, mf.EASE_DEFAULT, False),
     "sasrec": Baseline(sasrec.fit, sasrec.GRID, sasrec.DEFAULT, True),

@@ -29,7 +29,7 @@ import optax
 from onerec_jax.baselines.data import TrainData, last_items
 from onerec_jax.model.layers import attend
 
-GRID = {"dropout": [0.2, 0.5], "d_model": [64, 128], "n_blocks": [2]}
+GRID = {"dropout": [0.2, 0.5]}
 DEFAULT = {
     "maxlen": 200,
     "d_model": 64,
@@ -37,9 +37,9 @@ DEFAULT = {
     "n_heads": 2,
     "dropout": 0.5,
     "learning_rate": 1e-3,
-    "batch_size": 128,
-    "epochs": 100,
-    "eval_every": 10,
+    "batch_size": 32,
+    "epochs": 60,
+    "eval_every": 5,
 }
 BUCKET = 32  # windows are padded to a multiple of this many positions
 

@@ -2,9 +2,11 @@
 
 Every combination of the baseline's grid is fitted (seed 0) and scored on the validation
 split; the one of the highest validation NDCG@10 is kept (an iterative fit also picks its
-epoch count there). The kept settings are then scored on the test split, over `seeds` seeds
-for a baseline whose fit depends on the seed (mean and sample sd); the test split plays no
-part in any choice. The result records the whole grid, the choice and the protocol.
+epoch count there). The kept settings are then fitted again and scored on the test split:
+once for a deterministic baseline, else with `seeds` fresh seeds 1..seeds (mean and sample
+sd) - not the seed-0 fit that won the grid, whose validation luck would follow it to test.
+The test split plays no part in any choice. The result records the whole grid, the choice
+and the protocol.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def run(
 
     fixed = {**spec.default, **(sets or {})}
     points = combinations({k: v for k, v in spec.grid.items() if k not in (sets or {})})
-    if not tune:
-        points = [{}]
+    points = [c for c in points if spec.distinct({**fixed, **c})] if tune else [{}]
+    if int(fixed.get("eval_every", 1)) < 1 or int(fixed.get("epochs", 1)) < 1:
+        raise ValueError(f"{name}: epochs and eval_every must be >= 1")
     grid_rows, best = [], None
     for i, combo in enumerate(points):
         params = {**fixed, **combo}
@@ -104,8 +107,12 @@ def run(
     assert best is not None
     _, params, scorer0 = best
     per_seed = []
-    for seed in range(seeds if spec.stochastic else 1):
-        scorer = scorer0 if seed == 0 else spec.fit(data, params, seed, validate_with(f"s{seed}"))
+    for seed in range(1, seeds + 1) if spec.stochastic else [0]:
+        scorer = (
+            scorer0
+            if not spec.stochastic
+            else spec.fit(data, params, seed, validate_with(f"s{seed}"))
+        )
         m = ranking.evaluate_scorer(test, scorer)
         row = {"seed": seed, "chosen": dict(getattr(scorer, "chosen", {}))}
         row.update({k: m[k] for k in REPORT})

@@ -131,14 +131,15 @@ class Run:
     spec: schema.SchemaSpec
 
 
-def training_source(cfg: ml_collections.ConfigDict) -> Any:
+def training_source(cfg: ml_collections.ConfigDict, order_seed: int | None = None) -> Any:
     """The training split of a run's source; a logged source cut into sessions of at most
-    `data.log_session_len` events (1: one example per event, its whole past as history)."""
+    `data.log_session_len` events (1: one example per event, its whole past as history).
+    The world's requests come in the order of `order_seed` (default: the run's seed)."""
     return open_source(
         cfg.source,
         seed=source_seed(cfg),
         split="train",
-        order_seed=cfg.seed,
+        order_seed=cfg.seed if order_seed is None else order_seed,
         max_session_len=cfg.data.log_session_len,
     )
 
