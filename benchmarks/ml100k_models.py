@@ -53,7 +53,6 @@ def main() -> None:
     out = pathlib.Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     path = pathlib.Path(a.json)
-    results = json.loads(path.read_text()) if path.exists() else {}
     for family in a.families:
         key = family + (f"_{a.tag}" if a.tag else "")
         entry = {"config": f"experiments/{family}_ml100k.py", "overrides": a.set, "per_seed": {}}
@@ -98,6 +97,8 @@ def main() -> None:
             entry[f"{split}_sd"] = {
                 k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in vals.items()
             }
+        # Re-read before writing: another family's run may have written meanwhile.
+        results = json.loads(path.read_text()) if path.exists() else {}
         results[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
