@@ -149,7 +149,9 @@ def test_cli_on_a_parquet_log(tmp_path, capsys):
     )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["selected_by"] == "validation ndcg@10"
-    assert len(res["grid"]) == len(tune.combinations(knn.GRID))
+    # Every grid point once; none that only repeats another (gap_decay with window 1, ...).
+    assert len(res["grid"]) == sum(knn.distinct(c) for c in tune.combinations(knn.GRID))
+    assert len(res["grid"]) < len(tune.combinations(knn.GRID))
     chosen = next(r for r in res["grid"] if r["params"] == res["params"])
     assert chosen["validation"]["ndcg@10"] == max(r["validation"]["ndcg@10"] for r in res["grid"])
     # Every user walks the catalogue in order: the transition baseline must find it.
