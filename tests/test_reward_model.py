@@ -74,8 +74,11 @@ def test_fit_then_align_against_it(tmp_path, capsys):
     fit = ["reward-model", "--init", str(pre), "--out", str(out), "--steps", "20"]
     assert cli.main([*fit, "--eval-requests", "64"]) == 0
     meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    json.dumps(meta, allow_nan=False)  # strict JSON: no NaN for a label without signal
     for name in rm.LABELS:
-        assert 0.0 <= meta["eval"][f"auc/{name}"] <= 1.0 or np.isnan(meta["eval"][f"auc/{name}"])
+        if name not in meta["eval"]["labels_without_signal"]:
+            assert 0.0 <= meta["eval"][f"auc/{name}"] <= 1.0
+            assert meta["eval"][f"calibration/{name}"] > 0
     assert -1.0 <= meta["eval"]["corr_true_reward/logged"] <= 1.0
     assert cli.main(fit) == 2  # never overwritten without --overwrite
     assert "holds a reward model already" in capsys.readouterr().err

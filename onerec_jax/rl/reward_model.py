@@ -211,12 +211,19 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
     y, known = y_all[valid], known_all[valid]
     p = 1.0 / (1.0 + np.exp(-logits[valid]))
     out: dict[str, Any] = {"requests": int(n), "exposures": int(valid.sum())}
+    # A label the source does not log (MovieLens: play time, follow, comment, share) has no
+    # AUC or calibration: it is named in `labels_without_signal`, not reported as NaN (which
+    # is not JSON).
+    out["labels_without_signal"] = []
     for j, name in enumerate(LABELS):
         k = known[:, j]
         target = y[k, j] >= 0.5 if name == "play_frac" else y[k, j] > 0
-        out[f"auc/{name}"] = auc(p[k, j], target)
-        mean_y = y[k, j].mean() if k.any() else float("nan")
-        out[f"calibration/{name}"] = float(p[k, j].mean() / mean_y) if mean_y > 0 else float("nan")
+        a = auc(p[k, j], target)
+        if not np.isfinite(a):
+            out["labels_without_signal"].append(name)
+            continue
+        out[f"auc/{name}"] = a
+        out[f"calibration/{name}"] = float(p[k, j].mean() / y[k, j].mean())
     if src.kind == "world":
         items = np.where(valid, raw["target_item"], 0)
         s_logged = np.asarray(score(params, x, jnp.asarray(np.maximum(items, 1))))
