@@ -131,7 +131,8 @@ def test_sasrec_is_causal_and_learns_a_cycle():
     np.testing.assert_array_equal(top, [1 + (s + 5) % 6 for s in range(6)])
 
 
-def test_cli_on_a_parquet_log(tmp_path, capsys):
+def _walk_log(tmp_path) -> str:
+    """A Parquet user log in which every user walks a 30-item catalogue in order."""
     rng = np.random.default_rng(0)
     n_users, n_items = 60, 30
     rows = []
@@ -142,7 +143,11 @@ def test_cli_on_a_parquet_log(tmp_path, capsys):
     log = EventLog.from_columns("p", user=user, item=item, ts=ts)
     path = tmp_path / "log.parquet"
     logs.write(path, log)
-    src = f"parquet:{path}"
+    return f"parquet:{path}"
+
+
+def test_cli_on_a_parquet_log(tmp_path, capsys):
+    src = _walk_log(tmp_path)
     assert (
         cli.main(["baseline", "seq-knn", "--source", src, "--json", "--out", str(tmp_path / "o")])
         == 0
@@ -200,3 +205,17 @@ def test_movielens_exported_as_a_user_log_scores_the_same(tmp_path, capsys):
         for s in ("movielens-100k", f"parquet:{path}")
     )
     assert a["test_mean"] == b["test_mean"] and a["protocol"] == b["protocol"]
+
+
+def test_a_seeded_baseline_is_tested_on_fresh_seeds(tmp_path):
+    """The grid's winning fit (seed 0) is never the one scored on test: its validation luck
+    would follow it there."""
+    src = _walk_log(tmp_path)
+    sets = {"epochs": 2, "eval_every": 1, "dim": 8}
+    res = tune.run("bpr", src, tune=False, seeds=2, sets=sets, say=lambda m: None)
+    assert [t["seed"] for t in res["test"]] == [1, 2]
+    assert res["seeds"] == 2
+    vals = [t["ndcg@10"] for t in res["test"]]
+    assert res["test_sd"]["ndcg@10"] == pytest.approx(np.std(vals, ddof=1))
+    det = tune.run("ease", src, tune=False, seeds=3, say=lambda m: None)
+    assert [t["seed"] for t in det["test"]] == [0] and det["test_sd"]["ndcg@10"] == 0.0
