@@ -4,7 +4,8 @@
     onerec eval --workdir runs/v2_ml100k --split test --json
 
 The same pathways and schedule as v1_ml100k, trained on every prefix of a history (chosen on
-validation); the model is V2 at a similar parameter count. Every field not set here is the default's (onerec_jax/configs/default.py).
+validation); the model is V2 at a similar parameter count. Every field not set here is the
+default's (onerec_jax/configs/default.py).
 """
 
 import ml_collections
