@@ -219,3 +219,20 @@ def test_a_seeded_baseline_is_tested_on_fresh_seeds(tmp_path):
     assert res["test_sd"]["ndcg@10"] == pytest.approx(np.std(vals, ddof=1))
     det = tune.run("ease", src, tune=False, seeds=3, say=lambda m: None)
     assert [t["seed"] for t in det["test"]] == [0] and det["test_sd"]["ndcg@10"] == 0.0
+
+
+def test_best_epoch_keeps_the_best_validation_score():
+    class S:
+        pass
+
+    scores = iter([0.1, 0.3, 0.2])
+    pick = bdata.BestEpoch(lambda sc: next(scores))
+    offered = [S(), S(), S()]
+    for epoch, sc in zip((5, 10, 15), offered, strict=True):
+        pick.offer(sc, epoch)
+    assert pick.best is offered[1]
+    assert pick.best.chosen == {"epochs": 10, "validation_ndcg@10": 0.3}
+    last = bdata.BestEpoch(None)
+    for epoch, sc in zip((5, 10), offered[:2], strict=True):
+        last.offer(sc, epoch)
+    assert last.best is offered[1] and last.best.chosen == {"epochs": 10}

@@ -9,6 +9,7 @@ targets is ever read here; a request's history at scoring time comes from the re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,3 +69,24 @@ def last_items(raw: dict[str, Any], length: int) -> np.ndarray:
         if len(h):
             out[i, length - len(h) :] = h
     return out
+
+
+class BestEpoch:
+    """The epoch count of an iterative fit, chosen on validation: `offer` a scorer after each
+    evaluated epoch; `best` is the one of the highest `validate(scorer)` (the last offered
+    when there is no `validate`). Each scorer's `chosen` records its epoch and score."""
+
+    def __init__(self, validate: Callable[[Any], float] | None):
+        self.validate = validate
+        self.best: Any = None
+        self._score = -float("inf")
+
+    def offer(self, scorer: Any, epoch: int) -> None:
+        scorer.chosen = {"epochs": epoch}
+        if self.validate is None:
+            self.best = scorer
+            return
+        v = self.validate(scorer)
+        scorer.chosen["validation_ndcg@10"] = v
+        if self.best is None or v > self._score:
+            self.best, self._score = scorer, v

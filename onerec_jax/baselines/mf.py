@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import scipy.sparse as sp
 
-from onerec_jax.baselines.data import TrainData, histories
+from onerec_jax.baselines.data import BestEpoch, TrainData, histories
 
 BPR_GRID = {"dim": [64, 128, 256], "reg": [1e-4, 1e-3, 1e-2], "learning_rate": [1e-3, 3e-3]}
 BPR_DEFAULT = {"dim": 128, "reg": 1e-3, "learning_rate": 1e-3, "epochs": 150, "eval_every": 10}
@@ -88,7 +88,7 @@ def fit_bpr(
     tx = optax.adam(float(p["learning_rate"]))
     opt = tx.init(w)
     users = np.repeat(np.arange(len(data.offsets) - 1), np.diff(data.offsets))
-    best: tuple[float, FactorScorer] | None = None
+    picker = BestEpoch(validate)
     for epoch in range(1, int(p["epochs"]) + 1):
         order = rng.permutation(len(users))
         for s in range(0, len(order) - batch + 1, batch):  # the ragged rest: the next epoch
@@ -96,17 +96,8 @@ def fit_bpr(
             j = _negatives(rng, data.matrix, users[b])
             w, opt, _ = _bpr_step(w, opt, users[b], data.item[b], j, tx=tx, reg=float(p["reg"]))
         if epoch % int(p["eval_every"]) == 0 or epoch == int(p["epochs"]):
-            sc = FactorScorer(*(np.asarray(w[k]) for k in ("user", "item", "bias")))
-            sc.chosen = {"epochs": epoch}
-            if validate is None:
-                best = (0.0, sc)
-                continue
-            v = validate(sc)
-            sc.chosen["validation_ndcg@10"] = v
-            if best is None or v > best[0]:
-                best = (v, sc)
-    assert best is not None
-    return best[1]
+            picker.offer(FactorScorer(*(np.asarray(w[k]) for k in ("user", "item", "bias"))), epoch)
+    return picker.best
 
 
 class EASE:

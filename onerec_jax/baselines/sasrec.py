@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onerec_jax.baselines.data import TrainData, last_items
+from onerec_jax.baselines.data import BestEpoch, TrainData, last_items
 from onerec_jax.model.layers import attend
 
 GRID = {"dropout": [0.2, 0.5]}
@@ -187,20 +187,11 @@ def fit(
     tx = optax.adam(float(p["learning_rate"]), b2=0.98)
     opt = tx.init(w)
     wins = windows(data, maxlen)
-    best: tuple[float, SASRecScorer] | None = None
+    picker = BestEpoch(validate)
     for epoch in range(1, int(p["epochs"]) + 1):
         for inp, tgt in batches(wins, int(p["batch_size"]), maxlen, rng):
             key, sub = jax.random.split(key)
             w, opt, _ = _step(w, opt, inp, tgt, sub, model=model, tx=tx)
         if epoch % int(p["eval_every"]) == 0 or epoch == int(p["epochs"]):
-            sc = SASRecScorer(model, w, maxlen)
-            sc.chosen = {"epochs": epoch}
-            if validate is None:
-                best = (0.0, sc)
-                continue
-            v = validate(sc)
-            sc.chosen["validation_ndcg@10"] = v
-            if best is None or v > best[0]:
-                best = (v, sc)
-    assert best is not None
-    return best[1]
+            picker.offer(SASRecScorer(model, w, maxlen), epoch)
+    return picker.best
