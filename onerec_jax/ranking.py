@@ -92,28 +92,33 @@ def rank_metrics(
     return out
 
 
-def training_matrix(log: Any) -> sp.csr_matrix:
-    """Users x items (1..n_items) counts of training events: a user's last two events are
-    validation and test when the user has >= 3 (the LogSource rule)."""
+def training_events(log: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(events per user [n_users], log positions of every training event in order): a user's
+    last two events are validation and test when the user has >= 3 (the LogSource rule)."""
     n_ev = np.diff(log.offsets)[1:]
-    held = np.where(n_ev >= 3, 2, 0)
-    pos = schema.ranges(log.offsets[1:-1], n_ev - held)
-    users = np.repeat(np.arange(1, len(n_ev) + 1), n_ev - held)
+    kept = n_ev - np.where(n_ev >= 3, 2, 0)
+    return kept, schema.ranges(log.offsets[1:-1], kept)
+
+
+def training_matrix(log: Any) -> sp.csr_matrix:
+    """Users x items (1..n_items) counts of training events (`training_events`)."""
+    kept, pos = training_events(log)
+    users = np.repeat(np.arange(1, len(kept) + 1), kept)
     m = sp.coo_matrix(
         (np.ones(len(pos), np.float32), (users, log.item[pos])),
-        shape=(len(n_ev) + 1, log.n_items + 1),
+        shape=(len(kept) + 1, log.n_items + 1),
     )
     return m.tocsr()
 
 
-def _history(raw: dict[str, Any]) -> sp.csr_matrix:
+def history_matrix(raw: dict[str, Any], n_columns: int) -> sp.csr_matrix:
+    """Requests x items [B, n_columns] counts of each request's history events."""
     off = raw["hist_offsets"]
     b = len(off) - 1
     rows = np.repeat(np.arange(b), np.diff(off))
     # The row count is explicit: a trailing request with no history must still get its row.
-    width = int(raw["hist_item"].max(initial=0)) + 1
     return sp.csr_matrix(
-        (np.ones(len(rows), np.float32), (rows, raw["hist_item"])), shape=(b, width)
+        (np.ones(len(rows), np.float32), (rows, raw["hist_item"])), shape=(b, n_columns)
     )
 
 
@@ -144,9 +149,7 @@ class ItemKNN:
         self.sim = sim
 
     def scores(self, raw: dict[str, Any]) -> np.ndarray:
-        h = _history(raw)
-        h.resize((h.shape[0], self.sim.shape[0]))
-        return np.asarray(h @ self.sim)
+        return np.asarray(history_matrix(raw, self.sim.shape[0]) @ self.sim)
 
 
 def rank_unseen(scores_BxN: np.ndarray, seen: dict[str, Any], k: int) -> np.ndarray:

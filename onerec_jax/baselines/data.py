@@ -16,7 +16,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from onerec_jax import ranking
-from onerec_jax.data import schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,27 +44,20 @@ def training_data(source: Any) -> TrainData:
             f"leave-last-out splits they share with V1 and V2; got a {source.kind!r} source"
         )
     log = source.log
-    n_ev = np.diff(log.offsets)[1:]
-    kept = n_ev - np.where(n_ev >= 3, 2, 0)
-    pos = schema.ranges(log.offsets[1:-1], kept)
+    kept, pos = ranking.training_events(log)
     offsets = np.concatenate([[0, 0], np.cumsum(kept)]).astype(np.int64)
     return TrainData(
         offsets, log.item[pos].astype(np.int32), log.n_items, ranking.training_matrix(log)
     )
 
 
-def histories(raw: dict[str, Any]) -> list[np.ndarray]:
-    """Each request's history items, oldest first (the ragged `hist_*` of a raw batch)."""
-    off = raw["hist_offsets"]
-    return [raw["hist_item"][off[i] : off[i + 1]] for i in range(len(off) - 1)]
-
-
 def last_items(raw: dict[str, Any], length: int) -> np.ndarray:
     """[B, length] int32: each request's `length` most recent history items, right-aligned
     (the newest last), 0-padded on the left."""
-    out = np.zeros((len(raw["hist_offsets"]) - 1, length), np.int32)
-    for i, h in enumerate(histories(raw)):
-        h = h[-length:]
+    off = raw["hist_offsets"]
+    out = np.zeros((len(off) - 1, length), np.int32)
+    for i in range(len(off) - 1):
+        h = raw["hist_item"][max(off[i], off[i + 1] - length) : off[i + 1]]
         if len(h):
             out[i, length - len(h) :] = h
     return out

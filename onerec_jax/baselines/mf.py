@@ -23,7 +23,8 @@ import numpy as np
 import optax
 import scipy.sparse as sp
 
-from onerec_jax.baselines.data import BestEpoch, TrainData, histories
+from onerec_jax import ranking
+from onerec_jax.baselines.data import BestEpoch, TrainData
 
 BPR_GRID = {"dim": [64, 128, 256], "reg": [1e-4, 1e-3, 1e-2], "learning_rate": [1e-3, 3e-3]}
 BPR_DEFAULT = {"dim": 128, "reg": 1e-3, "learning_rate": 1e-3, "epochs": 150, "eval_every": 10}
@@ -114,11 +115,8 @@ class EASE:
         self.chosen: dict[str, Any] = {}
 
     def scores(self, raw: dict[str, Any]) -> np.ndarray:
-        hs = histories(raw)
-        x = np.zeros((len(hs), self.b.shape[0]))
-        for r, h in enumerate(hs):
-            x[r, h] = 1.0
-        return x @ self.b
+        x = ranking.history_matrix(raw, self.b.shape[0]) > 0
+        return np.asarray(x.astype(np.float64) @ self.b)
 
 
 def fit_ease(data: TrainData, params: dict, seed: int = 0, validate: Any = None) -> EASE:

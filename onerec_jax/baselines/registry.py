@@ -22,9 +22,6 @@ class Baseline:
     stochastic: bool  # results depend on the seed (reported over several)
     distinct: Callable[[dict], bool] = lambda p: True  # False: a grid point equal to another
 
-    def about(self, name: str) -> str:
-        return ABOUT[name]
-
 
 def _popularity(data: TrainData, params: dict, seed: int = 0, validate: Any = None) -> Any:
     return ranking.Popularity(data.matrix)

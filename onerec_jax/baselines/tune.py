@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import pathlib
 import sys
 import time
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from onerec_jax import ranking
+from onerec_jax.atomic import write_atomic
+from onerec_jax.baselines import ABOUT
 from onerec_jax.baselines.data import training_data
 from onerec_jax.baselines.registry import BASELINES
 from onerec_jax.data.sources import open_source
@@ -79,7 +80,8 @@ def run(
 
     def validate_with(tag: str):
         def validate(scorer: Any) -> float:
-            v = ranking.evaluate_scorer(val, scorer)[SELECT]
+            scorer.validation = ranking.evaluate_scorer(val, scorer)  # kept: not scored twice
+            v = scorer.validation[SELECT]
             epoch = scorer.chosen.get("epochs", 0)
             say(f"{name} {tag}: epoch {epoch} validation {SELECT} {v:.4f}")
             if writer is not None:
@@ -97,7 +99,7 @@ def run(
     for i, combo in enumerate(points):
         params = {**fixed, **combo}
         scorer = spec.fit(data, params, 0, validate_with(f"grid{i}"))
-        m = ranking.evaluate_scorer(val, scorer)
+        m = getattr(scorer, "validation", None) or ranking.evaluate_scorer(val, scorer)
         row = {"params": params, "chosen": dict(getattr(scorer, "chosen", {}))}
         row["validation"] = {k: m[k] for k in REPORT}
         grid_rows.append(row)
@@ -123,7 +125,7 @@ def run(
     arr = {k: np.array([r[k] for r in per_seed], np.float64) for k in REPORT}
     return {
         "baseline": name,
-        "about": spec.about(name),
+        "about": ABOUT[name],
         "source": source,
         "protocol": ranking.protocol_of(test),
         "selected_by": f"validation {SELECT}" if tune else "not tuned (defaults and --set)",
@@ -139,8 +141,4 @@ def run(
 
 
 def write(path: str, result: dict[str, Any]) -> None:
-    from onerec_jax.atomic import write_atomic
-
-    p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(p, json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
