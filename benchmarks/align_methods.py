@@ -4,10 +4,10 @@ For each family and seed: pre-train the default (tiny-world) config with that se
 a whole world: items, users, the init), fit a P-Score reward model on its logged feedback
 (`onerec reward-model`), then align it with every method against the true reward (RSFT: no
 reward, the logged play time), GBPO again with duration-aware shaping, and ECPO against the
-reward model (`onerec align`, the same seed and settings). The before/after numbers (true
-reward, Recall, the reward model's score of the same lists) are measured by the align run
-itself on the same validation requests. A finished run is read back only if it was made with
-the settings asked for.
+reward model and against logged feedback (`onerec align`, the same seed and settings). The
+before/after numbers (true reward, Recall, the reward model's score of the same lists) are
+measured by the align run itself on the same validation requests. A finished run is read
+back only if it was made with the settings asked for.
 Reports, per family and method, the mean change of the true expected reward of the top-10 and
 top-1 recommendations, Recall@10 before/after, the rollouts' legality rate, each with a 95 %
 t-interval over seeds. Writes benchmarks/results/align_methods.json and prints a Markdown table.
@@ -71,12 +71,15 @@ EXTRA = {
 def variants(methods: list[str]) -> list[tuple[str, str, str, str]]:
     """(method, reward, advantage, extra) of every run per seed: each method against the true
     reward with group advantages, GBPO with duration-aware shaping, ECPO against the reward
-    model (where reward hacking would show), then ECPO with free sampled rollouts and
+    model (where reward hacking would show) and against logged feedback alone (a rollout
+    earns the request's logged feedback when it is a logged target, else 0), then ECPO with
+    free sampled rollouts and
     ECPO and GPPO with a stale old policy (`EXTRA`)."""
     out = [(m, "true", "group", "") for m in methods]
     if "gbpo" in methods:
         out.append(("gbpo", "true", "duration", ""))
     out.append(("ecpo", "model", "group", ""))
+    out.append(("ecpo", "logged", "group", ""))
     if "ecpo" in methods:
         out += [("ecpo", "true", "group", x) for x in ("free", "r4")]
     if "gppo" in methods:
@@ -133,7 +136,8 @@ def main() -> None:
                 )
             rm_eval = json.loads((rm_dir / "reward_model.json").read_text())["eval"]
             for method, reward, adv, extra in variants(a.methods):
-                suffix = "_rm" if reward == "model" else "_dur" if adv == "duration" else ""
+                suffix = {"model": "_rm", "logged": "_logged"}.get(reward, "")
+                suffix += "_dur" if adv == "duration" else ""
                 suffix += f"_{extra}" if extra else ""
                 name = f"{family}_{method}{suffix}_s{seed}"
                 want = {"steps": a.align_steps, "learning_rate": a.learning_rate, "seed": seed}

@@ -8,7 +8,10 @@ contexts are scored alike. It is then cut to K_max = 50 and scored with
 `onerec_jax.ranking.rank_metrics` (the same code and protocol that score the popularity and
 item-kNN baselines); the protocol is recorded in the eval JSON. On the world, `engagement@K`
 is the true expected reward (the generator's engagement model) of the top K recommended items,
-next to `engagement_logged`, that of the items the logging policy actually served.
+next to `engagement_logged`, that of the items the logging policy actually served. On every
+source `logged_reward@K` is the logged feedback of the top K per slot: a recommended item that
+is a held-out target earns its logged labels fused with the reward weights (like +2, dislike
+-5, play share +1, ...; `onerec_jax.rl.reward_model.logged_reward`), any other item 0.
 
 The search runs on a device mesh (onerec_jax/sharding.py): the run's own by default, or one
 given for the machine at hand (`onerec eval --mesh data=-1`). The checkpoint is restored
@@ -34,6 +37,7 @@ from onerec_jax import sharding
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
 from onerec_jax.generate import beam_search_on_mesh, on_mesh
+from onerec_jax.rl import reward_model
 from onerec_jax.train.run_config import load_run_config, source_seed
 from onerec_jax.train.state import restore_latest, run_mesh
 
@@ -95,7 +99,7 @@ def evaluate_run(
     n = min(n, max_requests or n)
     batch = min(batch, n)
     protocol = ev.protocol_of(src)
-    ranked, targets, masks, reward, target_reward, scored = [], [], [], [], [], []
+    ranked, targets, masks, reward, target_reward, scored, logged = [], [], [], [], [], [], []
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
         # The model reads the run's context window; what counts as seen is the protocol's.
@@ -114,6 +118,7 @@ def evaluate_run(
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
+        logged.append(reward_model.logged_reward(b, top, 0.0))
         if scorer is not None:
             scored.append(scorer(b, top))
         if src.kind == "world":  # the generator knows the expected reward of any item
@@ -124,6 +129,9 @@ def evaluate_run(
     metrics = ev.rank_metrics(
         np.concatenate(ranked), np.concatenate(targets), np.concatenate(masks)
     )
+    lr = np.concatenate(logged)
+    for k in ENGAGEMENT_KS:  # per slot of the list, whatever the source
+        metrics[f"logged_reward@{k}"] = float(np.nanmean(lr[:, :k]))
     if reward:
         r = np.concatenate(reward)
         for k in ENGAGEMENT_KS:

@@ -32,6 +32,25 @@ def test_labels_by_hand():
     assert y[0, 1, 1:].tolist() == [0, 0, 0, 0, 1]
 
 
+def test_logged_reward_by_hand():
+    w = dict(zip(rm.LABELS, rm.WEIGHTS.tolist(), strict=True))
+    batch = {  # one request logging items 5, 7, 5 again and a pad slot
+        "target_item": np.asarray([[5, 7, 5, 9]]),
+        "target_mask": np.asarray([[True, True, True, False]]),
+        "target_play_ms": np.asarray([[15e3, np.nan, 30e3, 30e3]], np.float32),
+        "target_dur_ms": np.asarray([[30e3, 60e3, 30e3, 30e3]], np.float32),
+        "target_flags": np.asarray([[schema.LIKE, schema.DISLIKE, 0, schema.SHARE]], np.uint8),
+    }
+    v = rm.logged_value(batch)[0]
+    # play share 0.5 and a like; unknown play left out and a dislike; a whole play; padding
+    np.testing.assert_allclose(v, [0.5 * w["play_frac"] + w["like"], w["dislike"], 1.0, 0.0])
+    r = rm.logged_reward(batch, np.asarray([[5, 7, 9, 3, 0]]), miss=-0.25)[0]
+    # item 5 logged twice: the mean of its exposures; 9 sits only in a pad slot: a miss
+    want = [(v[0] + v[2]) / 2, w["dislike"], -0.25, -0.25]
+    np.testing.assert_allclose(r[:4], want, rtol=1e-6)
+    assert np.isnan(r[4])  # no item
+
+
 def test_auc_equals_the_share_of_ordered_pairs():
     rng = np.random.default_rng(0)
     s = rng.integers(0, 5, 60).astype(float)  # many ties

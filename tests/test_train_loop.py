@@ -107,6 +107,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
     assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["recall@10"] <= m["recall@50"] <= 1.0
     for key in ("engagement@1", "engagement@5", "engagement@10", "engagement_logged"):
         assert np.isfinite(m[key]), key
+    assert all(np.isfinite(m[f"logged_reward@{k}"]) for k in (1, 5, 10))
 
 
 def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):

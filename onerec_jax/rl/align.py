@@ -1,4 +1,4 @@
-"""`onerec align`: policy optimisation of a pre-trained generator against the world's true reward.
+"""`onerec align`: policy optimisation of a pre-trained generator against a reward.
 
 `align(acfg, init_dir, workdir)` restores the newest checkpoint of a pre-trained run (INIT) and
 then, for each update:
@@ -6,8 +6,9 @@ then, for each update:
   2. rolls out G items (or sessions) per request from the old policy: the G best by
      trie-constrained beam search, or G draws (within the trie, or free, in which case the
      illegal ones are discarded and the legal ones get `format_advantage` on top);
-  3. scores each rollout with the world's expected reward of its item (a session: the mean of
-     its items) and normalises the rewards within each request's group;
+  3. scores each rollout (`reward`: the world's expected reward of its item, the reward
+     model's score, or the logged feedback; a session: the mean of its items) and normalises
+     the rewards within each request's group;
   4. takes one AdamW step on ECPO / GBPO / GPPO (onerec_jax/rl/losses.py) of the rollouts'
      log-probabilities under the current policy, plus `ntp_weight` x the next-token loss of the
      logged targets (what keeps the policy a recommender of real sessions).
@@ -37,8 +38,14 @@ time (estimated once on 2,048 training requests drawn with a fixed seed).
 replaces group normalisation: each rollout's expected play time (and an expected dislike,
 p >= 1/2) against the user's own plays of videos of similar length (shaping.py).
 
-Not built: rewards from logged feedback for rollouts (a rollout has no logged feedback); the
-MoE balancing biases stay as pre-trained.
+`reward=logged` needs no world and no reward model: a rollout that is one of the request's
+logged target exposures earns that exposure's own feedback, fused with the reward model's
+weights (`reward_model.logged_reward`); any other rollout earns `logged_miss` (default 0:
+nothing is known of it). It is the reward a logged source (MovieLens, a Parquet log) can give;
+the before/after comparison then reads `logged_reward@K` (the same reward of the top-K lists
+against the held-out targets) beside Recall and NDCG.
+
+The MoE balancing biases stay as pre-trained.
 """
 
 from __future__ import annotations
@@ -229,7 +236,9 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
     if saved.exists() and started:
         old = json.loads(saved.read_text())
         mine = {k: v for k, v in record["align"].items() if k not in RESUMABLE}
-        theirs = {k: v for k, v in old.get("align", {}).items() if k not in RESUMABLE}
+        # a field added since that run was made: it ran with the field's default
+        theirs = {**align_config.get_config().to_dict(), **old.get("align", {})}
+        theirs = {k: v for k, v in theirs.items() if k not in RESUMABLE}
         if old.get("init") != record["init"] or mine != theirs:
             raise ValueError(
                 f"{saved}: this workdir holds an alignment run of another config or init; "
@@ -311,6 +320,9 @@ def align(
                 flat = items.reshape(b, g * m)
                 if acfg.reward == "model":
                     r = rm_score(host, flat).reshape(b, g, m)
+                elif acfg.reward == "logged":
+                    r = reward_model.logged_reward(host, flat, acfg.logged_miss)
+                    r = r.reshape(b, g, m)
                 else:
                     r = true_reward(run.source, host, flat).reshape(b, g, m)
                 reward = np.where(legal, np.nanmean(np.where(legal[..., None], r, 0.0), -1), 0.0)

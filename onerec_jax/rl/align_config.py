@@ -22,7 +22,7 @@ METHODS = {
     "rsft_keep share by play time; OneRec report)",
 }
 ROLLOUTS = ("beam", "sample")
-REWARDS = ("true", "model")
+REWARDS = ("true", "model", "logged")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -39,8 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.refresh = 1  # updates between refreshes of the old (rollout) policy
     # "true": the world's expected reward of each rolled-out item; "model": the P-Score of
     # `reward_model` (onerec reward-model), which then also scores the before/after lists
+    # "logged": logged feedback alone (any source): a rollout that is one of the request's
+    # logged target exposures earns that exposure's fused labels (the P-Score's weights), any
+    # other earns `logged_miss`
     c.reward = "true"
     c.reward_model = ""  # a reward model's directory; "" = none
+    c.logged_miss = 0.0  # reward=logged: the reward of an item the request did not log
     # How rewards become advantages: "group" (normalised within each request's G rollouts) |
     # "duration" (OneRec-V2's duration-aware shaping on the world: a rollout's expected play
     # time against the user's own plays of videos of similar length, +1 / -1 / 0; shaping.py)

@@ -81,6 +81,27 @@ def labels(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(cols, -1).astype(np.float32), known
 
 
+def logged_value(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The fused score of each logged target exposure's own feedback [B, M] (REWARD_WEIGHTS x
+    its labels, the ones the source logs; 0 at padding): the P-Score's target, as logged."""
+    y, known = labels(batch)
+    v = np.sum(np.where(known, y, 0.0) * WEIGHTS, -1)
+    return np.where(batch["target_mask"], v, 0.0).astype(np.float32)
+
+
+def logged_reward(batch: dict[str, np.ndarray], items_BxN: np.ndarray, miss: float) -> np.ndarray:
+    """Rewards [B, N] of recommending `items` from logged feedback alone: an item that is one
+    of the request's logged target exposures earns that exposure's `logged_value` (the mean
+    over its exposures, if logged twice); any other item earns `miss` (nothing is known of
+    it); NaN for item 0 (no item)."""
+    items = np.asarray(items_BxN)
+    hit = (items[:, :, None] == batch["target_item"][:, None, :]) & batch["target_mask"][:, None]
+    n = hit.sum(-1)
+    total = np.einsum("bnm,bm->bn", hit.astype(np.float64), logged_value(batch))
+    r = np.where(n > 0, total / np.maximum(n, 1), miss)
+    return np.where(items > 0, r, np.nan)
+
+
 def fused(logits: jax.Array) -> jax.Array:
     """The P-Score: the labels' probabilities weighted as the world's reward weighs them."""
     w = jnp.asarray(WEIGHTS).reshape((1,) * (logits.ndim - 1) + (-1,))
