@@ -87,7 +87,7 @@ def variants(methods: list[str]) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def _interval(x: list[float]) -> tuple[float, float]:
+def interval(x: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t-interval."""
     a = np.asarray(x, np.float64)
     if len(a) < 2:
@@ -184,9 +184,9 @@ def main() -> None:
             entry["extra"] = extra
             entry["seeds"] = len(rs)
             for k in ("engagement@10", "engagement@1", "recall@10", "reward_model@10"):
-                entry[f"{k} change"] = _interval([r[f"{k} after"] - r[f"{k} before"] for r in rs])
-                entry[f"{k} before"] = _interval([r[f"{k} before"] for r in rs])
-            entry["legal_rate"] = _interval([r["legal_rate"] for r in rs])
+                entry[f"{k} change"] = interval([r[f"{k} after"] - r[f"{k} before"] for r in rs])
+                entry[f"{k} before"] = interval([r[f"{k} before"] for r in rs])
+            entry["legal_rate"] = interval([r["legal_rate"] for r in rs])
             table.append(entry)
     result = {"command": " ".join(sys.argv), "settings": vars(a), "rows": rows, "table": table}
     pathlib.Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
