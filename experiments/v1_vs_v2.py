@@ -64,7 +64,7 @@ def _test_metrics(workdir: pathlib.Path, step: int, beam: int, requests: int) ->
     with the same beam and requests (a resumed sweep does not evaluate finished runs again)."""
     from onerec_jax import evaluate
 
-    saved = workdir / "eval_test.json"
+    saved = evaluate.eval_path(workdir, "test", requests, beam)
     if saved.exists():
         m = json.loads(saved.read_text())
         if (m.get("step"), m.get("beam"), m.get("n_requests")) == (step, beam, requests):

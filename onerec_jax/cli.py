@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 
@@ -121,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from onerec_jax.evaluate import evaluate_run
+    from onerec_jax.evaluate import evaluate_run, write_eval
     from scaling.compile_plan import parse_mesh
 
     _start_processes(args, preemption=False)  # eval saves nothing: SIGTERM just stops it
@@ -132,16 +133,20 @@ def _eval(args: argparse.Namespace) -> int:
         batch=args.batch_size,
         max_requests=args.max_requests,
         mesh=parse_mesh(args.mesh) if args.mesh else None,  # None: the run's own mesh
+        write=False,  # printed first: a workdir that cannot be written loses nothing
     )
     if args.json:
-        print(json.dumps(metrics, sort_keys=True))
+        print(json.dumps(metrics, sort_keys=True), flush=True)
     else:
         for k, v in metrics.items():
-            print(f"{k:12s} {json.dumps(v) if isinstance(v, dict) else v}")
+            print(f"{k:12s} {json.dumps(v) if isinstance(v, dict) else v}", flush=True)
+    write_eval(pathlib.Path(args.workdir).resolve(), metrics, args.max_requests)
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.items < 1:
+        raise ValueError(f"plan --items must be >= 1 (the catalogue size), got {args.items}")
     if args.compile:
         from scaling.devices import simulate_devices
 
@@ -381,10 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IndexError, FloatingPointError) as e:
-        # One clear line for bad input, not a traceback.
+    except (ValueError, OSError, IndexError, FloatingPointError) as e:
+        # One clear line for bad input or a failed write (disk full, read-only).
         print(f"onerec: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training with a save)
+        print("onerec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

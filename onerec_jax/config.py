@@ -231,7 +231,7 @@ def keep_family(cfg: ml_collections.ConfigDict, touched: Mapping[str, Any] = ())
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Values no run can use, caught before anything is built or written."""
     at_least = {
-        "steps": 0,
+        "steps": 1,  # 0 would report a run that never trained as finished
         "batch_size": 1,
         "log_every": 1,
         "checkpoint_every": 1,

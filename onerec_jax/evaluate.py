@@ -11,7 +11,7 @@ is the true expected reward (the generator's engagement model) of the top K reco
 next to `engagement_logged`, that of the items the logging policy actually served. On every
 source `logged_reward@K` is the logged feedback of the top K per slot: a recommended item that
 is a held-out target earns its logged labels fused with the reward weights (like +2, dislike
--5, play share +1, ...; `onerec_jax.rl.reward_model.logged_reward`), any other item 0.
+-5, play share +1, ...; `onerec_jax.feedback.logged_reward`), any other item 0.
 
 The search runs on a device mesh (onerec_jax/sharding.py): the run's own by default, or one
 given for the machine at hand (`onerec eval --mesh data=-1`). The checkpoint is restored
@@ -32,16 +32,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from onerec_jax import feedback, sharding
 from onerec_jax import ranking as ev
-from onerec_jax import sharding
+from onerec_jax.atomic import write_atomic
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
 from onerec_jax.generate import beam_search_on_mesh, on_mesh
-from onerec_jax.rl import reward_model
 from onerec_jax.train.run_config import load_run_config, source_seed
 from onerec_jax.train.state import restore_latest, run_mesh
 
 ENGAGEMENT_KS = (1, 5, 10)
+DEFAULT_BEAM = 128
 
 
 def true_reward(src, batch: dict[str, np.ndarray], items_BxN: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def _drop_seen(items_BxW: np.ndarray, seen_items: dict[str, Any], k: int) -> np.
 def evaluate_run(
     workdir: str | pathlib.Path,
     split: str = "test",
-    beam: int = 128,
+    beam: int = DEFAULT_BEAM,
     batch: int = 64,
     max_requests: int | None = None,
     mesh: Mapping[str, int] | None = None,
@@ -82,12 +83,17 @@ def evaluate_run(
     `max_requests`, default 2048, of the world's unbounded splits), `batch` requests per beam
     search (the metrics may not depend on it), on the mesh `mesh` ({"data": -1}, say; default
     the run's own `mesh` section, an error if it does not fit the devices here). A batch is
-    padded up to a multiple of the mesh's batch shards (pad rows dropped). `write=False`
-    writes no eval JSON into the workdir (an alignment run comparing its init with itself).
+    padded up to a multiple of the mesh's batch shards (pad rows dropped). The metrics go
+    to `eval_path` (per request count and beam); `write=False` writes no eval JSON (the
+    CLI prints first, then writes; an alignment run compares its init with itself).
     `scorer(batch, items [B, K]) -> [B, K]` (a reward model; NaN for item 0) adds
     `reward_model@K`, its mean score of the top K."""
     if batch < 1:
         raise ValueError(f"eval batch size must be >= 1, got {batch}")
+    if beam < 1:
+        raise ValueError(f"eval beam must be >= 1, got {beam}")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"eval max_requests must be >= 1 (or none: all), got {max_requests}")
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
     devices = run_mesh(load_run_config(workdir), mesh)
     run, state, step = restore_latest(workdir, devices)
@@ -118,7 +124,7 @@ def evaluate_run(
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
-        logged.append(reward_model.logged_reward(b, top, 0.0))
+        logged.append(feedback.logged_reward(b, top, 0.0))
         if scorer is not None:
             scored.append(scorer(b, top))
         if src.kind == "world":  # the generator knows the expected reward of any item
@@ -142,6 +148,30 @@ def evaluate_run(
         for k in ENGAGEMENT_KS:
             metrics[f"reward_model@{k}"] = float(np.nanmean(sc[:, :k]))
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
-    if write and jax.process_index() == 0:  # every process has the same metrics: one file
-        (workdir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if write:
+        write_eval(workdir, metrics, max_requests)
     return metrics
+
+
+def eval_path(
+    workdir: pathlib.Path, split: str, max_requests: int | None, beam: int
+) -> pathlib.Path:
+    """Where an evaluation is kept: WORKDIR/eval_{split}.json for the whole split at the
+    default beam, eval_{split}_n{N}_beam{B}.json otherwise (a quick look at 8 requests never
+    replaces the full result)."""
+    if max_requests is None and beam == DEFAULT_BEAM:
+        return pathlib.Path(workdir) / f"eval_{split}.json"
+    n = "all" if max_requests is None else max_requests
+    return pathlib.Path(workdir) / f"eval_{split}_n{n}_beam{beam}.json"
+
+
+def write_eval(workdir: pathlib.Path, metrics: dict[str, Any], max_requests: int | None) -> None:
+    """The metrics as JSON at `eval_path` (atomically; by process 0 only: every process has
+    the same metrics); a failed write is one error naming the file."""
+    if jax.process_index() != 0:
+        return
+    path = eval_path(workdir, metrics["split"], max_requests, metrics["beam"])
+    try:
+        write_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise OSError(f"{path}: could not write the evaluation ({e.strerror or e})") from None

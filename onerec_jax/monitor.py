@@ -9,11 +9,36 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 from tensorboard.summary import Writer
 from tqdm.auto import tqdm
+
+
+def drop_events_after(logdir: os.PathLike, step: int) -> None:
+    """Rewrite `logdir`'s event files without the events of steps after `step` (a resumed run
+    replays those steps; TensorBoard would show each of them twice) and without a torn last
+    record (a killed writer's). A file is replaced whole, and only when something is dropped."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(pathlib.Path(logdir).glob("*tfevents*")):
+        records = list(RawEventFileLoader(str(path)).Load())  # stops at a torn record
+        keep = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+        size = sum(len(r) + 16 for r in records)  # 16 bytes of framing per record
+        if len(keep) == len(records) and size == path.stat().st_size:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rewrite-")  # not *tfevents*
+        with os.fdopen(fd, "wb") as f:
+            out = RecordWriter(f)
+            for r in keep:
+                out.write(r)
+            out.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 class MetricWriter:

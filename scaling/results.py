@@ -135,11 +135,10 @@ def smoothed_loss(metrics_path: pathlib.Path, share: float = 0.1) -> float | Non
     loss with the step-to-step noise of one batch averaged out."""
     if not metrics_path.is_file():
         return None
-    losses = [
-        r["train/loss"]
-        for r in map(json.loads, metrics_path.read_text().splitlines())
-        if "train/loss" in r
-    ]
+    from onerec_jax.train.run_log import read_metrics  # (keeps this module's import light)
+
+    rows, _ = read_metrics(metrics_path)  # a torn last line left out, with a warning
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
     if not losses:
         return None
     tail = losses[-max(1, math.ceil(share * len(losses))) :]

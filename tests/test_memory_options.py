@@ -341,6 +341,7 @@ def test_run_configs_without_the_memory_fields_load_and_resume(tmp_path):
     assert config.flatten(up.to_dict()) == config.flatten(today.to_dict())
 
     (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # a run that saved a checkpoint
     assert load_run_config(tmp_path).remat == "none"
     check_workdir_config(config.resolve(default.get_config(), ["remat=full"]), tmp_path)
     assert load_run_config(tmp_path).remat == "full"

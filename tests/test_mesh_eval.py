@@ -105,11 +105,12 @@ def test_eval_on_two_devices_restores_sharded_and_matches_one_device(tmp_path):
     # 12 requests in batches of 5: on 2 batch shards each batch is padded to 6.
     args = {"split": "test", "beam": 8, "batch": 5, "max_requests": 12}
     ref = evaluate.evaluate_run(run, mesh={"data": -1}, **args)
-    (run / "eval_test.json").unlink()
+    saved = evaluate.eval_path(run, "test", 12, 8)  # a 12-request look: its own file
+    saved.unlink()
     cmd = ["-m", "onerec_jax.cli", "eval", "--workdir", str(run), "--json", "--beam", "8"]
     got = _run(2, *cmd, "--batch-size", "5", "--max-requests", "12")  # the run's own mesh
     assert json.loads(got.splitlines()[-1]) == ref
-    assert json.loads((run / "eval_test.json").read_text()) == ref
+    assert json.loads(saved.read_text()) == ref and not (run / "eval_test.json").exists()
     assert ref["n_requests"] == 12 and 0.0 <= ref["recall@10"] <= 1.0
     # The checkpoint is restored straight into the fsdp layout: every parameter split, with
     # one device's values.

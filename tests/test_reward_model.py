@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _models import tiny_encoder
 
-from onerec_jax import cli
+from onerec_jax import cli, feedback
 from onerec_jax.data import schema, sources
 from onerec_jax.rl import reward_model as rm
 
@@ -41,10 +41,10 @@ def test_logged_reward_by_hand():
         "target_dur_ms": np.asarray([[30e3, 60e3, 30e3, 30e3]], np.float32),
         "target_flags": np.asarray([[schema.LIKE, schema.DISLIKE, 0, schema.SHARE]], np.uint8),
     }
-    v = rm.logged_value(batch)[0]
+    v = feedback.logged_value(batch)[0]
     # play share 0.5 and a like; unknown play left out and a dislike; a whole play; padding
     np.testing.assert_allclose(v, [0.5 * w["play_frac"] + w["like"], w["dislike"], 1.0, 0.0])
-    r = rm.logged_reward(batch, np.asarray([[5, 7, 9, 3, 0]]), miss=-0.25)[0]
+    r = feedback.logged_reward(batch, np.asarray([[5, 7, 9, 3, 0]]), miss=-0.25)[0]
     # item 5 logged twice: the mean of its exposures; 9 sits only in a pad slot: a miss
     want = [(v[0] + v[2]) / 2, w["dislike"], -0.25, -0.25]
     np.testing.assert_allclose(r[:4], want, rtol=1e-6)

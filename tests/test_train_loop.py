@@ -123,7 +123,10 @@ def test_bad_inputs_fail_clearly_and_keep_the_run(tmp_path, tokenizer_dir):
     missing.tokenizer_dir = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no semantic-id table"):
         loop.train(missing, tmp_path / "run2")
-    # A workdir holding another config's run is refused and left as it was.
+    # A workdir holding another config's run (one that saved a checkpoint) is refused and
+    # left as it was; one whose start failed before any checkpoint takes the new config
+    # (test_faults_run.py).
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
     changed = config_lib.resolve(
         config_lib.load(os.path.join(ROOT, CONFIG)), ["model.v1.encoder.d_model=64"]
     )

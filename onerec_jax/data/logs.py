@@ -3,7 +3,9 @@
 Columns (names are exact; extra columns are ignored):
   user_id       required  integer or string
   item_id       required  integer or string
-  timestamp     required  seconds since the epoch (integer or float), or a timestamp type
+  timestamp     required  seconds since the epoch (integer or float; values from 1e11 up are
+                          read as milli-, micro- or nanoseconds, with a warning), or a
+                          timestamp type
   play_time_ms  optional  number >= 0 (empty/null: unknown)
   duration_ms   optional  number >= 0 (empty/null: unknown)
   like, follow, comment, share, dislike   optional  0/1 or boolean (empty/null: 0)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -96,7 +99,8 @@ def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = Fal
         or pa.types.is_integer(col.type)
         or pa.types.is_floating(col.type)
     ):
-        out = np.array(col.cast(pa.float64()), np.float64)
+        # unsafe: integers beyond 2**53 (nanosecond times) lose only their last digits
+        out = np.array(col.cast(pa.float64(), safe=False), np.float64)
     else:
         values = col.to_pylist()
 
@@ -115,6 +119,47 @@ def _numbers(path: os.PathLike, table: pa.Table, name: str, optional: bool = Fal
         i = int(np.argmin(np.isfinite(out)))
         raise _fail(path, f"column {name!r} row {i}: not a finite number ({out[i]})")
     return out
+
+
+# Plain-number timestamps by their size: seconds since the epoch stay below 1e11
+# (the year 5138), so larger ones are milliseconds, microseconds or nanoseconds (the units
+# logs are written in), read as such with a warning.
+_UNITS = ((1e17, "nanoseconds", 1e9), (1e14, "microseconds", 1e6), (1e11, "milliseconds", 1e3))
+
+
+def _unit(value: float) -> tuple[str, float]:
+    for low, unit, per_s in _UNITS:
+        if value >= low:
+            return unit, per_s
+    return "seconds", 1.0
+
+
+def _in_seconds(path: os.PathLike, ts: np.ndarray) -> np.ndarray:
+    """Plain-number timestamps in seconds: the unit read from the median (`_UNITS`); a value
+    beyond int64, or of a larger unit than the median's (a stray value that would otherwise
+    rescale a whole log), is refused naming its row. Sub-second order is not kept: events of
+    one second are ordered by item id, as in any log in seconds."""
+    big = ts >= 2.0**63
+    if big.any():
+        i = int(np.argmax(big))
+        raise _fail(path, f"column 'timestamp' row {i}: {ts[i]:.6g} is beyond any time unit")
+    unit, per_s = _unit(float(np.median(ts)))
+    i = int(np.argmax(ts))
+    if _unit(float(ts[i]))[0] != unit:
+        raise _fail(
+            path,
+            f"column 'timestamp' row {i}: {ts[i]:.6g} reads as {_unit(float(ts[i]))[0]} "
+            f"since the epoch, most of the column as {unit}: one unit per column",
+        )
+    if per_s != 1.0:
+        top = float(ts[i])
+        warnings.warn(
+            f"{path}: column 'timestamp' reads as {unit} since the epoch (largest {top:.6g} = "
+            f"{np.datetime64(int(top / per_s), 's')}); converted to seconds (write seconds "
+            "to silence this)",
+            stacklevel=3,
+        )
+    return ts / per_s
 
 
 def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) -> np.ndarray:
@@ -163,6 +208,8 @@ def _load(path: os.PathLike) -> EventLog:
         raise _fail(
             path, f"column 'timestamp' row {int(np.argmax(ts < 0))}: negative time {ts[ts < 0][0]}"
         )
+    if not pa.types.is_timestamp(table.column("timestamp").type):
+        ts = _in_seconds(path, ts)
     extra = {}
     for name, key in (("play_time_ms", "play_ms"), ("duration_ms", "dur_ms")):
         if name in table.column_names:

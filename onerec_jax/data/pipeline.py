@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -133,9 +136,29 @@ def make_dataset(
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.workers, per_worker_buffer_size=config.worker_buffer
-            )
+            ),
+            worker_init_fn=exit_with_parent,
         )
     return it
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """In each grain worker: exit once the process that started it is gone. A trainer killed
+    by SIGKILL cannot stop its workers, which would otherwise live on (holding their memory,
+    ~250 MB each). A daemon thread polls the parent's pid (prctl's parent-death signal would
+    follow the parent *thread*, and grain may start workers from a helper thread). Ctrl-C is
+    left to the trainer."""
+    parent = os.getppid()
+    # Ctrl-C reaches the whole process group: the trainer stops with a save, for which it
+    # still needs its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def settle(seconds: float = 0.3) -> None:

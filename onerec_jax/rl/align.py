@@ -40,7 +40,7 @@ p >= 1/2) against the user's own plays of videos of similar length (shaping.py).
 
 `reward=logged` needs no world and no reward model: a rollout that is one of the request's
 logged target exposures earns that exposure's own feedback, fused with the reward model's
-weights (`reward_model.logged_reward`); any other rollout earns `logged_miss` (default 0:
+weights (`feedback.logged_reward`); any other rollout earns `logged_miss` (default 0:
 nothing is known of it). It is the reward a logged source (MovieLens, a Parquet log) can give;
 the before/after comparison then reads `logged_reward@K` (the same reward of the top-K lists
 against the held-out targets) beside Recall and NDCG.
@@ -62,20 +62,23 @@ import ml_collections
 import numpy as np
 import optax
 
+from onerec_jax import feedback
 from onerec_jax.atomic import write_atomic
 from onerec_jax.data import pipeline
 from onerec_jax.evaluate import evaluate_run, true_reward
 from onerec_jax.generate import beam_search
-from onerec_jax.monitor import MetricWriter, Progress
+from onerec_jax.monitor import MetricWriter, Progress, drop_events_after
 from onerec_jax.rl import align_config, losses, reward_model, shaping
 from onerec_jax.rl.rollout import rollout_logp, sample_rollouts
 from onerec_jax.train import state as state_lib
 from onerec_jax.train import step as step_lib
 from onerec_jax.train.batches import AddCodes
 from onerec_jax.train.checkpointing import Checkpoints
+from onerec_jax.train.loop import Preemption
 from onerec_jax.train.loss import loss_fn
-from onerec_jax.train.run_log import truncate_metrics
+from onerec_jax.train.run_log import append_metrics, truncate_metrics
 from onerec_jax.train.step import NOT_MODEL_INPUTS, TrainState
+from onerec_jax.train.workdir_lock import workdir_lock
 
 # Fields that may differ when a run is resumed (the rest must match align.json).
 RESUMABLE = ("steps", "log_every", "eval_requests", "eval_beam")
@@ -176,42 +179,6 @@ def optimizer(
     return optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), step_lib.adamw(ocfg, schedule))
 
 
-def _reward_model(acfg: ml_collections.ConfigDict, run: Any):
-    """`(host batch, items [B, N]) -> P-Score [B, N]` (NaN for item 0) of the configured reward
-    model, or None; refused if it was fit on another catalogue or context."""
-    if not acfg.reward_model:
-        return None
-    model, params, meta = reward_model.load(acfg.reward_model)
-    if meta.get("data") != reward_model.data_of(run):
-        raise ValueError(
-            f"{acfg.reward_model}: this reward model was fit on another catalogue or context "
-            "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
-        )
-    score = reward_model.make_scorer(model)
-
-    def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
-        batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
-        s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
-        return np.where(items > 0, s, np.nan)
-
-    return rm_score
-
-
-def _duration_advantage(world: Any, host: dict, items: np.ndarray, acfg: Any) -> np.ndarray:
-    """OneRec-V2's shaped advantages [B, G] of point-wise rollouts: each item's expected play
-    time (the world's play fraction x its duration) and an expected dislike (p >= 1/2) against
-    the user's history (`shaping.duration_advantage`). Session rollouts: their first item."""
-    first = np.maximum(items[:, :, 0], 1)
-    e = world.true_engagement(host["user_id"], host["request_ts"], first)
-    dur = world.dur_ms[first].astype(np.float64)
-    h_play, h_dur, h_valid = shaping.world_history(
-        world, host["user_id"], host["request_ts"], acfg.history_sessions
-    )
-    return shaping.duration_advantage(
-        e["play_frac"] * dur, dur, e["dislike"] >= 0.5, h_play, h_dur, h_valid
-    )
-
-
 def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: pathlib.Path):
     """Check everything, then write config.json / align.json; a run with a checkpoint must
     match them (a start that failed before its first checkpoint may be redone with another
@@ -260,12 +227,26 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
 def align(
     acfg: ml_collections.ConfigDict, init_dir: str | os.PathLike, workdir: str | os.PathLike
 ) -> dict[str, Any]:
-    """Run (or resume) an alignment run; returns the summary written to WORKDIR/summary.json."""
+    """Run (or resume) an alignment run; returns the summary written to WORKDIR/summary.json.
+    One runner per workdir (WORKDIR/.lock); SIGTERM or Ctrl-C stops at the next refresh of
+    the old policy with a save (status "preempted"; the same command resumes)."""
     init_dir = pathlib.Path(init_dir).resolve()
     workdir = pathlib.Path(workdir).resolve()
+    align_config.check(acfg)  # before the workdir (and its lock file) is made
+    state_lib.load_run_config(init_dir)  # an init that is no run: refused before it too
+    with workdir_lock(workdir), Preemption() as preemption:
+        return _align(acfg, init_dir, workdir, preemption)
+
+
+def _align(
+    acfg: ml_collections.ConfigDict,
+    init_dir: pathlib.Path,
+    workdir: pathlib.Path,
+    preemption: Preemption,
+) -> dict[str, Any]:
     run, init_state, cfg = _prepare(acfg, init_dir, workdir)
     tx = optimizer(cfg, acfg)
-    rm_score = _reward_model(acfg, run)
+    rm_score = reward_model.scorer_for(acfg.reward_model, run)
     model, trie = run.model, run.table.trie()
     ds = pipeline.make_dataset(
         run.source,
@@ -275,7 +256,6 @@ def align(
     )
     data = iter(ds)
     ckpt = Checkpoints(workdir / "checkpoints", keep=acfg.keep_checkpoints)
-    start = ckpt.latest_step() or 0
     params = init_state.params
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), init_state.moe_bias)
     # DPO's reference is the pre-trained policy, kept whole; the pre-trained optimizer
@@ -285,10 +265,13 @@ def align(
         ref_vars = jax.tree.map(jnp.copy, {"params": params, "moe_bias": init_state.moe_bias})
     threshold = shaping.rsft_threshold(run, acfg.rsft_keep) if acfg.method == "rsft" else 0.0
     del init_state, params
-    if start:
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-        state, _ = ckpt.restore(start, target, data)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    # The newest checkpoint that restores (a corrupt one moved aside, with a warning).
+    start, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, target, data))
+    if restored is not None:
+        state = restored[0]
     truncate_metrics(workdir / "metrics.jsonl", start)  # rows a killed run wrote after it
+    drop_events_after(workdir / "logs", start)
     update = make_update(model, tx, acfg)
     logp_of = jax.jit(rollout_logp, static_argnums=0)
     writer = MetricWriter(workdir / "logs")
@@ -298,6 +281,7 @@ def align(
     rows_in_window = 0
     old_vars = None
     t0 = time.perf_counter()
+    status = "finished"
     try:
         for step in range(start, acfg.steps):
             host = next(data)
@@ -321,7 +305,7 @@ def align(
                 if acfg.reward == "model":
                     r = rm_score(host, flat).reshape(b, g, m)
                 elif acfg.reward == "logged":
-                    r = reward_model.logged_reward(host, flat, acfg.logged_miss)
+                    r = feedback.logged_reward(host, flat, acfg.logged_miss)
                     r = r.reshape(b, g, m)
                 else:
                     r = true_reward(run.source, host, flat).reshape(b, g, m)
@@ -336,8 +320,10 @@ def align(
                     row["pairs"] = float(ok.mean())
                 else:
                     if acfg.advantage == "duration":
-                        adv = jnp.asarray(_duration_advantage(run.source, host, items, acfg))
-                        adv = jnp.where(jnp.asarray(legal), adv, 0.0)
+                        adv = shaping.world_duration_advantage(
+                            run.source, host, items, acfg.history_sessions
+                        )
+                        adv = jnp.where(jnp.asarray(legal), jnp.asarray(adv), 0.0)
                     else:
                         adv = losses.group_advantages(jnp.asarray(reward), jnp.asarray(legal))
                     if free:
@@ -358,26 +344,33 @@ def align(
             if done % acfg.log_every == 0 or done == acfg.steps:
                 mean = {f"align/{k}": v / rows_in_window for k, v in sums.items()}
                 writer.scalars(done, mean)
-                with (workdir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": done, **mean}, sort_keys=True) + "\n")
+                append_metrics(workdir / "metrics.jsonl", {"step": done, **mean})
                 sums, rows_in_window = {}, 0
-            if done % acfg.checkpoint_every == 0 or done == acfg.steps:
+            # Stop only where the old policy is refreshed: a resumed run starts with a fresh
+            # one, as this run would have at that step (read the flag once per step).
+            stop = preemption.requested and done % acfg.refresh == 0
+            if done % acfg.checkpoint_every == 0 or done == acfg.steps or stop:
                 ckpt.save(done, state, data, {"step": done})
+            if stop and done < acfg.steps:
+                status = "preempted"
+                preemption.acted = True
+                break
             bar.update(done, row["loss"])
     finally:
         bar.close()
         writer.close()
         ckpt.close()
     summary: dict[str, Any] = {
+        "status": status,
         "method": acfg.method,
         "init": str(init_dir),
         "steps": int(state.step),
         "wall_s_this_run": time.perf_counter() - t0,
     }
-    if acfg.eval_requests:
+    if acfg.eval_requests and status == "finished":
         kw = {"beam": acfg.eval_beam, "max_requests": acfg.eval_requests, "write": False}
         kw["scorer"] = rm_score
         summary["before"] = evaluate_run(init_dir, "validation", **kw)
         summary["after"] = evaluate_run(workdir, "validation", **kw)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     return summary

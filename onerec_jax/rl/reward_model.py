@@ -27,19 +27,9 @@ import numpy as np
 import optax
 
 from onerec_jax.data import schema
-from onerec_jax.data.world_config import REWARD_WEIGHTS
+from onerec_jax.feedback import LABELS, WEIGHTS, labels
 from onerec_jax.model.layers import Dense
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
-
-LABELS = ("play_frac", "like", "follow", "comment", "share", "dislike")
-_BITS = {
-    "like": schema.LIKE,
-    "follow": schema.FOLLOW,
-    "comment": schema.COMMENT,
-    "share": schema.SHARE,
-    "dislike": schema.DISLIKE,
-}
-WEIGHTS = np.asarray([REWARD_WEIGHTS[k] for k in LABELS], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,41 +55,6 @@ class PScore(nn.Module):
         for i in range(2):  # two hidden layers, not a loop over tokens
             h = nn.gelu(Dense(c.hidden, ("embed", "mlp"), use_bias=True, name=f"mlp_{i}")(h))
         return Dense(len(LABELS), ("mlp", None), use_bias=True, name="out")(h)
-
-
-def labels(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Label targets [B, M, 6] of a batch's logged target exposures (play_frac soft), and
-    which are known [B, M, 6]: the play share only where the source logs play time and
-    duration (NaN where it does not: such a label is left out, not taken as 0)."""
-    play = np.asarray(batch["target_play_ms"], np.float64)
-    dur = np.asarray(batch["target_dur_ms"], np.float64)
-    has_play = np.isfinite(play) & np.isfinite(dur) & (dur > 0)
-    frac = np.where(has_play, np.clip(play / np.where(has_play, dur, 1.0), 0.0, 1.0), 0.0)
-    flags = batch["target_flags"].astype(np.int64)
-    cols = [frac] + [((flags & bit) != 0).astype(np.float32) for bit in _BITS.values()]
-    known = np.stack([has_play] + [np.ones_like(has_play)] * len(_BITS), -1)
-    return np.stack(cols, -1).astype(np.float32), known
-
-
-def logged_value(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """The fused score of each logged target exposure's own feedback [B, M] (REWARD_WEIGHTS x
-    its labels, the ones the source logs; 0 at padding): the P-Score's target, as logged."""
-    y, known = labels(batch)
-    v = np.sum(np.where(known, y, 0.0) * WEIGHTS, -1)
-    return np.where(batch["target_mask"], v, 0.0).astype(np.float32)
-
-
-def logged_reward(batch: dict[str, np.ndarray], items_BxN: np.ndarray, miss: float) -> np.ndarray:
-    """Rewards [B, N] of recommending `items` from logged feedback alone: an item that is one
-    of the request's logged target exposures earns that exposure's `logged_value` (the mean
-    over its exposures, if logged twice); any other item earns `miss` (nothing is known of
-    it); NaN for item 0 (no item)."""
-    items = np.asarray(items_BxN)
-    hit = (items[:, :, None] == batch["target_item"][:, None, :]) & batch["target_mask"][:, None]
-    n = hit.sum(-1)
-    total = np.einsum("bnm,bm->bn", hit.astype(np.float64), logged_value(batch))
-    r = np.where(n > 0, total / np.maximum(n, 1), miss)
-    return np.where(items > 0, r, np.nan)
 
 
 def fused(logits: jax.Array) -> jax.Array:
@@ -302,3 +257,24 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
     if not all(jax.tree.leaves(shapes)):
         raise ValueError(f"{d / 'params.msgpack'}: parameter shapes differ from its config")
     return model, jax.device_put(params), meta
+
+
+def scorer_for(directory: str, run: Any):
+    """`(host batch, items [B, N]) -> P-Score [B, N]` (NaN for item 0) of the reward model in
+    `directory`, or None for ""; refused if it was fit on another catalogue or context."""
+    if not directory:
+        return None
+    model, params, meta = load(directory)
+    if meta.get("data") != data_of(run):
+        raise ValueError(
+            f"{directory}: this reward model was fit on another catalogue or context "
+            "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
+        )
+    score = make_scorer(model)
+
+    def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
+        batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
+        s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
+        return np.where(items > 0, s, np.nan)
+
+    return rm_score

@@ -131,3 +131,20 @@ def world_history(
     for i, (p, d) in enumerate(rows):
         play[i, : len(p)], dur[i, : len(p)], valid[i, : len(p)] = p, d, True
     return play, dur, valid
+
+
+def world_duration_advantage(
+    world: Any, host: dict, items: np.ndarray, history_sessions: int
+) -> np.ndarray:
+    """OneRec-V2's shaped advantages [B, G] of point-wise rollouts on the world: each item's
+    expected play time (the world's play fraction x its duration) and an expected dislike
+    (p >= 1/2) against the user's last `history_sessions` sessions (`duration_advantage`).
+    Session rollouts: their first item."""
+    first = np.maximum(items[:, :, 0], 1)
+    e = world.true_engagement(host["user_id"], host["request_ts"], first)
+    dur = world.dur_ms[first].astype(np.float64)
+    h_play, h_dur, h_valid = world_history(
+        world, host["user_id"], host["request_ts"], history_sessions
+    )
+    play = e["play_frac"] * dur
+    return duration_advantage(play, dur, e["dislike"] >= 0.5, h_play, h_dur, h_valid)

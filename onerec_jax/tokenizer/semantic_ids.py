@@ -15,6 +15,7 @@ one level. Memory is O(n_items * L), never O(K^L).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -226,6 +227,13 @@ class SemanticIds:
             return cls(codes, tuple(vocab.tolist()), bool(data["dedup"]), meta)
         except SemanticIdError as e:
             raise SemanticIdError(f"{p}: {e}") from e
+
+    def fingerprint(self) -> str:
+        """sha256 of the code table and its vocabulary: two tables that assign any item other
+        codes (a permutation of the same shape included) differ."""
+        h = hashlib.sha256(repr(self.vocab).encode())
+        h.update(np.ascontiguousarray(self.codes, np.int32).tobytes())
+        return h.hexdigest()
 
     def __eq__(self, other: object) -> bool:
         return (

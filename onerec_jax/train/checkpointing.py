@@ -5,14 +5,24 @@ continues exactly where the checkpoint left it."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
+import os
 import pathlib
-from typing import Any
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from onerec_jax.atomic import write_atomic
+
 ITEMS = ("state", "data", "meta")
+FILE_LIST = "onerec_files.json"  # in each step directory: its files' sizes (`_list_files`)
+T = TypeVar("T")
 
 
 class Checkpoints:
@@ -39,6 +49,107 @@ class Checkpoints:
             ),
         )
         return out["state"], dict(out["meta"])
+
+    def restore_newest(
+        self, restore: Callable[[int], T], move_aside: bool = True, check_processes: bool = False
+    ) -> tuple[int, T | None]:
+        """(step, restore(step)) of the newest checkpoint that restores; (0, None) when there
+        is none. A damaged checkpoint (a file missing or cut short against its file list, or
+        contents the restore cannot parse) is skipped with a warning naming it and, with
+        `move_aside`, renamed to STEP.corrupt (kept for a look, never deleted; a later save
+        of that step then finds its name free). An I/O error (a flaky network disk) is not
+        damage: it stops with that error and moves nothing. When none restores, nothing is
+        moved and one error names them all. `check_processes`: a training resume, whose data
+        position needs the process count it was saved with (evaluation reads no data)."""
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            if check_processes:  # a wrong process count is not corruption
+                self._check_processes(step)
+            why = self._damage(step)
+            if why:  # found without orbax: none of its errors to print
+                failed.append((step, why))
+                continue
+            ok, out = self._try(restore, step, failed)
+            if not ok:
+                continue
+            for bad, why in failed:
+                where = self.directory / str(bad)
+                note = ""
+                if move_aside:
+                    dest = where.with_name(f"{bad}.corrupt")
+                    k = 1
+                    while dest.exists():
+                        dest, k = where.with_name(f"{bad}.corrupt{k}"), k + 1
+                    os.rename(where, dest)
+                    note = f"; moved to {dest.name}"
+                warnings.warn(
+                    f"{where}: checkpoint unreadable ({why}){note}; using step {step}",
+                    stacklevel=2,
+                )
+            if failed and move_aside:
+                self._mngr.reload()
+            return step, out
+        if failed:
+            listed = "; ".join(f"step {s}: {why}" for s, why in failed)
+            raise ValueError(
+                f"{self.directory}: no checkpoint restores ({listed}); move them away to "
+                "start afresh, or use a new --workdir"
+            )
+        return 0, None
+
+    def _damage(self, step: int) -> str:
+        """What is wrong with checkpoint `step` against its file list (a missing or truncated
+        file), or "" (also when it has no list: saved by an older version, or killed between
+        orbax's commit and the list; the restore then tells)."""
+        d = self.directory / str(step)
+        try:
+            files = json.loads((d / FILE_LIST).read_text())
+        except FileNotFoundError:
+            return ""
+        except (ValueError, OSError) as e:
+            return f"{FILE_LIST} unreadable ({e})"
+        for rel, size in files.items():
+            p = d / rel
+            if not p.is_file():
+                return f"{rel} missing"
+            if p.stat().st_size != size:
+                return f"{rel} has {p.stat().st_size} bytes, saved with {size}"
+        return ""
+
+    def _list_files(self, step: int) -> None:
+        """STEP/onerec_files.json: the size of every file of a committed checkpoint, so a
+        truncated or missing one is found before orbax reads it."""
+        d = self.directory / str(step)
+        files = {
+            str(p.relative_to(d)): p.stat().st_size
+            for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != FILE_LIST
+        }
+        write_atomic(d / FILE_LIST, json.dumps(files, indent=0, sort_keys=True))
+
+    @staticmethod
+    def _try(restore: Callable[[int], T], step: int, failed: list) -> tuple[bool, T | None]:
+        """restore(step), or (False, None) with the failure noted in `failed`. A failed orbax
+        restore leaves dozens of its reader coroutines failing too, each printed as "Exception
+        ignored in ..." when collected: they are collected here, silently (the one line in
+        `failed` says what went wrong)."""
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            try:
+                return True, restore(step)
+            except OSError as e:
+                if not isinstance(e, FileNotFoundError):
+                    raise  # EIO, a stale handle: the disk, not the checkpoint
+                first = str(e)[:200]
+                failed.append((step, f"{type(e).__name__}: {first}"))
+            except Exception as e:  # orbax, tensorstore, grain and json raise many types
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                failed.append((step, f"{type(e).__name__}: {first}"))
+            gc.collect()
+            return False, None
+        finally:
+            sys.unraisablehook = hook
 
     def _check_processes(self, step: int) -> None:
         """The data position is saved per process (grain: process_I-of-N.json), so a run
@@ -70,6 +181,8 @@ class Checkpoints:
             force=True,
         )
         self._mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            self._list_files(step)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -28,6 +28,8 @@ import dataclasses
 import os
 import pathlib
 import signal
+import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -47,33 +49,63 @@ from onerec_jax.train.run_config import check_split, check_workdir_config
 from onerec_jax.train.run_log import Counters, RunLog
 from onerec_jax.train.summary import write_summary
 from onerec_jax.train.validation import Validation
+from onerec_jax.train.workdir_lock import workdir_lock
 
 
 class Preemption:
-    """While active, SIGTERM sets `requested` instead of killing the process. A SIGTERM the
-    loop did not act on (`acted`: it came after the last step read the flag, during the
-    final save) is delivered again to the handler restored on exit, so it is never lost."""
+    """While active, SIGTERM (preemption) and SIGINT (Ctrl-C) set `requested` instead of
+    stopping the process: the loop saves the step it is on and returns "preempted" (resumable,
+    exit 0). A second Ctrl-C interrupts at once. A signal the loop did not act on (`acted`: it
+    came after the last step read the flag, e.g. during the final save) is passed on, on exit,
+    to a caller's own Python handler (the sweep runner's, which then stops); under the default
+    handlers the run, finished and saved, simply returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.requested = self.acted = False
+        self.signals, self.received = signals, 0
+        self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.requested, self.received = True, signum
+        if signum == signal.SIGINT:  # a second Ctrl-C goes to the old handler: interrupts
+            signal.signal(signal.SIGINT, self._old[signal.SIGINT])
+            print("onerec: Ctrl-C: saving after this step (Ctrl-C again aborts)", file=sys.stderr)
 
     def __enter__(self) -> Preemption:
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():  # signals: main thread only
+            self._old = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._old)
-        if self.requested and not self.acted:
-            signal.raise_signal(signal.SIGTERM)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        old = self._old.get(self.received)
+        if self.requested and not self.acted and callable(old):
+            if old is not signal.default_int_handler:  # Python's own Ctrl-C: nothing to pass
+                signal.raise_signal(self.received)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume) training; returns the summary written to WORKDIR/summary.json."""
+    """Run (or resume) training; returns the summary written to WORKDIR/summary.json. A
+    SIGTERM or Ctrl-C at any point stops at the next step with a save (`Preemption`)."""
+    # Several processes: JAX's preemption service owns SIGTERM (it must see it to make the
+    # processes agree on a step), so no Python handler replaces its own.
     config.check_resolved(cfg)
+    config.validate(cfg)  # the CLI's resolve() did; a Python caller's config may not have
     workdir = pathlib.Path(workdir).resolve()  # orbax needs absolute paths
+    single = jax.process_count() == 1
+    # One runner per workdir (the main process holds WORKDIR/.lock; a dead one's is free).
+    lock = workdir_lock(workdir) if distributed.is_main() else contextlib.nullcontext()
+    with lock, Preemption() if single else contextlib.nullcontext(Preemption()) as preemption:
+        return _train(cfg, workdir, preemption)
+
+
+def _train(
+    cfg: ml_collections.ConfigDict, workdir: pathlib.Path, preemption: Preemption
+) -> dict[str, Any]:
+    if cfg.tokenizer_dir:  # stored resolved: the run must not depend on where it is started
+        cfg = cfg.copy_and_resolve_references()
+        cfg.tokenizer_dir = str(pathlib.Path(cfg.tokenizer_dir).resolve())
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     main, n_processes = distributed.is_main(), jax.process_count()
     if cfg.batch_size % n_processes:
@@ -105,6 +137,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         state_lib.load_table(cfg, workdir, build=True)
     distributed.barrier("onerec: config and tokenizer written")
     run = state_lib.open_run(cfg, workdir)
+    if main:  # its fingerprint, checked by every later start and eval (state.check_table)
+        state_lib.record_table(workdir, run.table, state_lib.table_dir(cfg, workdir))
     n_distinct = distinct_requests(run.source)
     repeats = repeat_warning(run.source, cfg.steps * cfg.batch_size)
     if repeats and main:
@@ -123,14 +157,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     )
     data = iter(ds)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    # Every process resumes from process 0's newest step (a shared filesystem's caches may
-    # show the processes different newest checkpoints).
-    start = distributed.same_on_all(ckpt.latest_step() or 0)
     counters = Counters()
     levels = run.table.n_levels
-    if start:  # restored straight onto the mesh: no fresh state is initialised first
+    start, restored = 0, None
+    if ckpt.latest_step() is not None or n_processes > 1:
+        # Restored straight onto the mesh: no fresh state is initialised first.
         target, shardings = state_lib.restore_target(cfg, run.model, tx, levels, mesh)
-        state, meta = ckpt.restore(start, target, data)
+        if n_processes == 1:  # past a corrupt newest checkpoint (moved aside, with a warning)
+            start, restored = ckpt.restore_newest(
+                lambda s: ckpt.restore(s, target, data), check_processes=True
+            )
+        else:
+            # Every process resumes from process 0's newest step (a shared filesystem's
+            # caches may show the processes different newest checkpoints).
+            start = distributed.same_on_all(ckpt.latest_step() or 0)
+            restored = ckpt.restore(start, target, data) if start else None
+    if restored is not None:
+        state, meta = restored
         counters = Counters.from_meta(meta)
     else:
         state, shardings = state_lib.sharded_state(cfg, run.model, tx, levels, mesh)
@@ -147,62 +190,58 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     bar = Progress(start, cfg.steps, enabled=main)
     capacities: set[int | None] = set()  # packed step sizes compiled so far (pack_targets)
     try:
-        # Several processes: JAX's preemption service owns SIGTERM (it must see it to make
-        # the processes agree on a step), so no Python handler replaces its own.
-        with (
-            Preemption() if n_processes == 1 else contextlib.nullcontext(Preemption()) as preemption
-        ):
-            for step in range(start, cfg.steps):
-                host = next(data)
-                capacity = None
-                if cfg.pack_targets:  # decoder positions to compute (a bucket per shape)
-                    capacity = step_lib.token_capacity(
-                        host["target_codes"], cfg.optim.grad_accum, cfg.pack_targets
-                    )
-                # A global array from every process's rows of the batch.
-                batch = jax.tree.map(
-                    lambda x: jax.make_array_from_process_local_data(batch_sharding, x), host
+        for step in range(start, cfg.steps):
+            host = next(data)
+            capacity = None
+            if cfg.pack_targets:  # decoder positions to compute (a bucket per shape)
+                capacity = step_lib.token_capacity(
+                    host["target_codes"], cfg.optim.grad_accum, cfg.pack_targets
                 )
-                rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+            # A global array from every process's rows of the batch.
+            batch = jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(batch_sharding, x), host
+            )
+            rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+            t = time.perf_counter()
+            state, metrics = step_fn(state, batch, rng, capacity)
+            if capacity not in capacities:  # compiled for this shape during the call
+                capacities.add(capacity)
+                log.throughput.pause(time.perf_counter() - t)
+            done = step + 1
+            # The validation loss of step `done` is that of the state after `done` steps:
+            # measured now, before the next step replaces it.
+            ev = None
+            due = cfg.eval_every and done % cfg.eval_every == 0
+            if validation.enabled and (due or done == cfg.steps):
+                jax.block_until_ready(state)  # the step just dispatched is training time
                 t = time.perf_counter()
-                state, metrics = step_fn(state, batch, rng, capacity)
-                if capacity not in capacities:  # compiled for this shape during the call
-                    capacities.add(capacity)
-                    log.throughput.pause(time.perf_counter() - t)
-                done = step + 1
-                # The validation loss of step `done` is that of the state after `done` steps:
-                # measured now, before the next step replaces it.
-                ev = None
-                due = cfg.eval_every and done % cfg.eval_every == 0
-                if validation.enabled and (due or done == cfg.steps):
-                    jax.block_until_ready(state)  # the step just dispatched is training time
-                    t = time.perf_counter()
-                    ev = validation(state)
-                    counters.eval_loss, counters.eval_loss_se = ev
-                    log.throughput.pause(time.perf_counter() - t)
-                if pending is not None:
-                    log.record(*pending)  # step N-1's metrics, while step N runs
-                pending = (done, metrics, ev)
-                if kill_at and done == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                # Read the flag once: a SIGTERM between two reads would stop without a save.
-                preempted = distributed.preemption_agreed(done, preemption.requested)
-                checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
-                if checkpoint_due or preempted:
-                    log.record(*pending)  # never checkpoint a state whose loss was not finite
-                    pending = None
-                    t = time.perf_counter()
-                    counters.wall_s = wall_before + t - t0
-                    ckpt.save(done, state, data, dataclasses.asdict(counters))
-                    log.throughput.pause(time.perf_counter() - t)
-                if preempted:
-                    status = "preempted"
-                    preemption.acted = True
-                    break
-                loss = counters.train_loss
-                bar.update(done, float("nan") if loss is None else loss)
+                ev = validation(state)
+                counters.eval_loss, counters.eval_loss_se = ev
+                log.throughput.pause(time.perf_counter() - t)
             if pending is not None:
-                log.record(*pending)
+                log.record(*pending)  # step N-1's metrics, while step N runs
+            pending = (done, metrics, ev)
+            if kill_at and done == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            # Read the flag once: a SIGTERM between two reads would stop without a save.
+            preempted = distributed.preemption_agreed(done, preemption.requested)
+            checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if checkpoint_due or preempted:
+                log.record(*pending)  # never checkpoint a state whose loss was not finite
+                pending = None
+                t = time.perf_counter()
+                counters.wall_s = wall_before + t - t0
+                ckpt.save(done, state, data, dataclasses.asdict(counters))
+                log.throughput.pause(time.perf_counter() - t)
+            if preempted and done < cfg.steps:
+                # (on the last step the run finished: the signal goes on to a caller's handler)
+                status = "preempted"
+                preemption.acted = True
+                break
+            loss = counters.train_loss
+            bar.update(done, float("nan") if loss is None else loss)
+        if pending is not None:
+            log.record(*pending)
     finally:
         bar.close()
         log.close()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 from typing import Any
 
 import ml_collections
 
 from onerec_jax import config
+from onerec_jax.atomic import write_atomic
 from onerec_jax.configs import default
 
 
@@ -159,8 +161,12 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no run here (config.json missing)")
     try:
-        return upgrade_config(json.loads(path.read_text()))
-    except (json.JSONDecodeError, config.ConfigError, KeyError, TypeError) as e:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError(f"a JSON {type(saved).__name__}, not an object")
+        return upgrade_config(saved)
+    except (ValueError, config.ConfigError, KeyError, TypeError, AttributeError) as e:
+        # (UnicodeDecodeError and JSONDecodeError are ValueErrors: garbage bytes, a torn file)
         raise ValueError(f"{path}: not a run config this version can read ({e})") from None
 
 
@@ -170,27 +176,65 @@ def check_workdir_config(
     """Refuse to resume a run under a different config (only `RESUMABLE_CHANGES` and the
     fields of `RESUMABLE_SECTIONS` may change), then, with `write` (the main process of a
     multi-host run), write the config to WORKDIR/config.json (atomically: a crash leaves the
-    old file or the new)."""
+    old file or the new). A workdir whose run saved no checkpoint (a start that failed, e.g.
+    on a model the config cannot build) takes the new config: it holds nothing to resume."""
     path = workdir / "config.json"
     text = cfg.to_json(indent=2, sort_keys=True) + "\n"
     if path.exists():
         saved = load_run_config(workdir)
         check_split(saved, workdir)
         old, new = config.flatten(saved.to_dict()), config.flatten(cfg.to_dict())
+        for side in (old, new):  # a relative table path means what it resolves to here
+            if side.get("tokenizer_dir"):
+                side["tokenizer_dir"] = str(pathlib.Path(side["tokenizer_dir"]).resolve())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         changed = [
             k
             for k in changed
             if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
         ]
-        if changed:
+        if changed and (has_checkpoint(workdir) or (workdir / "summary.json").exists()):
             raise ValueError(
                 f"{workdir} holds a run with a different config (fields {changed}); "
                 "use a new --workdir or the same config"
             )
+        if changed and write:  # a start that saved nothing (it failed): nothing to keep
+            warnings.warn(
+                f"{workdir}: its earlier start saved no checkpoint; its config gives way to "
+                f"this one (fields {changed})",
+                stacklevel=2,
+            )
+            _set_aside_stale_table(workdir, set(changed) & TABLE_FIELDS)
     if not write:
         return
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
+
+
+# The fields WORKDIR/tokenizer is built from (train/state.load_table).
+TABLE_FIELDS = {"source", "seed", "world_seed", "tokenizer_codes", "tokenizer_dir"}
+
+
+def has_checkpoint(workdir: pathlib.Path) -> bool:
+    """Whether a run saved a checkpoint (a finished step directory) in WORKDIR/checkpoints."""
+    return any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+
+
+def _set_aside_stale_table(workdir: pathlib.Path, changed: set[str]) -> None:
+    """A start that failed before its first checkpoint may be redone with another config; a
+    WORKDIR/tokenizer it built from other table fields, and the fingerprint it recorded
+    (table.json), are renamed (kept, not deleted), so the corrected command builds its own."""
+    if not changed:
+        return
+    for name in ("tokenizer", "table.json"):
+        old = workdir / name
+        if not old.exists():
+            continue
+        dest, k = workdir / f"{name}.replaced", 1
+        while dest.exists():
+            dest, k = workdir / f"{name}.replaced{k}", k + 1
+        os.rename(old, dest)
+        warnings.warn(
+            f"{old}: made for this workdir's earlier, failed start under other "
+            f"{sorted(changed)}; moved to {dest.name}",
+            stacklevel=3,
+        )

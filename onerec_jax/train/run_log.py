@@ -8,12 +8,14 @@ import json
 import math
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from onerec_jax.monitor import MetricWriter
+from onerec_jax.atomic import write_atomic
+from onerec_jax.monitor import MetricWriter, drop_events_after
 
 
 @dataclasses.dataclass
@@ -56,13 +58,57 @@ class Throughput:
         return steps / max(time.perf_counter() - self.t - self.paused, 1e-9)
 
 
+def read_metrics(path: pathlib.Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a metrics.jsonl and whether its last line is torn (cut short by a kill or a
+    full disk while it was written: no newline, or not JSON). A torn last line is left out
+    with a warning naming the file; a broken line before the last is an error naming it."""
+    if not path.exists():
+        return [], False
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        text = path.read_bytes().decode("utf-8", "replace")
+    lines = text.split("\n")
+    complete, last = lines[:-1], lines[-1]  # `last` is "" when the file ends in a newline
+    rows, torn = [], bool(last.strip())
+    for i, ln in enumerate(complete, 1):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if i == len(complete) and not torn:  # the last line, cut and newline-terminated
+                torn = True
+                break
+            raise ValueError(f"{path}:{i}: not a metrics line ({e}); fix or remove it") from None
+        rows.append(row)
+    if torn:
+        warnings.warn(f"{path}: its last line is torn (cut short); left out", stacklevel=2)
+    return rows, torn
+
+
 def truncate_metrics(path: pathlib.Path, step: int) -> None:
     """Drop lines logged after the checkpoint a resumed run starts from (a killed run may have
-    written them), so metrics.jsonl reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    written them) and a torn last line, so metrics.jsonl reads as one uninterrupted run. The
+    file is replaced whole (never emptied by a kill), and only when something is dropped."""
+    rows, torn = read_metrics(path)
+    keep = [r for r in rows if r["step"] <= step]
+    if torn or len(keep) < len(rows):
+        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+
+def append_metrics(path: pathlib.Path, row: dict[str, Any]) -> None:
+    """One metrics row, appended in one write (a kill leaves a whole line or a torn tail that
+    the next start drops); a failed write (disk full) is one error naming the file."""
+    # A value that is not finite (an eval with < 2 targeted requests has no standard error)
+    # is written as null: NaN is not JSON.
+    clean = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+    line = json.dumps(clean, sort_keys=True, allow_nan=False) + "\n"
+    try:
+        with path.open("a") as f:
+            f.write(line)
+    except OSError as e:
+        raise OSError(f"{path}: could not append metrics ({e.strerror or e})") from None
 
 
 class RunLog:
@@ -92,6 +138,7 @@ class RunLog:
         self.writer = None
         if write:
             truncate_metrics(self.path, start)
+            drop_events_after(workdir / "tb", start)  # the same for TensorBoard's copy
             self.writer = MetricWriter(workdir / "tb")
         self.throughput = Throughput()
 
@@ -122,8 +169,7 @@ class RunLog:
         if ev is not None:
             scalars["eval/loss"], scalars["eval/loss_se"] = ev
         self.writer.scalars(step, scalars)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+        append_metrics(self.path, {"step": step, **scalars})
 
     def close(self) -> None:
         if self.writer is not None:

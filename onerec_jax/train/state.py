@@ -4,6 +4,7 @@ table, the model, the optimizer, and a fresh or restored training state."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from onerec_jax import sharding
+from onerec_jax.atomic import write_atomic
 from onerec_jax.data import schema
 from onerec_jax.data.sources import open_source
 from onerec_jax.model.v1 import OneRecV1
@@ -25,6 +27,8 @@ from onerec_jax.train.batches import schema_spec, zero_batch
 from onerec_jax.train.checkpointing import Checkpoints
 from onerec_jax.train.model_factory import build_model
 from onerec_jax.train.run_config import check_split, load_run_config, source_seed
+
+TABLE_RECORD = "table.json"  # the fingerprint of a run's semantic-id table (`record_table`)
 
 
 def table_dir(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
@@ -44,6 +48,35 @@ def load_table(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, build: boo
         tcfg.rq.n_codes = cfg.tokenizer_codes
         build_lib.tokenize(cfg.source, path, tcfg, progress=True)
     return SemanticIds.load(path)
+
+
+def check_table(workdir: pathlib.Path, table: SemanticIds, path: pathlib.Path) -> None:
+    """Refuse a table other than the one the run was trained with (its fingerprint is in
+    WORKDIR/table.json, written by `record_table`; older runs have none and are not checked):
+    a table of the same shape with other codes would be read silently as the wrong items."""
+    record = workdir / TABLE_RECORD
+    if not record.exists():
+        return
+    try:
+        want = json.loads(record.read_text())
+        want_sha, want_vocab = str(want["sha256"]), tuple(want["vocab"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record}: unreadable ({e}); restore it or use a new --workdir") from None
+    if table.fingerprint() != want_sha:
+        raise ValueError(
+            f"{path}: not the semantic-id table this run was trained with (vocab "
+            f"{table.vocab} sha256 {table.fingerprint()[:12]}; the run's: vocab {want_vocab} "
+            f"sha256 {want_sha[:12]}, from {want.get('path')}, recorded in {record}); "
+            "put that table back or start a new --workdir"
+        )
+
+
+def record_table(workdir: pathlib.Path, table: SemanticIds, path: pathlib.Path) -> None:
+    """WORKDIR/table.json: the fingerprint of the run's table, written once (atomically)."""
+    if not (workdir / TABLE_RECORD).exists():
+        body = {"sha256": table.fingerprint(), "vocab": list(table.vocab)}
+        body.update(n_items=table.n_items, path=str(path.resolve()))
+        write_atomic(workdir / TABLE_RECORD, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
 def optimizer(
@@ -150,6 +183,7 @@ def open_run(
     """The training source, table and model of a run, checked against each other."""
     source = training_source(cfg)
     table = load_table(cfg, workdir, build_table)
+    check_table(workdir, table, table_dir(cfg, workdir))
     if table.n_items != source.n_items:
         raise ValueError(
             f"tokenizer table {table_dir(cfg, workdir)} covers {table.n_items} items but "
@@ -193,10 +227,11 @@ def restore_latest(
     target, _ = restore_target(cfg, run.model, tx, run.table.n_levels, mesh)
     ckpt = Checkpoints(workdir / "checkpoints")
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        # Past a corrupt newest checkpoint, with a warning; reading moves nothing.
+        step, state = ckpt.restore_newest(lambda s: ckpt.restore_state(s, target), False)
+        # (any process count: a run trained on N hosts evaluates on one)
+        if state is None:
             raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
-        state = ckpt.restore_state(step, target)
     finally:
         ckpt.close()
     return run, state, step

@@ -7,6 +7,7 @@ import math
 import pathlib
 from typing import Any
 
+from onerec_jax.atomic import write_atomic
 from onerec_jax.flops import Counts
 from onerec_jax.train.run_log import Counters
 from onerec_jax.train.state import Run
@@ -35,7 +36,6 @@ def write_summary(
     analytic FLOPs per sample and in total, samples and tokens seen, final train and
     validation loss, wall time."""
     cfg = run.cfg
-    last_loss = float("nan") if counters.train_loss is None else counters.train_loss
     summary = {
         "status": status,
         "step": steps_done,
@@ -48,8 +48,9 @@ def write_summary(
         "flops_seen": steps_done * cfg.batch_size * counts.flops_train,
         "items_seen": counters.items_seen,  # valid target items
         "tokens_seen": counters.items_seen * run.table.n_levels,  # semantic-id tokens with a loss
-        "final_train_loss": last_loss,
-        "final_eval_loss": counters.eval_loss,  # first eval_requests validation requests
+        "final_train_loss": _finite_or_none(counters.train_loss),  # null: no step logged
+        # on the first eval_requests validation requests
+        "final_eval_loss": _finite_or_none(counters.eval_loss),
         # its standard error over requests (null when fewer than 2 requests had a target)
         "final_eval_loss_se": _finite_or_none(counters.eval_loss_se),
         "eval_requests": eval_requests,  # requests behind final_eval_loss
@@ -69,5 +70,9 @@ def write_summary(
     if not write:
         return summary
     path = pathlib.Path(run.workdir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    try:  # the old summary or the new one, never a half-written file
+        write_atomic(path, text)
+    except OSError as e:
+        raise OSError(f"{path}: could not write the summary ({e.strerror or e})") from None
     return summary
