@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from onerec_jax import atomic, cli, evaluate
 from onerec_jax import config as config_lib
+from onerec_jax.data import logs
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 from onerec_jax.train import checkpointing, run_config, run_log, state
 from onerec_jax.train.loop import Preemption
@@ -346,3 +347,47 @@ def test_evaluations_of_other_request_counts_do_not_replace_each_other(tmp_path)
     look = evaluate.eval_path(tmp_path, "test", 8, 8)
     assert full.name == "eval_test.json" and look.name == "eval_test_n8_beam8.json"
     assert evaluate.eval_path(tmp_path, "test", None, 32).name == "eval_test_nall_beam32.json"
+
+
+# ----------------------------------------------------------------------------- random damage
+
+_GOOD_CSV = "user_id,item_id,timestamp,like\n" + "".join(
+    f"{1 + i % 4},{10 + i},{1_700_000_000 + 60 * i},{i % 2}\n" for i in range(24)
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(0, len(_GOOD_CSV)),
+    st.binary(max_size=60),
+    st.sampled_from(["log", "npz", "config"]),
+)
+def test_damaged_logs_tables_and_configs_load_or_fail_naming_the_file(tmp_path, cut, junk, kind):
+    """A good file cut at a random byte with random bytes appended: it loads (a valid prefix)
+    or fails with the module's own error naming the file, never another exception."""
+    if kind == "log":
+        path = tmp_path / "log.csv"
+        path.write_bytes(_GOOD_CSV.encode()[:cut] + junk)
+        try:
+            logs.load(path)
+        except logs.LogFormatError as e:
+            assert str(path) in str(e)
+    elif kind == "config":
+        good = config_lib.resolve(config_lib.load(str(ROOT / "experiments/v1_world_tiny.py")))
+        text = good.to_json(indent=2).encode()
+        (tmp_path / "config.json").write_bytes(text[: cut * len(text) // len(_GOOD_CSV)] + junk)
+        try:
+            run_config.load_run_config(tmp_path)
+        except ValueError as e:
+            assert "config.json" in str(e)
+    else:
+        _table().save(tmp_path / "tok")
+        path = tmp_path / "tok" / "semantic_ids.npz"
+        good = path.read_bytes()
+        path.write_bytes(good[: cut * len(good) // len(_GOOD_CSV)] + junk)
+        try:
+            SemanticIds.load(tmp_path / "tok")
+        except ValueError as e:  # SemanticIdError
+            assert "semantic_ids.npz" in str(e) or str(tmp_path / "tok") in str(e)

@@ -126,3 +126,22 @@ def test_data_workers_exit_when_their_trainer_is_killed(tmp_path):
             and "Z" not in (pathlib.Path(f"/proc/{w}/stat").read_text().split()[2:3] or [""])
         ]
     assert not alive, f"workers {alive} outlived their trainer"
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import collections
+
+    import grain
+    import jax.numpy as jnp
+
+    from onerec_jax.train import checkpointing
+
+    ckpt = checkpointing.Checkpoints(tmp_path / "ckpt")
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt.save(1, {"w": jnp.ones((1000,))}, data, {"step": 1})
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 100))
+    with pytest.raises(OSError, match=r"0.0 MB free, a checkpoint needs about .*step 1, is intact"):
+        ckpt.save(2, {"w": jnp.ones((1000,))}, data, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
+    ckpt.close()

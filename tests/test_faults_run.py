@@ -220,3 +220,31 @@ def test_a_signal_in_any_phase_exits_0_and_resumes(table, tmp_path, sig):
     assert _strict(work / "summary.json")["status"] == "finished"
     steps = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, s["step"] + 3))  # no step logged twice, none missing
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_is_one_line_and_the_same_command_resumes(table, tmp_path):
+    """A workdir on a small tmpfs (where this machine lets the test mount one): the disk
+    fills at a checkpoint; one error line, no traceback, the last checkpoint intact; once the
+    disk is grown the same command finishes the run with every step logged once."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (the injected-ENOSPC tests still run)")
+    try:
+        work = mnt / "run"
+        p = _start(work, table, steps=12)
+        _, err = p.communicate(timeout=300)
+        lines = [x for x in err.splitlines() if x.startswith("onerec: error")]
+        assert p.returncode == 2 and len(lines) == 1, err[-3000:]
+        assert "MB free, a checkpoint needs" in lines[0] and "Traceback" not in err
+        saved = _logged(work)
+        assert 0 < saved < 12
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        p = _start(work, table, steps=12)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        steps = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 13))
+    finally:
+        subprocess.run(["umount", str(mnt)])

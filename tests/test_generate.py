@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _models import tiny_encoder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from onerec_jax.data import schema, sources
 from onerec_jax.generate import beam_search
@@ -215,3 +217,30 @@ def test_capacity_moe_beams_do_not_depend_on_batch_mates(setup, family):
         np.testing.assert_allclose(
             np.asarray(alone["logprob"])[0], batched["logprob"][u], rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_beams_name_only_catalogue_items_for_any_trie(setup, data):
+    """Any table over the model's code space (1 item up to every tuple, uneven fan-out) and
+    any beam: every returned item is a catalogue item whose codes are the returned codes, and a
+    slot with no item (fewer items than beams) is item 0 with log-probability -inf."""
+    model, variables, inputs, fixture_table = setup
+    vocab = fixture_table.vocab  # the model's levels (the fixture's table has a dedup level)
+    space = np.stack(np.meshgrid(*(np.arange(k) for k in vocab), indexing="ij"), -1)
+    space = space.reshape(-1, len(vocab))
+    n = data.draw(st.integers(1, len(space)), label="items")
+    pick = data.draw(st.permutations(range(len(space))), label="order")[:n]
+    codes = np.concatenate([np.full((1, len(vocab)), -1), space[np.asarray(pick)]])
+    table = SemanticIds(codes, vocab, dedup=False)
+    beam = data.draw(st.sampled_from([1, 3, 8, 64]), label="beam")
+    out = beam_search(model, variables, inputs, table.trie(), beam)
+    items, logp = np.asarray(out["items"]), np.asarray(out["logprob"])
+    assert ((items >= 0) & (items <= n)).all()
+    real = items > 0
+    assert (np.isfinite(logp) == real).all()
+    assert real.sum(1).tolist() == [min(beam, n)] * len(items)
+    np.testing.assert_array_equal(np.asarray(out["codes"])[real], table.codes[items[real]])

@@ -5,10 +5,12 @@ continues exactly where the checkpoint left it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
 import pathlib
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -170,19 +172,48 @@ class Checkpoints:
         return self._mngr.restore(step, args=args)["state"]
 
     def save(self, step: int, state: Any, data: Any, meta: dict[str, Any]) -> None:
-        """Save and wait until the checkpoint is on disk (a crash after this keeps it)."""
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data),
-                meta=ocp.args.JsonSave(dict(meta)),
-            ),
-            force=True,
-        )
-        self._mngr.wait_until_finished()
+        """Save and wait until the checkpoint is on disk (a crash after this keeps it). Too
+        little free space is found before anything is written; a save that fails anyway is one
+        OSError naming the step (orbax keeps the unfinished one apart: the newest complete
+        checkpoint stays the one a resume reads)."""
+        need, free = self._bytes_needed(state), shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"{self.directory}: {free / 1e6:.1f} MB free, a checkpoint needs about "
+                f"{need / 1e6:.1f} MB; free space and run the same command (the newest "
+                f"checkpoint, step {self.latest_step()}, is intact)",
+            )
+        try:
+            self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(data),
+                    meta=ocp.args.JsonSave(dict(meta)),
+                ),
+                force=True,
+            )
+            self._mngr.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore raise many types
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise OSError(
+                f"{self.directory / str(step)}: checkpoint not saved ({type(e).__name__}: "
+                f"{first}); the newest complete one, step {self.latest_step()}, is intact"
+            ) from None
         if jax.process_index() == 0:
             self._list_files(step)
+
+    def _bytes_needed(self, state: Any) -> float:
+        """About what a checkpoint takes on disk: the newest one's files (its list), else the
+        state's bytes; with 10 % to spare."""
+        newest = self.latest_step()
+        if newest is not None:
+            with contextlib.suppress(OSError, ValueError):
+                listed = json.loads((self.directory / str(newest) / FILE_LIST).read_text())
+                return 1.1 * sum(listed.values())
+        leaves = jax.tree.leaves(state)
+        return 1.1 * sum(getattr(x, "nbytes", 0) for x in leaves)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
