@@ -342,13 +342,6 @@ def test_bad_plan_items_and_zero_steps_are_refused(capsys):
         config_lib.resolve(base, ["steps=0"])
 
 
-def test_evaluations_of_other_request_counts_do_not_replace_each_other(tmp_path):
-    full = evaluate.eval_path(tmp_path, "test", None, evaluate.DEFAULT_BEAM)
-    look = evaluate.eval_path(tmp_path, "test", 8, 8)
-    assert full.name == "eval_test.json" and look.name == "eval_test_n8_beam8.json"
-    assert evaluate.eval_path(tmp_path, "test", None, 32).name == "eval_test_nall_beam32.json"
-
-
 # ----------------------------------------------------------------------------- random damage
 
 _GOOD_CSV = "user_id,item_id,timestamp,like\n" + "".join(

@@ -1,8 +1,11 @@
-"""The fault suite, data and logs: timestamps in other units or out of range, TensorBoard
-after a replay, and data workers orphaned by a killed trainer (issue 17)."""
+"""The fault suite, inputs and outputs: timestamps in other units or out of range, TensorBoard
+after a replay, data workers orphaned by a killed trainer, an eval JSON that cannot be written
+or would replace another request count's, a checkpoint that cannot fit (issue 17)."""
 
 from __future__ import annotations
 
+import errno
+import json
 import pathlib
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from onerec_jax import monitor
+from onerec_jax import cli, evaluate, monitor
 from onerec_jax.data import logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -145,3 +148,27 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_anything_is_written(tmp_
         ckpt.save(2, {"w": jnp.ones((1000,))}, data, {"step": 2})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
     ckpt.close()
+
+
+def test_eval_prints_its_metrics_before_a_failed_write(tmp_path, capsys, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    metrics = {"split": "test", "beam": 4, "n_requests": 4, "recall@10": 0.5}
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: dict(metrics))
+
+    def read_only(path, data):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluate, "write_atomic", read_only)
+    argv = ["eval", "--workdir", str(tmp_path), "--max-requests", "4", "--beam", "4", "--json"]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == metrics  # printed first
+    line = [x for x in err.splitlines() if x.startswith("onerec: error")]
+    assert len(line) == 1 and "eval_test_n4_beam4.json: could not write" in line[0]
+
+
+def test_evaluations_of_other_request_counts_do_not_replace_each_other(tmp_path):
+    full = evaluate.eval_path(tmp_path, "test", None, evaluate.DEFAULT_BEAM)
+    look = evaluate.eval_path(tmp_path, "test", 8, 8)
+    assert full.name == "eval_test.json" and look.name == "eval_test_n8_beam8.json"
+    assert evaluate.eval_path(tmp_path, "test", None, 32).name == "eval_test_nall_beam32.json"

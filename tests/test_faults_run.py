@@ -1,7 +1,8 @@
-"""The fault suite on a trained run: a config rejected after config.json was written, a torn
-metrics line, a finished run run again, a read-only eval, a corrupt newest checkpoint, another
-semantic-id table, a full disk during a save; (slow) SIGTERM and Ctrl-C in every phase of a
-training process, each exiting 0 and resumable."""
+"""The fault suite on trained runs (slow: each trains): a config rejected after config.json
+was written, a torn metrics line, a finished run run again, a read-only eval, a corrupt newest
+checkpoint, another semantic-id table, a full disk during a save (injected, and a real tmpfs),
+SIGTERM and Ctrl-C in every phase of a training process (exit 0, resumable), SIGKILL at random
+moments (resume bit-identical)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from onerec_jax import cli, evaluate
 from onerec_jax import config as config_lib
 from onerec_jax.tokenizer.semantic_ids import SemanticIds
 from onerec_jax.train import loop
+
+# Each case trains (a compile or more): the whole file runs with `pytest -m slow`; the fast
+# fault cases, one per defect, are in test_faults.py and test_faults_io.py.
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments/v1_world_tiny.py")
@@ -194,7 +199,6 @@ def _wait_for_step(work: pathlib.Path, step: int, p: subprocess.Popen) -> None:
     raise AssertionError(f"no step {step} logged: {p.poll()} {p.stderr.read() if p.poll() else ''}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_in_any_phase_exits_0_and_resumes(table, tmp_path, sig):
     """Sent during start-up (before the first step), mid-training with a save every step (so
@@ -222,7 +226,6 @@ def test_a_signal_in_any_phase_exits_0_and_resumes(table, tmp_path, sig):
     assert steps == list(range(1, s["step"] + 3))  # no step logged twice, none missing
 
 
-@pytest.mark.slow
 def test_a_real_full_disk_is_one_line_and_the_same_command_resumes(table, tmp_path):
     """A workdir on a small tmpfs (where this machine lets the test mount one): the disk
     fills at a checkpoint; one error line, no traceback, the last checkpoint intact; once the
@@ -248,3 +251,36 @@ def test_a_real_full_disk_is_one_line_and_the_same_command_resumes(table, tmp_pa
         assert steps == list(range(1, 13))
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_sigkill_at_random_moments_resumes_bit_identical(table, tmp_path):
+    """SIGKILL at random wall-clock moments of a run that saves every step (so several land
+    inside a save): every restart resumes from the newest complete checkpoint and the loss
+    curve equals an uninterrupted run's, bit for bit."""
+    steps = 16
+    ref = tmp_path / "ref"
+    p = _start(ref, table, steps=steps)
+    assert p.wait(timeout=300) == 0
+    rng = np.random.default_rng(0)
+    work = tmp_path / "killed"
+    kills = 0
+    while kills < 4:
+        logged = _logged(work)
+        p = _start(work, table, steps=steps)
+        _wait_for_step(work, logged + 1, p)  # past start-up: into training and saving
+        time.sleep(float(rng.uniform(0.0, 1.5)))
+        if p.poll() is not None:
+            break  # it finished before the kill
+        p.kill()
+        p.wait()
+        kills += 1
+    p = _start(work, table, steps=steps)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+
+    def losses(w):
+        rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows}
+
+    assert kills >= 2 and losses(work) == losses(ref)
+    assert sorted(losses(work)) == list(range(1, steps + 1))
