@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench bench-peers clean
+.PHONY: install install-tpu demo test test-slow lint bench bench-peers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,15 +18,24 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The TPU compiler (libtpu, ~700 MB unpacked) for `onerec plan --topology/--search`: optional,
+# so the main install stays lean; the tests install it to check those plans.
+TPU_STAMP := $(VENV)/.installed-tpu
+$(TPU_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,notebooks,bench,tpu]'
+	touch $(TPU_STAMP)
+
+install-tpu: $(TPU_STAMP)
+
 demo: install
 	$(BIN)/onerec demo
 
-test: install
+test: install install-tpu
 	$(BIN)/ruff check onerec_jax scaling tests benchmarks experiments
 	$(BIN)/ruff format --check onerec_jax scaling tests benchmarks experiments
 	$(BIN)/python -m pytest -q -n 2
 
-test-slow: install
+test-slow: install install-tpu
 	$(BIN)/python -m pytest -q -m slow
 
 bench: install

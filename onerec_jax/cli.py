@@ -144,40 +144,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
-    if args.items < 1:
-        raise ValueError(f"plan --items must be >= 1 (the catalogue size), got {args.items}")
-    if args.compile:
-        from scaling.devices import simulate_devices
-
-        simulate_devices(args.devices)
-        from scaling.compile_plan import compile_plan, parse_mesh
-
-        row = compile_plan(
-            args.rung,
-            parse_mesh(args.mesh),
-            args.batch,
-            device_memory=args.device_memory,
-            n_items=args.items,
-            bf16=args.bf16,
-            remat=args.remat,
-            moment_dtype=args.moment_dtype,
-            unroll=args.unroll,
-        )
-        print(json.dumps(row, sort_keys=True) if args.json else _lines(row))
-        return 0
-    from scaling import ladder
-
-    if args.list:
-        print("\n".join(sorted(ladder.RUNGS)))
-        return 0
-    if not args.rung:
-        raise ValueError("onerec plan needs --rung NAME (--list shows them)")
-    row = ladder.plan(args.rung, n_items=args.items, context_len=args.context_len)
-    print(json.dumps(row, sort_keys=True) if args.json else _lines(row))
-    return 0
-
-
 def _fit(args: argparse.Namespace) -> int:
     from scaling import fit
 
@@ -209,13 +175,6 @@ def _fit(args: argparse.Namespace) -> int:
         else:
             print(f"{name}: isoflop {json.dumps(r, sort_keys=True)}")
     return 0
-
-
-def _lines(row: dict) -> str:
-    return "\n".join(
-        f"{k:28s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:28s} {v}"
-        for k, v in row.items()
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,40 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_process_flags(evp)
     evp.set_defaults(fn=_eval)
 
-    pl = sub.add_parser("plan", help="parameters and FLOPs of a named rung (nothing allocated)")
-    pl.add_argument("--rung", default=None, help="a rung of onerec_jax/model/rungs.py")
-    pl.add_argument("--list", action="store_true", help="list the rungs")
-    pl.add_argument("--items", type=int, default=20_000, help="catalogue size for the id tables")
-    pl.add_argument(
-        "--context-len", type=int, default=512, help="context tokens in the paper's accounting"
-    )
-    pl.add_argument(
-        "--compile",
-        action="store_true",
-        help="lower and compile the sharded train step ahead of time (per-device memory, fits)",
-    )
-    pl.add_argument("--devices", type=int, default=8, help="with --compile: simulated devices")
-    pl.add_argument("--mesh", default="", help="with --compile: e.g. data=8,fsdp=8 (-1: the rest)")
-    pl.add_argument("--batch", type=int, default=64, help="with --compile: requests per step")
-    pl.add_argument("--bf16", action="store_true", help="with --compile: bf16 compute")
-    pl.add_argument(
-        "--remat",
-        default="none",
-        help="with --compile: rematerialisation of the layer stacks, none | full | dots",
-    )
-    pl.add_argument(
-        "--moment-dtype",
-        default="float32",
-        help="with --compile: AdamW moments stored in float32 | bfloat16",
-    )
-    pl.add_argument(
-        "--unroll", action="store_true", help="with --compile: the layer stacks unrolled"
-    )
-    pl.add_argument(
-        "--device-memory", type=float, default=80e9, help="with --compile: bytes per device"
-    )
-    pl.add_argument("--json", action="store_true", help="print one JSON object")
-    pl.set_defaults(fn=_plan)
+    from scaling import plan_cli
+
+    plan_cli.register(sub)
 
     ft = sub.add_parser("fit", help="fit a scaling law to a JSONL results table (scaling/fit.py)")
     ft.add_argument("--table", required=True, help="JSONL, one row per run")

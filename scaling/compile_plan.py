@@ -49,12 +49,14 @@ def compile_plan(
     moment_dtype: str = "float32",
     run_config: Any = None,
     unroll: bool = False,
+    devices: Any = None,
 ) -> dict[str, Any]:
     """Compile rung `name`'s train step at `batch` requests on `mesh_axes` over all devices,
     with the memory options `remat` and `moment_dtype` and the layer stacks unrolled or not
     (`unroll_layers`; onerec_jax/configs/default.py). With
     `run_config` (a resolved run config: a sweep point's), that config is compiled instead of
-    the default one, on `mesh_axes` and at its own batch and memory options."""
+    the default one, on `mesh_axes` and at its own batch and memory options. `devices`: the
+    mesh's devices (default this machine's; a TPU slice's from scaling/tpu_plan.py)."""
     if run_config is not None:
         cfg = ml_collections.ConfigDict(run_config.to_dict())
         axes = {f"mesh.{k}": 1 for k in cfg.mesh} | {f"mesh.{k}": v for k, v in mesh_axes.items()}
@@ -68,7 +70,7 @@ def compile_plan(
         cfg = config.resolve(default.get_config(), overrides)
     codes = cfg.tokenizer_codes or 128
     model = build_model(cfg, Catalogue(n_items), (codes,) * 3)
-    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
     if batch % sharding.batch_shards(mesh):
         raise ValueError(f"batch {batch} does not split over {sharding.batch_shards(mesh)} shards")
     ocfg, tx, schedule = state_lib.optimizer(cfg)
@@ -93,6 +95,8 @@ def compile_plan(
         - mem.alias_size_in_bytes
     )
     params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
     return {
         "rung": name,
         "family": cfg.model.family,
@@ -107,6 +111,9 @@ def compile_plan(
         "per_device_bytes": int(per_device),
         "per_device_arguments_bytes": int(mem.argument_size_in_bytes),
         "per_device_temp_bytes": int(mem.temp_size_in_bytes),
+        "per_device_output_bytes": int(mem.output_size_in_bytes),
+        # what the compiler expects one device to read and write in a step (its cost model)
+        "bytes_accessed_per_device": float(cost.get("bytes accessed", -1.0)),
         # analytic matmul FLOPs of the step (onerec_jax/flops.py): XLA's cost analysis counts
         # the body of a scanned layer stack once, not once per layer
         "flops_per_step": flops.counts(model).flops_train * batch,

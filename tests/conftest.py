@@ -1,6 +1,9 @@
 import os
 import tempfile
 
+# The tests run on the CPU; with the tpu extra installed, JAX would otherwise try (and fail,
+# noisily) to start a local TPU in every process. TPU plans need no TPU (scaling/tpu_plan.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One host device per test process, and fail on silent rank promotion.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 # One compilation cache for this test session and the training subprocesses it starts: the

@@ -1,0 +1,75 @@
+"""TPU plans without a TPU (scaling/tpu_plan.py): topology names, the roofline by hand, and
+(with the tpu extra, which `make test` installs) a micro rung compiled by the TPU compiler for a
+v5e:2x2 slice, FSDP-sharded, and a plan that cannot fit reported as such."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from onerec_jax import cli
+from scaling import tpu_plan
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="the tpu extra (make install-tpu)"
+)
+
+
+def test_topologies_are_parsed_and_a_misspelt_one_lists_the_known(capsys):
+    assert tpu_plan.parse_topology("v5p:4x4x4") == ("v5p", 64)
+    assert tpu_plan.parse_topology("v5e:16x16") == ("v5e", 256)
+    for bad in ("v5x:2x2", "v5e:2x2x1", "v4:4x4", "v6e:2by2", "tpu"):
+        with pytest.raises(ValueError, match=r"unknown TPU topology .* e\.g\. v4:2x2x1"):
+            tpu_plan.parse_topology(bad)
+    assert cli.main(["plan", "--rung", "v1-0.07m", "--topology", "v5x:2x2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown TPU topology 'v5x:2x2'" in err[0]
+
+
+def test_roofline_by_hand():
+    peak, _, bw = tpu_plan.CHIPS["v5p"]
+    # 8 chips, 1e15 FLOPs: compute 1e15 / (8 peak); 1e9 bytes per device at bw: memory 1e9/bw
+    r = tpu_plan.roofline("v5p", 8, 8, 1e15, 1e9)
+    assert r["est_compute_s"] == pytest.approx(1e15 / (8 * peak))
+    assert r["est_memory_s"] == pytest.approx(1e9 / bw)
+    assert r["est_step_s"] == max(r["est_compute_s"], r["est_memory_s"])
+    assert r["bound"] == "compute" and r["est_mfu"] == pytest.approx(1.0)
+    # v4 shows two devices per chip: each has half the chip's bandwidth
+    v4 = tpu_plan.roofline("v4", 16, 8, 0.0, 1e9)
+    assert v4["est_memory_s"] == pytest.approx(2e9 / tpu_plan.CHIPS["v4"][2])
+    assert v4["bound"] == "memory" and v4["est_mfu"] == 0.0
+
+
+def test_candidate_meshes_cover_the_devices_and_split_the_batch():
+    for devices, batch, moe in ((4, 32, False), (256, 64, True), (8, 1, False)):
+        meshes = tpu_plan.candidate_meshes(devices, batch, moe)
+        assert meshes
+        for m in meshes:
+            assert m["data"] * m["fsdp"] * m["tensor"] * m["expert"] == devices
+            assert batch % (m["data"] * m["fsdp"] * m["expert"]) == 0
+        assert any(m["expert"] > 1 for m in meshes) == (moe and devices > 1 and batch > 1)
+
+
+@needs_libtpu
+def test_a_micro_rung_compiles_for_a_v5e_slice_with_fsdp_sharded_state():
+    mesh = {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    row = tpu_plan.tpu_plan("v1-0.07m", "v5e:2x2", mesh)
+    assert row["devices"] == row["chips"] == 4 and row["fits"]
+    assert row["hbm_per_device"] == 16 * 2**30 and row["per_device_bytes"] < row["hbm_per_device"]
+    # params and the two AdamW moments (float32) split over 4 chips: about a quarter each
+    whole = 12 * row["params_total"]
+    assert 0.2 < row["per_device_arguments_bytes"] / whole < 0.35
+    assert row["est_step_s"] > 0 and 0 < row["est_mfu"] <= 1 and row["est_tokens_per_s"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_plan_that_cannot_fit_says_so_and_search_finds_the_smallest_slice(capsys):
+    row = tpu_plan.tpu_plan("v1-0.07m", "v5e:2x2", None, batch=2**18)
+    assert row["fits"] is False  # over HBM, or refused by the compiler: never a crash
+    argv = ["plan", "--rung", "v1-0.07m", "--search", "--generations", "v5e", "--json"]
+    assert cli.main(argv) == 0
+    (found,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert found["topology"] == "v5e:2x2" and found["fits"]
