@@ -4,13 +4,14 @@ TPU compiler (the tpu extra), and the roofline estimate calibrated against H100 
     .venv/bin/python benchmarks/tpu_plans.py [--rungs v1-0.015b ...] [--generations v5e v5p]
         [--json benchmarks/results/tpu_plans.json]
 
-For each rung (its own batch, bf16 compute) and TPU generation: the smallest slice of
-scaling/tpu_plan.py's list on which the compiled train step fits per chip (slices whose HBM
-cannot hold the float32 parameters and moments are skipped uncompiled), its mesh, per-chip
-bytes, FLOPs per step and the roofline estimate of step time and tokens/s. Results are written
-after every rung, and a rung already in the JSON is not compiled again, so an interrupted run
-continues. Prints a Markdown table, and beside it the H100 calibration: the compute-bound
-estimate (analytic FLOPs / 989 TFLOP/s) against step times measured on one H100 (issue 18).
+For each rung (the paper-scale sweep's batch of 256 requests over 4M items, bf16 compute,
+float32 state) and TPU generation: the smallest slice of scaling/tpu_plan.py's list on which the
+compiled train step fits per chip (slices whose HBM cannot hold the float32 parameters and
+moments are skipped uncompiled), its mesh, per-chip bytes, FLOPs per step and the roofline
+estimate of step time, target tokens/s and MFU. Results are written after every rung, and a
+rung already in the JSON is not compiled again, so an interrupted run continues. Prints a
+Markdown table, and beside it the H100 calibration: the compute-bound estimate (analytic FLOPs
+/ 989 TFLOP/s) against step times measured on one H100 (issue 18).
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def main() -> None:
         print(
             f"| {r['rung']} | {r['params_total'] / 1e9:.3f}B | {r['batch']} | {r['chip']} | "
             f"{r['topology']} ({mesh}) | {r['per_device_bytes'] / 1e9:.1f} | "
-            f"{r['flops_per_step'] / 1e12:.1f} | est. {r['est_step_s'] * 1e3:.1f} ms, "
-            f"{r['est_tokens_per_s'] / 1e6:.2f} M tokens/s ({r['bound']}-bound) |"
+            f"{r['flops_per_step'] / 1e12:.1f} | {r['est_step_s'] * 1e3:.1f} ms, "
+            f"{r['est_target_tokens_per_s'] / 1e6:.2f} M target tokens/s, MFU "
+            f"{r['est_mfu']:.0%} ({r['bound']}-bound) |"
         )
     print("\n| rung | batch | H100 measured ms | compute-bound estimate ms | measured / estimate |")
     print("|---|---|---|---|---|")

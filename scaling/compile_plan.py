@@ -95,6 +95,7 @@ def compile_plan(
         - mem.alias_size_in_bytes
     )
     params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+    counts = flops.counts(model)
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
     return {
@@ -116,7 +117,8 @@ def compile_plan(
         "bytes_accessed_per_device": float(cost.get("bytes accessed", -1.0)),
         # analytic matmul FLOPs of the step (onerec_jax/flops.py): XLA's cost analysis counts
         # the body of a scanned layer stack once, not once per layer
-        "flops_per_step": flops.counts(model).flops_train * batch,
+        "flops_per_step": counts.flops_train * batch,
+        "target_tokens_per_sample": counts.tokens_per_sample,  # semantic-id tokens with a loss
         "device_memory": device_memory,
         "fits": bool(per_device <= device_memory),
         "compile_s": round(compile_s, 2),

@@ -17,9 +17,11 @@ def lines(row: dict) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    if args.items < 1:
-        raise ValueError(f"plan --items must be >= 1 (the catalogue size), got {args.items}")
-    if args.topology or args.search:
+    tpu = bool(args.topology or args.search)
+    for flag, value in (("--items", args.items), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"plan {flag} must be >= 1, got {value}")
+    if tpu:
         import os
 
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu must not look for a local TPU
@@ -28,16 +30,19 @@ def _plan(args: argparse.Namespace) -> int:
 
         if not args.rung:
             raise ValueError("onerec plan --topology/--search needs --rung NAME")
+        sizes = {"batch": args.batch or tpu_plan.SWEEP_BATCH}
+        sizes["n_items"] = args.items or tpu_plan.SWEEP_ITEMS
+        options = {"remat": args.remat, "moment_dtype": args.moment_dtype, "unroll": args.unroll}
         if args.search:
             gens = args.generations.split(",") if args.generations else list(tpu_plan.SLICES)
             unknown = [g for g in gens if g not in tpu_plan.SLICES]
             if unknown:
                 raise ValueError(f"--generations {unknown}: expected {sorted(tpu_plan.SLICES)}")
-            rows = tpu_plan.search(args.rung, tuple(gens))
+            rows = tpu_plan.search(args.rung, tuple(gens), **sizes, **options)
             print(json.dumps(rows, sort_keys=True) if args.json else "\n\n".join(map(lines, rows)))
             return 0
         mesh = parse_mesh(args.mesh) if args.mesh else None
-        row = tpu_plan.tpu_plan(args.rung, args.topology, mesh, args.batch or None, True)
+        row = tpu_plan.tpu_plan(args.rung, args.topology, mesh, **sizes, **options)
         print(json.dumps(row, sort_keys=True) if args.json else lines(row))
         return 0
     if args.compile:
@@ -51,7 +56,7 @@ def _plan(args: argparse.Namespace) -> int:
             parse_mesh(args.mesh),
             args.batch or 64,
             device_memory=args.device_memory,
-            n_items=args.items,
+            n_items=args.items or 20_000,
             bf16=args.bf16,
             remat=args.remat,
             moment_dtype=args.moment_dtype,
@@ -66,7 +71,7 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     if not args.rung:
         raise ValueError("onerec plan needs --rung NAME (--list shows them)")
-    row = ladder.plan(args.rung, n_items=args.items, context_len=args.context_len)
+    row = ladder.plan(args.rung, n_items=args.items or 20_000, context_len=args.context_len)
     print(json.dumps(row, sort_keys=True) if args.json else lines(row))
     return 0
 
@@ -75,7 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("plan", help="parameters and FLOPs of a named rung (nothing allocated)")
     pl.add_argument("--rung", default=None, help="a rung of onerec_jax/model/rungs.py")
     pl.add_argument("--list", action="store_true", help="list the rungs")
-    pl.add_argument("--items", type=int, default=20_000, help="catalogue size for the id tables")
+    pl.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help="catalogue size for the id tables (default 20,000; TPU plans: the paper-scale "
+        "sweep's 4,000,000)",
+    )
     pl.add_argument(
         "--context-len", type=int, default=512, help="context tokens in the paper's accounting"
     )
@@ -87,7 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--devices", type=int, default=8, help="with --compile: simulated devices")
     pl.add_argument("--mesh", default="", help="with --compile: e.g. data=8,fsdp=8 (-1: the rest)")
     pl.add_argument(
-        "--batch", type=int, default=0, help="requests per step (--compile: 64; TPU: the rung's)"
+        "--batch",
+        type=int,
+        default=None,
+        help="requests per step (default --compile: 64; TPU plans: the paper-scale sweep's 256)",
     )
     pl.add_argument("--bf16", action="store_true", help="with --compile: bf16 compute")
     pl.add_argument(
@@ -109,8 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument(
         "--topology",
         default="",
-        help="compile for a TPU slice, e.g. v5p:4x4x4 (the tpu extra; bf16; per-chip bytes "
-        "against HBM and a roofline estimate)",
+        help="compile for a TPU slice, e.g. v5p:4x4x4 (the tpu extra; bf16; with --remat, "
+        "--moment-dtype, --unroll; per-chip bytes against HBM and a roofline estimate)",
     )
     pl.add_argument(
         "--search",

@@ -13,6 +13,7 @@ communication, latency and how well the kernels run (see the H100 calibration in
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -69,8 +70,14 @@ def topology_devices(name: str) -> list[Any]:
         ) from None
     from jax.experimental import topologies
 
+    # v4 and v5p run "megacore": one JAX device per chip (its two TensorCores fused), as
+    # jobs on them do; v5e and v6e have one core per chip.
+    chip_config = "megacore" if name.startswith(("v4:", "v5p:")) else "default"
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name=name, chip_config_name=chip_config
+        )
+        return list(topo.devices)
     except Exception as e:  # libtpu's JaxRuntimeError: a shape it cannot lay out
         first = str(e).strip().splitlines()[0][:200]
         raise ValueError(
@@ -80,92 +87,137 @@ def topology_devices(name: str) -> list[Any]:
 
 
 def roofline(
-    chip: str, devices: int, chips: int, flops_per_step: float, bytes_per_device: float
-) -> dict[str, float]:
-    """Estimated step time (s) and MFU of a step on `chips` chips (`devices` JAX devices: v4
-    shows 2 per chip): compute time = FLOPs / (chips x peak); memory time = the compiler's
-    bytes accessed per device / (per-device HBM bandwidth); the step takes at least the
-    larger. MFU = FLOPs / (chips x peak x step time)."""
+    chip: str, chips: int, flops_per_step: float, bytes_per_chip: float | None
+) -> dict[str, float | str | None]:
+    """Estimated step time (s) and MFU of a step on `chips` chips: compute time = FLOPs /
+    (chips x peak); memory time = bytes each chip moves / its HBM bandwidth; the step takes at
+    least the larger. MFU = FLOPs / (chips x peak x step time). Without a byte count only
+    the compute bound is given (and no MFU: it would be 1 by construction)."""
     peak, _, bandwidth = CHIPS[chip]
-    per_chip = devices / chips
     compute_s = flops_per_step / (chips * peak)
-    memory_s = bytes_per_device / (bandwidth / per_chip) if bytes_per_device > 0 else 0.0
+    if bytes_per_chip is None:
+        return {
+            "est_compute_s": compute_s,
+            "est_memory_s": None,
+            "est_step_s": compute_s,
+            "est_mfu": None,
+            "bound": "compute (no byte count)",
+        }
+    memory_s = bytes_per_chip / bandwidth
     step_s = max(compute_s, memory_s)
     return {
         "est_compute_s": compute_s,
         "est_memory_s": memory_s,
         "est_step_s": step_s,
-        "est_mfu": flops_per_step / (chips * peak * step_s) if step_s > 0 else 0.0,
+        "est_mfu": flops_per_step / (chips * peak * step_s),
         "bound": "compute" if compute_s >= memory_s else "memory",
     }
 
 
-def candidate_meshes(devices: int, batch: int, moe: bool) -> list[dict[str, int]]:
-    """Meshes worth trying on `devices` devices for a batch of `batch` requests: FSDP over as
-    many devices as the batch splits over (data-parallel on top of it), the rest as tensor
-    parallelism; for MoE rungs the same with experts over the FSDP devices."""
-    out = []
+def candidate_meshes(devices: int, batch: int, n_experts: int = 0) -> list[dict[str, int]]:
+    """Meshes worth compiling on `devices` devices for a batch of `batch` requests, least
+    memory per device first: FSDP over as many devices as the batch splits over (a power of
+    two), tensor parallelism over the rest; for MoE rungs also the experts split over the
+    largest power of two dividing both `n_experts` and those devices (FSDP over what is
+    left). Data parallelism only adds per-device memory, so it is not tried."""
     shards = 1
     while shards * 2 <= min(devices, batch) and batch % (shards * 2) == 0:
         shards *= 2
     tensor = devices // shards
-    for data in (1, 2, 4, 8):
-        if shards % data == 0 and shards // data >= 1:
-            mesh = {"data": data, "fsdp": shards // data, "tensor": tensor, "expert": 1}
-            out.append(mesh)
-            if moe and shards // data > 1:
-                out.append({"data": data, "fsdp": 1, "tensor": tensor, "expert": shards // data})
+    out = [{"data": 1, "fsdp": shards, "tensor": tensor, "expert": 1}]
+    expert = math.gcd(n_experts, shards) if n_experts else 1
+    expert = 1 << (expert.bit_length() - 1)  # a power of two: it must divide `shards`
+    if expert > 1:
+        out.insert(0, {"data": 1, "fsdp": shards // expert, "tensor": tensor, "expert": expert})
     return out
+
+
+# The paper-scale sweep's settings (experiments/sweeps/paper_ladder.py: world:large).
+SWEEP_BATCH, SWEEP_ITEMS = 256, 4_000_000
+# What the TPU compiler says when a program cannot fit a chip (anything else is a real error).
+_OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "out of memory", "Ran out of memory", "exceeds")
 
 
 def tpu_plan(
     rung: str,
     topology: str,
     mesh_axes: dict[str, int] | None = None,
-    batch: int | None = None,
-    bf16: bool = True,
+    batch: int = SWEEP_BATCH,
+    n_items: int = SWEEP_ITEMS,
+    remat: str = "none",
+    moment_dtype: str = "float32",
+    unroll: bool = False,
 ) -> dict[str, Any]:
     """Compile `rung`'s train step (forward, backward, optimizer update; bf16 compute) for the
     slice `topology` on `mesh_axes` (default: the first of `candidate_meshes`) at `batch`
-    requests (default: the rung's), and return the mesh plan's keys plus per-chip bytes
-    against the chip's HBM and the roofline estimate. A rung that does not fit reports
-    `fits: false`; one whose compile fails (e.g. the compiler itself runs out of HBM) too,
-    with the reason."""
+    requests over `n_items` items (default: the paper-scale sweep's), and return the mesh
+    plan's keys plus per-chip bytes against the chip's HBM and the roofline estimate. A plan
+    the compiler refuses for memory reports `fits: false` with its reason; any other failure
+    (a mesh the batch cannot split over, a bug) is raised."""
     from scaling.compile_plan import compile_plan
-    from scaling.ladder import rung_config
 
     gen, chips = parse_topology(topology)
     devices = topology_devices(topology)
-    cfg = rung_config(rung)
-    batch = batch or int(cfg.batch_size)
-    axes = mesh_axes or candidate_meshes(len(devices), batch, _is_moe(rung))[0]
-    hbm = CHIPS[gen][1] * chips / len(devices)  # per JAX device (v4: 2 per chip)
+    if len(devices) != chips:
+        raise ValueError(f"{topology}: libtpu gave {len(devices)} devices for {chips} chips")
+    axes = mesh_axes or candidate_meshes(chips, batch, _n_experts(rung))[0]
+    hbm = CHIPS[gen][1]
     base = {"rung": rung, "topology": topology, "chip": gen, "chips": chips}
-    base.update(devices=len(devices), batch=batch, hbm_per_device=hbm)
+    base.update(batch=batch, n_items=n_items, hbm_per_chip=hbm)
     try:
-        row = compile_plan(rung, axes, batch, hbm, bf16=bf16, devices=devices)
-    except Exception as e:  # the compiler refusing a program that cannot fit, among others
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        row = compile_plan(
+            rung,
+            axes,
+            batch,
+            device_memory=hbm,
+            n_items=n_items,
+            bf16=True,
+            remat=remat,
+            moment_dtype=moment_dtype,
+            unroll=unroll,
+            devices=devices,
+        )
+    except Exception as e:
+        text = str(e)
+        if not any(m in text for m in _OUT_OF_MEMORY):
+            raise
+        first = (text.strip().splitlines() or [""])[0][:300]
         return {**base, "mesh": axes, "fits": False, "error": f"{type(e).__name__}: {first}"}
-    moved = row["bytes_accessed_per_device"]
-    est = roofline(gen, len(devices), chips, row["flops_per_step"], moved)
-    tokens = batch * _tokens_per_request(cfg)
-    return {**row, **base, **est, "est_tokens_per_s": tokens / est["est_step_s"]}
+    # Bytes a chip moves per step: at least its state and outputs (read and written once);
+    # the compiler's count when larger (it counts a scanned layer stack's body once).
+    state_io = row["per_device_arguments_bytes"] + row["per_device_output_bytes"]
+    moved = max(row["bytes_accessed_per_device"], float(state_io))
+    est = roofline(gen, chips, row["flops_per_step"], moved)
+    out = {**row, **base, **est, "est_bytes_per_chip": moved}
+    out["est_requests_per_s"] = batch / est["est_step_s"]
+    # target semantic-id tokens with a loss: the sweep's token unit (flops.Counts)
+    tokens = batch * row["target_tokens_per_sample"]
+    out["est_target_tokens_per_s"] = tokens / est["est_step_s"]
+    return out
 
 
-def _tokens_per_request(cfg: Any) -> int:
-    """Context and target tokens one training request feeds the model (the sweep's unit)."""
-    d = cfg.data
-    return int(d.short_len + d.pos_len + d.life_len + d.max_targets * 3)
+def _n_experts(rung: str) -> int:
+    from scaling.ladder import rung_config
+
+    cfg = rung_config(rung)
+    return int(cfg.model[cfg.model.family].get("moe", {}).get("n_experts", 0))
 
 
-def search(rung: str, generations: tuple[str, ...] = tuple(SLICES)) -> list[dict[str, Any]]:
+def search(
+    rung: str,
+    generations: tuple[str, ...] = tuple(SLICES),
+    batch: int = SWEEP_BATCH,
+    n_items: int = SWEEP_ITEMS,
+    **options: Any,
+) -> list[dict[str, Any]]:
     """Per TPU generation, the smallest slice (and mesh) on which `rung` fits, trying the
     slices of `SLICES` smallest first (skipping, uncompiled, those whose HBM cannot even hold
-    the float32 parameters and AdamW moments) and `candidate_meshes` on each."""
+    the float32 parameters and AdamW moments) and `candidate_meshes` on each. `options`:
+    `remat`, `moment_dtype`, `unroll` of `tpu_plan`."""
     from scaling.ladder import plan
 
-    state_bytes = 12.0 * plan(rung)["params_total"]  # float32 params and two AdamW moments
+    per_param = 4.0 + (4.0 if options.get("moment_dtype", "float32") == "float32" else 2.0) * 2
+    state_bytes = per_param * plan(rung, n_items=n_items)["params_total"]
     out = []
     for gen in generations:
         found = None
@@ -174,9 +226,8 @@ def search(rung: str, generations: tuple[str, ...] = tuple(SLICES)) -> list[dict
             _, chips = parse_topology(topology)
             if state_bytes / chips > CHIPS[gen][1]:  # the state alone cannot fit: no compile
                 continue
-            n = len(topology_devices(topology))
-            for axes in candidate_meshes(n, _batch_of(rung), _is_moe(rung)):
-                row = tpu_plan(rung, topology, axes)
+            for axes in candidate_meshes(chips, batch, _n_experts(rung)):
+                row = tpu_plan(rung, topology, axes, batch, n_items, **options)
                 if row["fits"]:
                     found = row
                     break
@@ -184,16 +235,3 @@ def search(rung: str, generations: tuple[str, ...] = tuple(SLICES)) -> list[dict
                 break
         out.append(found or {"rung": rung, "chip": gen, "fits": False, "topology": None})
     return out
-
-
-def _batch_of(rung: str) -> int:
-    from scaling.ladder import rung_config
-
-    return int(rung_config(rung).batch_size)
-
-
-def _is_moe(rung: str) -> bool:
-    from scaling.ladder import rung_config
-
-    cfg = rung_config(rung)
-    return bool(cfg.model.get(cfg.model.family, {}).get("moe", {}).get("n_experts", 0))
