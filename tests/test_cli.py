@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from onerec_jax import cli
@@ -94,6 +95,9 @@ def test_stats_of_a_tiny_log_is_strict_json(tmp_path, capsys):
     assert s["popularity_slope"] is None
 
 
+# Slow (a training run and two evaluations, ~45 s on 2 cores): the property itself, beams that
+# do not depend on their batch mates under capacity MoE, is tested fast in test_generate.py.
+@pytest.mark.slow
 def test_eval_batch_size_does_not_change_the_metrics_of_a_moe_run(tmp_path, capsys):
     from onerec_jax import config
     from onerec_jax.tokenizer.semantic_ids import SemanticIds
