@@ -84,3 +84,20 @@ def test_a_plan_that_cannot_fit_says_so_and_search_finds_the_smallest_slice(caps
     assert cli.main(argv) == 0
     (found,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert found["topology"] == "v5e:2x2" and found["fits"]
+
+
+@needs_libtpu
+def test_without_a_tpu_the_extra_does_not_make_jax_look_for_one():
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+        pytest.skip("a TPU VM: JAX should look for its TPU")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "import os, onerec_jax, jax; "
+    code += "print(os.environ['JAX_PLATFORMS'], jax.devices()[0].platform)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["cuda,cpu", "cpu"] or out.stdout.split()[1] == "gpu"
+    assert "libtpu" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr
