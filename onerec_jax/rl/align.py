@@ -76,6 +76,7 @@ from onerec_jax.train.batches import AddCodes
 from onerec_jax.train.checkpointing import Checkpoints
 from onerec_jax.train.loop import Preemption
 from onerec_jax.train.loss import loss_fn
+from onerec_jax.train.run_config import has_checkpoint
 from onerec_jax.train.run_log import append_metrics, truncate_metrics
 from onerec_jax.train.step import NOT_MODEL_INPUTS, TrainState
 from onerec_jax.train.workdir_lock import workdir_lock
@@ -199,7 +200,7 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
     cfg.optim.weight_decay = acfg.weight_decay
     record = {"init": str(init_dir), "init_step": init_step, "align": acfg.to_dict()}
     saved = workdir / "align.json"
-    started = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+    started = has_checkpoint(workdir)
     if saved.exists() and started:
         old = json.loads(saved.read_text())
         mine = {k: v for k, v in record["align"].items() if k not in RESUMABLE}
