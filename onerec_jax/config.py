@@ -245,6 +245,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if key in cfg and cfg[key] < low:
             raise ConfigError(f"config field {key} must be >= {low}, got {cfg[key]}")
     data = cfg.get("data", {})
+    if data.get("scenarios") and not str(cfg.get("source", "")).startswith("world:mall-"):
+        raise ConfigError(
+            "config field data.scenarios needs an e-commerce source (world:mall-tiny, "
+            f"world:mall-small); source {cfg.get('source')!r} has no scenarios"
+        )
+    for name in ("click_len", "cart_len", "order_len"):
+        if data.get(name, 0) < 0:
+            raise ConfigError(f"config field data.{name} must be >= 0, got {data[name]}")
     if "log_session_len" in data:
         if data.log_session_len < 1:
             raise ConfigError(

@@ -13,6 +13,11 @@ source `logged_reward@K` is the logged feedback of the top K per slot: a recomme
 is a held-out target earns its logged labels fused with the reward weights (like +2, dislike
 -5, play share +1, ...; `onerec_jax.feedback.logged_reward`), any other item 0.
 
+On the e-commerce world (world:mall-*) a request's list keeps only products its scenario can
+show (the beam is filtered like seen items), `orders@K` / `gmv@K` are the true expected orders
+and GMV of the top-K list (sums over its slots), and `scenarios` holds every metric again for
+the requests of each scenario (product card, short video, live stream).
+
 The search runs on a device mesh (onerec_jax/sharding.py): the run's own by default, or one
 given for the machine at hand (`onerec eval --mesh data=-1`). The checkpoint is restored
 straight into the mesh's layout and each batch of requests is split over its batch axes
@@ -52,15 +57,19 @@ def true_reward(src, batch: dict[str, np.ndarray], items_BxN: np.ndarray) -> np.
     return np.where(items_BxN > 0, r["reward"], np.nan)
 
 
-def _drop_seen(items_BxW: np.ndarray, seen_items: dict[str, Any], k: int) -> np.ndarray:
-    """The first k distinct items of each row that are not among the row's `seen_items`."""
+def _drop_seen(
+    items_BxW: np.ndarray, seen_items: dict[str, Any], k: int, allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """The first k distinct items of each row that are not among the row's `seen_items` (and
+    are `allowed` [B, W], where given)."""
     off = seen_items["hist_offsets"]
     out = np.zeros((len(items_BxW), k), np.int64)
+    ok = np.ones(items_BxW.shape, bool) if allowed is None else allowed
     for i, row in enumerate(items_BxW):  # host-side list filtering, B rows per batch
         seen = set(seen_items["hist_item"][off[i] : off[i + 1]].tolist())
         keep = []
-        for x in row.tolist():
-            if x > 0 and x not in seen:
+        for x, good in zip(row.tolist(), ok[i].tolist(), strict=True):
+            if x > 0 and good and x not in seen:
                 keep.append(x)
                 seen.add(x)  # a session-wise beam can repeat an item: rank it once
             if len(keep) == k:
@@ -106,10 +115,12 @@ def evaluate_run(
     batch = min(batch, n)
     protocol = ev.protocol_of(src)
     ranked, targets, masks, reward, target_reward, scored, logged = [], [], [], [], [], [], []
+    scenario, funnel = [], []  # e-commerce: each request's scenario, the top-K's orders and GMV
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
         # The model reads the run's context window; what counts as seen is the protocol's.
-        b = schema.build_batch(src.raw_batch(idx, spec.history_window, spec), spec)
+        raw = src.raw_batch(idx, spec.history_window, spec)
+        b = schema.build_batch(raw, spec)
         pad = batch - len(idx)  # one compiled shape: pad the last batch with copies
         inputs = {
             k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v
@@ -120,36 +131,68 @@ def evaluate_run(
         # Session-wise models: the items of the sessions, best session first.
         items = np.asarray(out["sessions" if "sessions" in out else "items"])[: len(idx)]
         items = items.reshape(len(idx), -1)
-        top = _drop_seen(items, ev.seen_items(src, idx, protocol), max(ev.KS))
+        shown = src.shown_in(raw["scenario"], items) if "scenario" in raw else None
+        top = _drop_seen(items, ev.seen_items(src, idx, protocol), max(ev.KS), shown)
         ranked.append(top)
         targets.append(b["target_item"])
         masks.append(b["target_mask"])
         logged.append(feedback.logged_reward(b, top, 0.0))
         if scorer is not None:
             scored.append(scorer(b, top))
+        if "scenario" in raw:
+            scenario.append(np.asarray(raw["scenario"]))
+            e = src.true_engagement(b["user_id"], b["request_ts"], np.maximum(top, 1))
+            funnel.append({f: np.where(top > 0, e[f], 0.0) for f in ("order", "gmv")})
         if src.kind == "world":  # the generator knows the expected reward of any item
             reward.append(true_reward(src, b, top))
             target_reward.append(
                 true_reward(src, b, np.where(b["target_mask"], b["target_item"], 0))
             )
-    metrics = ev.rank_metrics(
-        np.concatenate(ranked), np.concatenate(targets), np.concatenate(masks)
-    )
-    lr = np.concatenate(logged)
-    for k in ENGAGEMENT_KS:  # per slot of the list, whatever the source
-        metrics[f"logged_reward@{k}"] = float(np.nanmean(lr[:, :k]))
-    if reward:
-        r = np.concatenate(reward)
-        for k in ENGAGEMENT_KS:
-            metrics[f"engagement@{k}"] = float(np.nanmean(r[:, :k]))
-        metrics["engagement_logged"] = float(np.nanmean(np.concatenate(target_reward)))
-    if scored:
-        sc = np.concatenate(scored)
-        for k in ENGAGEMENT_KS:
-            metrics[f"reward_model@{k}"] = float(np.nanmean(sc[:, :k]))
+    cols = {
+        "ranked": ranked,
+        "targets": targets,
+        "masks": masks,
+        "logged": logged,
+        "reward": reward,
+        "target_reward": target_reward,
+        "scored": scored,
+        "order": [f["order"] for f in funnel],
+        "gmv": [f["gmv"] for f in funnel],
+    }
+    cols = {name: np.concatenate(v) for name, v in cols.items() if v}
+    metrics = _metrics(cols)
+    if scenario:
+        scen = np.concatenate(scenario)
+        metrics["scenarios"] = {
+            name: {
+                **_metrics({c: v[scen == j] for c, v in cols.items()}),
+                "n_requests": int((scen == j).sum()),
+            }
+            for j, name in enumerate(schema.SCENARIOS, start=1)
+            if (scen == j).any()
+        }
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
     if write:
         write_eval(workdir, metrics, max_requests)
+    return metrics
+
+
+def _metrics(cols: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Every metric of a set of requests from its columns (rows are requests)."""
+    metrics: dict[str, Any] = ev.rank_metrics(cols["ranked"], cols["targets"], cols["masks"])
+    for k in ENGAGEMENT_KS:  # per slot of the list, whatever the source
+        metrics[f"logged_reward@{k}"] = float(np.nanmean(cols["logged"][:, :k]))
+    if "reward" in cols:
+        for k in ENGAGEMENT_KS:
+            metrics[f"engagement@{k}"] = float(np.nanmean(cols["reward"][:, :k]))
+        metrics["engagement_logged"] = float(np.nanmean(cols["target_reward"]))
+    if "order" in cols:  # the whole top-K list's expected orders and GMV
+        for k in ENGAGEMENT_KS:
+            metrics[f"orders@{k}"] = float(cols["order"][:, :k].sum(1).mean())
+            metrics[f"gmv@{k}"] = float(cols["gmv"][:, :k].sum(1).mean())
+    if "scored" in cols:
+        for k in ENGAGEMENT_KS:
+            metrics[f"reward_model@{k}"] = float(np.nanmean(cols["scored"][:, :k]))
     return metrics
 
 

@@ -70,7 +70,12 @@ class Counts:
 def _dummy_inputs(cfg: V1Config | V2Config, b: int = 1) -> tuple[dict[str, jax.Array], jax.Array]:
     e = cfg.context if isinstance(cfg, V2Config) else cfg.encoder
     spec = schema.SchemaSpec(
-        short_len=e.short_len, pos_len=e.pos_len, life_len=e.life_len, max_targets=cfg.max_targets
+        short_len=e.short_len,
+        pos_len=e.pos_len,
+        life_len=e.life_len,
+        max_targets=cfg.max_targets,
+        scenarios=e.n_scenarios > 0,
+        **{f"{b}_len": n for b, n in e.behaviour_lens().items()},
     )
     inputs = {
         k: jax.ShapeDtypeStruct((b, *shape), dt)
@@ -108,13 +113,22 @@ def _split_params(params: Any) -> tuple[int, int, int, int]:
 
 
 def _pathways_mac(e: EncoderConfig) -> int:
-    """Static MLP, the three event pathways and the QFormer, at the context width."""
+    """Static MLP, the event pathways (behaviour ones and their fusion included) and the
+    QFormer, at the context width."""
     d = e.d_model
     n_static = schema.SchemaSpec().shapes()["static"][0][-1]
     mac = n_static * e.feature_dim * d + d * d
-    event_in = d + e.author_dim + 5 * e.feature_dim
-    for length in (e.short_len, e.pos_len, e.life_len):
+    event_in = d + e.author_dim + (5 + (e.n_scenarios > 0)) * e.feature_dim
+    behaviours = e.behaviour_lens()
+    for length in (e.short_len, e.pos_len, e.life_len, *behaviours.values()):
         mac += length * (event_in * 2 * d + 2 * d * d)
+    if e.behaviour_fusion == "cross":  # each behaviour after the first reads those before it
+        read = 0
+        for length in behaviours.values():
+            if read:
+                mac += 2 * length * d * d + 2 * read * d * d + 2 * length * read * d
+                mac += ffn_matrices(e.ffn) * length * d * e.d_ff
+            read += length
     nq, life = e.n_queries, e.life_len
     qformer = 2 * nq * d * d + 2 * life * d * d + 2 * nq * life * d
     qformer += ffn_matrices(e.ffn) * nq * d * e.d_ff
@@ -200,7 +214,8 @@ def counts(model: OneRecV1 | OneRecV2) -> Counts:
     fwd, fwd_dropless = forward(cfg), forward(cfg, dropless=True)
     e = cfg.context if isinstance(model, OneRecV2) else cfg.encoder
     target_tokens = cfg.max_targets * len(cfg.vocab)
-    context = 1 + e.short_len + e.pos_len + e.life_len
+    context = 1 + e.short_len + e.pos_len + e.life_len + sum(e.behaviour_lens().values())
+    context += e.n_scenarios > 0
     return Counts(
         params_total=total,
         params_embedding=embedding,

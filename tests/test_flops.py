@@ -24,6 +24,12 @@ CASES = {
     # capacity_factor 3: capacity dispatch runs E * C = 3x the T * k routed slots, ~7 % of this
     # encoder-heavy total more, outside the check's 5 % window (1.25 would hide it inside).
     "moe_capacity": {"moe": MoEConfig(8, 2, 256, dispatch="capacity", capacity_factor=3.0)},
+    # OneMall: scenario token and feature, behaviour pathways read by cross-attention fusion.
+    "onemall_cross": {
+        "encoder": dataclasses.replace(
+            ENC, n_scenarios=3, click_len=64, cart_len=32, order_len=32, behaviour_fusion="cross"
+        )
+    },
 }
 
 
@@ -45,6 +51,7 @@ def test_forward_flops_match_xla_cost_analysis(case):
 
 V2_CASES = {
     "v2_dense": {"n_layers": 1},
+    "v2_onemall": {"n_layers": 1, "onemall": True},
     "v2_sets_gqa": {"n_layers": 1, "s_kv": 2, "g_kv": 2},
     "v2_moe": {
         "n_layers": 2,
@@ -56,8 +63,10 @@ V2_CASES = {
 
 @pytest.mark.parametrize("case", sorted(V2_CASES))
 def test_v2_forward_flops_match_xla_cost_analysis(case):
-    ctx = dataclasses.replace(ENC, d_model=64)
-    cfg = V2Config(context=ctx, d_model=128, d_ff=512, vocab=(256, 256, 256), **V2_CASES[case])
+    kw = dict(V2_CASES[case])
+    mall = {"n_scenarios": 3, "click_len": 64, "order_len": 16} if kw.pop("onemall", 0) else {}
+    ctx = dataclasses.replace(ENC, d_model=64, **mall)
+    cfg = V2Config(context=ctx, d_model=128, d_ff=512, vocab=(256, 256, 256), **kw)
     model = OneRecV2(cfg)
     inputs, codes = flops._dummy_inputs(cfg, 8)
     variables = jax.eval_shape(model.init, jax.random.key(0), inputs, codes)

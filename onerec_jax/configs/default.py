@@ -71,6 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
     # too). 1 = every training event is an example of its own whose history is every earlier
     # event: training on every prefix of a history, the setting of a next-item test target.
     c.data.log_session_len = 5
+    # E-commerce sources (world:mall-*): the request's scenario as a conditioning token and each
+    # event's scenario as a feature; behaviour pathways of the latest clicked / carted /
+    # ordered products (0: none; onerec_jax/model/user_encoder.py).
+    c.data.scenarios = False
+    c.data.click_len = 0
+    c.data.cart_len = 0
+    c.data.order_len = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "v1"  # "v1" encoder-decoder | "v2" lazy decoder-only
@@ -93,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     v1.encoder.qformer_blocks = 1  # QFormer blocks (cross-attention + FFN each)
     v1.encoder.author_dim = 16  # author embedding width (report: 512)
     v1.encoder.feature_dim = 8  # other feature embedding widths (report: 128)
+    v1.encoder.behaviour_fusion = "concat"  # behaviour pathways: "concat" | "cross"
     v1.moe = moe_section()
 
     # OneRec-V2 (V2Config): lazy decoder-only; the context processor has no encoder stack.
@@ -116,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
     v2.context.qformer_blocks = 1
     v2.context.author_dim = 16
     v2.context.feature_dim = 8
+    v2.context.behaviour_fusion = "concat"  # behaviour pathways: "concat" | "cross"
     v2.moe = moe_section()
 
     # The device mesh (onerec_jax/sharding.py): sizes of its four axes, their product the number

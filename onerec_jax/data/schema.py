@@ -9,7 +9,9 @@ Conventions (the README has the full field table):
   * id 0 is padding in every id field; real ids are 1..n.
   * bucket fields use 0 for padding and 1 for "unknown" (e.g. MovieLens has no play time).
   * pathways are reverse-chronological: index 0 is the most recent event, padding comes last.
-  * flags is a bit set: like 1, follow 2, comment 4, share 8, dislike 16.
+  * flags is a bit set: like 1, follow 2, comment 4, share 8, dislike 16; the e-commerce
+    behaviours click 32, add-to-cart 64, order 128 (onerec_jax/data/mall.py).
+  * scenario (e-commerce sources only, `SchemaSpec.scenarios`): 0 none, then SCENARIOS in order.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ import numpy as np
 from onerec_jax.data.hashing import hash_u64
 
 LIKE, FOLLOW, COMMENT, SHARE, DISLIKE = 1, 2, 4, 8, 16
-ENGAGE_BITS = LIKE | FOLLOW | COMMENT | SHARE
-FLAG_NAMES = ("like", "follow", "comment", "share", "dislike")
+CLICK, CART, ORDER = 32, 64, 128
+ENGAGE_BITS = LIKE | FOLLOW | COMMENT | SHARE | CLICK | CART | ORDER
+FLAG_NAMES = ("like", "follow", "comment", "share", "dislike", "click", "cart", "order")
+# Where an e-commerce item is shown: ids 1..3 in this order (0: none / not an e-commerce source).
+SCENARIOS = ("card", "video", "live")
+# Behaviour pathways (SchemaSpec.click_len ...): a user's most recent events with this flag bit.
+BEHAVIOURS = {"click": CLICK, "cart": CART, "order": ORDER}
 
 # The first static field is derived from user_id by `build_example`; sources supply the other four.
 STATIC_FIELDS = ("user_bucket", "age", "gender", "region", "segment")
@@ -72,6 +79,8 @@ class SchemaSpec:
       max_targets: m, items of the target session kept (sessions longer than m are truncated).
       pos_play_frac: a play fraction at or above this counts as strong positive feedback.
       user_buckets: hash buckets for the user id feature.
+      scenarios: add the request's `scenario` and each event's `<pathway>_scenario` (e-commerce).
+      click_len, cart_len, order_len: events of each behaviour pathway (0: no such pathway).
     """
 
     short_len: int = 20
@@ -81,11 +90,20 @@ class SchemaSpec:
     max_targets: int = 5
     pos_play_frac: float = 0.9
     user_buckets: int = 1 << 16
+    scenarios: bool = False
+    click_len: int = 0
+    cart_len: int = 0
+    order_len: int = 0
 
     def __post_init__(self) -> None:
         for name in ("short_len", "pos_len", "life_len", "max_targets", "user_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchemaSpec.{name} must be >= 1, got {getattr(self, name)}")
+        for name in BEHAVIOURS:
+            if getattr(self, f"{name}_len") < 0:
+                raise ValueError(
+                    f"SchemaSpec.{name}_len must be >= 0, got {getattr(self, f'{name}_len')}"
+                )
         if self.life_mode not in ("recent", "stride"):
             raise ValueError(
                 f"SchemaSpec.life_mode must be 'recent' or 'stride', got {self.life_mode!r}"
@@ -98,7 +116,23 @@ class SchemaSpec:
             return None
         # Four times the positive pathway fills it when >= 25 % of recent events are positive;
         # logged sources reach further back for sparser positives (LogSource.raw_batch).
-        return max(self.short_len, self.life_len, 4 * self.pos_len)
+        # Behaviour pathways: orders are rarer than positives; 8x their length covers them at
+        # a share of >= 12.5 % among recent events (fewer fill the pathway partly).
+        behaviour = max((8 * n for n in self.behaviour_lens().values()), default=0)
+        return max(self.short_len, self.life_len, 4 * self.pos_len, behaviour)
+
+    def behaviour_lens(self) -> dict[str, int]:
+        """The behaviour pathways this spec has, name -> length."""
+        return {b: getattr(self, f"{b}_len") for b in BEHAVIOURS if getattr(self, f"{b}_len")}
+
+    def pathways(self) -> dict[str, int]:
+        """Every pathway of an example, name -> length (the three base ones first)."""
+        base = dict(zip(PATHWAYS, (self.short_len, self.pos_len, self.life_len), strict=True))
+        return {**base, **self.behaviour_lens()}
+
+    def event_fields(self) -> dict[str, Any]:
+        """The per-event fields of a pathway: EVENT_FIELDS, plus the scenario where asked."""
+        return {**EVENT_FIELDS, "scenario": np.uint8} if self.scenarios else dict(EVENT_FIELDS)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """Per-example field -> (shape, dtype); a batch adds a leading B axis."""
@@ -107,8 +141,10 @@ class SchemaSpec:
             "request_ts": ((), np.int64),
             "static": ((len(STATIC_FIELDS),), np.int32),
         }
-        for p, n in zip(PATHWAYS, (self.short_len, self.pos_len, self.life_len), strict=True):
-            for f, dt in EVENT_FIELDS.items():
+        if self.scenarios:
+            out["scenario"] = ((), np.uint8)
+        for p, n in self.pathways().items():
+            for f, dt in self.event_fields().items():
                 out[f"{p}_{f}"] = ((n,), dt)
             out[f"{p}_mask"] = ((n,), np.bool_)
         for f, dt in TARGET_FIELDS.items():
@@ -163,9 +199,25 @@ def offsets_of(lengths: np.ndarray) -> np.ndarray:
 def _gather(out: dict, name: str, cols: dict, idx: np.ndarray, valid: np.ndarray) -> None:
     """out[name_f] = cols[f][idx] where valid; padded slots read the all-zero last row of cols."""
     safe = np.where(valid, idx, len(cols["item"]) - 1)
-    for f in EVENT_FIELDS:
-        out[f"{name}_{f}"] = cols[f][safe]
+    for f, col in cols.items():
+        out[f"{name}_{f}"] = col[safe]
     out[f"{name}_mask"] = valid
+
+
+def _latest_selected(
+    out: dict, name: str, cols: dict, sel: np.ndarray, seg: np.ndarray, off: np.ndarray, n: int
+) -> None:
+    """Pathway `name`: each user's n most recent events where `sel`, most recent first."""
+    B = len(off) - 1
+    csel = np.cumsum(sel)
+    total = np.concatenate([[0], csel])[off[1:]]  # selected events up to each user's end
+    rank = total[seg] - csel  # 0 for the user's most recent selected event
+    keep = sel & (rank < n)
+    idx = np.zeros((B, n), np.int64)
+    valid = np.zeros((B, n), np.bool_)
+    idx[seg[keep], rank[keep]] = np.nonzero(keep)[0]
+    valid[seg[keep], rank[keep]] = True
+    _gather(out, name, cols, idx, valid)
 
 
 def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
@@ -175,12 +227,15 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
     histories concatenated as hist_<field> (RAW_EVENT_FIELDS; each user's events in time order) with
     hist_offsets [B + 1], and the target sessions as target_<field> (TARGET_FIELDS) with
     target_offsets [B + 1]. History events must not be later than the request; this is checked here,
-    for every source, so a source bug cannot leak the target into the context.
+    for every source, so a source bug cannot leak the target into the context. With
+    `spec.scenarios`, raw `scenario` [B] and `hist_scenario` are read (zeros where absent).
     """
+    fields = dict(RAW_EVENT_FIELDS, **({"scenario": np.uint8} if spec.scenarios else {}))
+    n_raw = len(raw["hist_item"])
     # One zero event appended: padded slots gather from it, so empty histories need no branch.
     hist = {
-        f: np.append(np.asarray(raw[f"hist_{f}"], dt), np.zeros(1, dt))
-        for f, dt in RAW_EVENT_FIELDS.items()
+        f: np.append(np.asarray(raw.get(f"hist_{f}", np.zeros(n_raw, dt)), dt), np.zeros(1, dt))
+        for f, dt in fields.items()
     }
     user_id = np.asarray(raw["user_id"], np.int64)
     request_ts = np.asarray(raw["request_ts"], np.int64)
@@ -195,9 +250,8 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
             f"ts={request_ts[seg[e]]}; sources must only pass earlier events"
         )
     # Per-event columns in the example's dtypes, buckets computed once per event (not per slot).
-    cols = {
-        f: hist[f].astype(EVENT_FIELDS[f], copy=False) for f in ("item", "author", "tag", "flags")
-    }
+    kept = ("item", "author", "tag", "flags") + (("scenario",) if spec.scenarios else ())
+    cols = {f: hist[f].astype(spec.event_fields()[f], copy=False) for f in kept}
     cols["tdelta"] = tdelta_bucket(request_ts[seg] - hist["ts"][:-1])
     cols["play"] = time_bucket_ms(hist["play_ms"][:-1])
     cols["dur"] = time_bucket_ms(hist["dur_ms"][:-1])
@@ -215,6 +269,8 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
             axis=1,
         ),
     }
+    if spec.scenarios:
+        out["scenario"] = np.asarray(raw.get("scenario", np.zeros(B)), np.uint8).reshape(B)
     last = off[1:, None] - 1  # global index of each user's most recent event
 
     j = np.arange(spec.short_len)[None]
@@ -222,15 +278,10 @@ def build_batch(raw: dict[str, Any], spec: SchemaSpec) -> dict[str, np.ndarray]:
 
     # Positive pathway: rank positives from the most recent (0) within each user; keep rank < P.
     pos = is_positive(hist["flags"][:-1], hist["play_ms"][:-1], hist["dur_ms"][:-1], spec)
-    cpos = np.cumsum(pos)
-    total = np.concatenate([[0], cpos])[off[1:]]  # positives up to each user's end
-    rank = total[seg] - cpos  # 0 for the most recent positive of the user
-    keep = pos & (rank < spec.pos_len)
-    idx = np.zeros((B, spec.pos_len), np.int64)
-    valid = np.zeros((B, spec.pos_len), np.bool_)
-    idx[seg[keep], rank[keep]] = np.nonzero(keep)[0]
-    valid[seg[keep], rank[keep]] = True
-    _gather(out, "pos", cols, idx, valid)
+    _latest_selected(out, "pos", cols, pos, seg, off, spec.pos_len)
+    for name, length in spec.behaviour_lens().items():
+        did = (hist["flags"][:-1] & BEHAVIOURS[name]) != 0
+        _latest_selected(out, name, cols, did, seg, off, length)
 
     j = np.arange(spec.life_len)[None]
     if spec.life_mode == "stride":

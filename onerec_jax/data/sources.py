@@ -2,6 +2,7 @@
 
 movielens-100k      the recbole copy of MovieLens-100k
 world:PRESET        the session world (tiny | small | large)
+world:mall-PRESET   the e-commerce world of three scenarios (mall-tiny | mall-small)
 parquet:PATH        a user log (.parquet, or .csv/.tsv by suffix); csv:PATH is the same
 """
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from onerec_jax.data import logs, movielens, schema
 from onerec_jax.data.events import LogSource
+from onerec_jax.data.mall import MallWorld
+from onerec_jax.data.mall_config import MALL_PRESETS
 from onerec_jax.data.world import World
 
 
@@ -51,13 +54,15 @@ def open_source(
     if name == "movielens-100k":
         return LogSource(movielens.load(), split, **log_options)
     kind, _, arg = name.partition(":")
+    if kind == "world" and arg in MALL_PRESETS:
+        return MallWorld(arg, seed=seed, split=split, order_seed=order_seed)
     if kind == "world" and arg:
         return World(arg, seed=seed, split=split, order_seed=order_seed)
     if kind in ("parquet", "csv") and arg:
         return LogSource(_load_log(arg), split, **log_options)
     raise ValueError(
-        f"unknown source {name!r}: use movielens-100k, world:PRESET (tiny|small|large) "
-        "or parquet:PATH"
+        f"unknown source {name!r}: use movielens-100k, world:PRESET (tiny|small|large|"
+        "mall-tiny|mall-small) or parquet:PATH"
     )
 
 

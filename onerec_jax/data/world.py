@@ -73,7 +73,10 @@ class World(WorldOracle):
         which a split's requests are drawn (runs that differ in it see the same world)."""
         if isinstance(config, str):
             if config not in PRESETS:
-                raise ValueError(f"unknown world preset {config!r}; choose from {sorted(PRESETS)}")
+                raise ValueError(
+                    f"unknown world preset {config!r}; choose from {sorted(PRESETS)} (or "
+                    "mall-tiny, mall-small: the e-commerce world)"
+                )
             config = PRESETS[config]
         if not 0 <= int(seed) < 2**63:
             raise ValueError(f"world seed must be a non-negative integer, got {seed}")

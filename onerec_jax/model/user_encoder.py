@@ -6,6 +6,15 @@ pos       the 256 latest strongly positive events, same features
 life      up to 2000 events, projected the same way, then compressed by a QFormer: N_query
           learnable queries cross-attend to them (blocks of cross-attention + FFN)
 
+E-commerce (OneMall, onerec_jax/data/mall.py), each off by default so other runs keep their
+parameters: `n_scenarios` adds a scenario token (the request's scenario, a conditioning token)
+and each event's scenario as a feature; `click_len` / `cart_len` / `order_len` add behaviour
+pathways (the user's latest clicked / carted / ordered products), fused by `behaviour_fusion`:
+"concat" appends their tokens to the others (the encoder's self-attention mixes them), "cross"
+first lets each deeper behaviour read the shallower ones - carts cross-attend to clicks, orders
+to clicks and carts (a block of cross-attention + FFN each) - our reading of OneMall's
+cross-attention fusion of behaviour sequences.
+
 Embedding tables are shared by the pathways (item width = d_model as in the report, author and
 the other features narrower); each pathway has its own projection. Learnable positions are added
 to the concatenated tokens, and padded events are masked out of every attention.
@@ -23,6 +32,8 @@ from onerec_jax.data import schema
 from onerec_jax.model.layers import Attention, Dense, RMSNorm, ffn, layer_stack
 
 _EVENT_FIELDS = ("item", "author", "tag", "tdelta", "play", "dur", "flags")
+BEHAVIOURS = ("click", "cart", "order")  # shallow to deep: each reads the ones before it
+FUSIONS = ("concat", "cross")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +57,25 @@ class EncoderConfig:
     life_len: int = 2000
     remat: str = "none"  # activation rematerialisation of the encoder stack (REMAT_POLICIES)
     unroll: bool = False  # compile the encoder stack unrolled (layers.layer_stack)
+    n_scenarios: int = 0  # e-commerce scenarios (3) -> a scenario token and event feature
+    click_len: int = 0  # behaviour pathways (0: none)
+    cart_len: int = 0
+    order_len: int = 0
+    behaviour_fusion: str = "concat"  # "concat" | "cross" (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.behaviour_fusion not in FUSIONS:
+            raise ValueError(
+                f"behaviour_fusion must be one of {FUSIONS}, got {self.behaviour_fusion!r}"
+            )
+
+    def behaviour_lens(self) -> dict[str, int]:
+        return {b: getattr(self, f"{b}_len") for b in BEHAVIOURS if getattr(self, f"{b}_len")}
 
     @property
     def n_tokens(self) -> int:
-        return 1 + self.short_len + self.pos_len + self.n_queries
+        extra = (self.n_scenarios > 0) + sum(self.behaviour_lens().values())
+        return 1 + self.short_len + self.pos_len + self.n_queries + extra
 
 
 def _embed(name: str, vocab: int, dim: int) -> nn.Embed:
@@ -124,9 +150,13 @@ class UserEncoder(nn.Module):
             "dur": _embed("dur_embed", schema.N_BUCKETS, c.feature_dim),
             "flags": _embed("flags_embed", 256, c.feature_dim),
         }
+        fields = _EVENT_FIELDS
+        if c.n_scenarios:
+            tables["scenario"] = _embed("scenario_embed", c.n_scenarios + 1, c.feature_dim)
+            fields = (*fields, "scenario")
 
         def events(p: str) -> tuple[jax.Array, jax.Array]:
-            feats = [tables[f](batch[f"{p}_{f}"].astype(jnp.int32)) for f in _EVENT_FIELDS]
+            feats = [tables[f](batch[f"{p}_{f}"].astype(jnp.int32)) for f in fields]
             x = jnp.concatenate(feats, axis=-1)
             # The input is the concatenated feature widths: a model-width axis ("embed"), not
             # the rows of a feature table ("feature").
@@ -163,10 +193,26 @@ class UserEncoder(nn.Module):
                 queries_BxNxD, life, life_mask[:, None, :]
             )
 
-        x_BxSxD = jnp.concatenate([s.astype(self.dtype), short, pos, queries_BxNxD], axis=1)
-        mask_BxS = jnp.concatenate(
-            [jnp.ones((b, 1), bool), short_mask, pos_mask, jnp.ones((b, c.n_queries), bool)], 1
-        )
+        tokens = [s.astype(self.dtype), short, pos, queries_BxNxD]
+        masks = [jnp.ones((b, 1), bool), short_mask, pos_mask, jnp.ones((b, c.n_queries), bool)]
+        if c.n_scenarios:  # the request's scenario: one conditioning token
+            scen = _embed("scenario_token", c.n_scenarios + 1, d)(
+                batch["scenario"].astype(jnp.int32) % (c.n_scenarios + 1)
+            )
+            tokens.append(scen[:, None, :].astype(self.dtype))
+            masks.append(jnp.ones((b, 1), bool))
+        read: list[tuple[jax.Array, jax.Array]] = []  # behaviour pathways fused so far
+        for name in c.behaviour_lens():
+            x, m = events(name)
+            if c.behaviour_fusion == "cross" and read:
+                mem = jnp.concatenate([t for t, _ in read], axis=1)
+                mem_mask = jnp.concatenate([k for _, k in read], axis=1)
+                x = _Block(c, self.dtype, name=f"{name}_fusion")(x, mem, mem_mask[:, None, :])
+            read.append((x, m))
+            tokens.append(x)
+            masks.append(m)
+        x_BxSxD = jnp.concatenate(tokens, axis=1)
+        mask_BxS = jnp.concatenate(masks, 1)
         positions = self.param(
             "positions",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),

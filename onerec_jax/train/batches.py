@@ -24,7 +24,14 @@ class AddCodes(grain.transforms.Map):
 def schema_spec(cfg: ml_collections.ConfigDict) -> schema.SchemaSpec:
     d = cfg.data
     return schema.SchemaSpec(
-        short_len=d.short_len, pos_len=d.pos_len, life_len=d.life_len, max_targets=d.max_targets
+        short_len=d.short_len,
+        pos_len=d.pos_len,
+        life_len=d.life_len,
+        max_targets=d.max_targets,
+        scenarios=d.scenarios,
+        click_len=d.click_len,
+        cart_len=d.cart_len,
+        order_len=d.order_len,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from onerec_jax.data import schema
 from onerec_jax.model.layers import check_remat
 from onerec_jax.model.moe import MoEConfig
 from onerec_jax.model.user_encoder import EncoderConfig
@@ -37,6 +38,10 @@ def build_model(
         short_len=cfg.data.short_len,
         pos_len=cfg.data.pos_len,
         life_len=cfg.data.life_len,
+        n_scenarios=len(schema.SCENARIOS) if cfg.data.scenarios else 0,
+        click_len=cfg.data.click_len,
+        cart_len=cfg.data.cart_len,
+        order_len=cfg.data.order_len,
         remat=cfg.remat,
         unroll=cfg.unroll_layers,
     )
