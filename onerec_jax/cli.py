@@ -134,12 +134,18 @@ def _eval(args: argparse.Namespace) -> int:
         max_requests=args.max_requests,
         mesh=parse_mesh(args.mesh) if args.mesh else None,  # None: the run's own mesh
         write=False,  # printed first: a workdir that cannot be written loses nothing
+        scenario=args.scenario,
     )
     if args.json:
         print(json.dumps(metrics, sort_keys=True), flush=True)
     else:
         for k, v in metrics.items():
-            print(f"{k:12s} {json.dumps(v) if isinstance(v, dict) else v}", flush=True)
+            if k == "scenarios":  # one line per scenario and metric
+                for name, sm in v.items():
+                    for mk, mv in sm.items():
+                        print(f"{name + '.' + mk:20s} {mv}", flush=True)
+            else:
+                print(f"{k:12s} {json.dumps(v) if isinstance(v, dict) else v}", flush=True)
     write_eval(pathlib.Path(args.workdir).resolve(), metrics, args.max_requests)
     return 0
 
@@ -269,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="device mesh of the search, e.g. data=4 or data=-1 (-1: the rest); default the "
         "run's own (its config's mesh section)",
+    )
+    evp.add_argument(
+        "--scenario",
+        default="",
+        choices=("", "card", "video", "live"),
+        help="e-commerce world: evaluate on this scenario's requests only",
     )
     evp.add_argument("--json", action="store_true", help="print one JSON object")
     _add_process_flags(evp)

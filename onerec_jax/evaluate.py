@@ -87,6 +87,7 @@ def evaluate_run(
     mesh: Mapping[str, int] | None = None,
     write: bool = True,
     scorer: Any = None,
+    scenario: str = "",
 ) -> dict[str, Any]:
     """Metrics of the newest checkpoint on `split` (all requests of a logged source; the first
     `max_requests`, default 2048, of the world's unbounded splits), `batch` requests per beam
@@ -96,7 +97,8 @@ def evaluate_run(
     to `eval_path` (per request count and beam); `write=False` writes no eval JSON (the
     CLI prints first, then writes; an alignment run compares its init with itself).
     `scorer(batch, items [B, K]) -> [B, K]` (a reward model; NaN for item 0) adds
-    `reward_model@K`, its mean score of the top K."""
+    `reward_model@K`, its mean score of the top K. `scenario` (e-commerce world: card, video,
+    live) evaluates on that scenario's requests only, whatever the run trained on."""
     if batch < 1:
         raise ValueError(f"eval batch size must be >= 1, got {batch}")
     if beam < 1:
@@ -109,13 +111,18 @@ def evaluate_run(
     cfg, model, table, spec = run.cfg, run.model, run.table, run.spec
     variables = {"params": state.params, "moe_bias": state.moe_bias}
     trie = on_mesh(table.trie(), sharding.replicated(devices))  # placed once, read by all
-    src = open_source(cfg.source, seed=source_seed(cfg), split=split)
+    name = cfg.source
+    if scenario:
+        if not name.startswith("world:mall-"):
+            raise ValueError(f"--scenario needs an e-commerce run (world:mall-*); source {name!r}")
+        name = ":".join([*name.split(":")[:2], scenario])
+    src = open_source(name, seed=source_seed(cfg), split=split)
     n = len(src) if src.kind != "world" else 2048  # the world's splits are unbounded
     n = min(n, max_requests or n)
     batch = min(batch, n)
     protocol = ev.protocol_of(src)
     ranked, targets, masks, reward, target_reward, scored, logged = [], [], [], [], [], [], []
-    scenario, funnel = [], []  # e-commerce: each request's scenario, the top-K's orders and GMV
+    scen_rows, funnel = [], []  # e-commerce: each request's scenario, the top-K's orders and GMV
     for start in tqdm(range(0, n, batch), desc=f"eval {split}"):
         idx = np.arange(start, min(start + batch, n))
         # The model reads the run's context window; what counts as seen is the protocol's.
@@ -140,7 +147,7 @@ def evaluate_run(
         if scorer is not None:
             scored.append(scorer(b, top))
         if "scenario" in raw:
-            scenario.append(np.asarray(raw["scenario"]))
+            scen_rows.append(np.asarray(raw["scenario"]))
             e = src.true_engagement(b["user_id"], b["request_ts"], np.maximum(top, 1))
             funnel.append({f: np.where(top > 0, e[f], 0.0) for f in ("order", "gmv")})
         if src.kind == "world":  # the generator knows the expected reward of any item
@@ -161,8 +168,8 @@ def evaluate_run(
     }
     cols = {name: np.concatenate(v) for name, v in cols.items() if v}
     metrics = _metrics(cols)
-    if scenario:
-        scen = np.concatenate(scenario)
+    if scen_rows:
+        scen = np.concatenate(scen_rows)
         metrics["scenarios"] = {
             name: {
                 **_metrics({c: v[scen == j] for c, v in cols.items()}),
@@ -172,6 +179,8 @@ def evaluate_run(
             if (scen == j).any()
         }
     metrics.update(split=split, step=int(step), n_requests=int(n), beam=beam, protocol=protocol)
+    if scenario:
+        metrics["scenario"] = scenario
     if write:
         write_eval(workdir, metrics, max_requests)
     return metrics
@@ -197,11 +206,12 @@ def _metrics(cols: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def eval_path(
-    workdir: pathlib.Path, split: str, max_requests: int | None, beam: int
+    workdir: pathlib.Path, split: str, max_requests: int | None, beam: int, scenario: str = ""
 ) -> pathlib.Path:
     """Where an evaluation is kept: WORKDIR/eval_{split}.json for the whole split at the
     default beam, eval_{split}_n{N}_beam{B}.json otherwise (a quick look at 8 requests never
-    replaces the full result)."""
+    replaces the full result); one scenario's requests add _{scenario} to the split."""
+    split = f"{split}_{scenario}" if scenario else split
     if max_requests is None and beam == DEFAULT_BEAM:
         return pathlib.Path(workdir) / f"eval_{split}.json"
     n = "all" if max_requests is None else max_requests
@@ -213,7 +223,9 @@ def write_eval(workdir: pathlib.Path, metrics: dict[str, Any], max_requests: int
     the same metrics); a failed write is one error naming the file."""
     if jax.process_index() != 0:
         return
-    path = eval_path(workdir, metrics["split"], max_requests, metrics["beam"])
+    path = eval_path(
+        workdir, metrics["split"], max_requests, metrics["beam"], metrics.get("scenario", "")
+    )
     try:
         write_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     except OSError as e:

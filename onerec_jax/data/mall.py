@@ -16,6 +16,11 @@ function of (seed, split, i) - holds here; what changes:
   * No play time: play_ms and dur_ms are unknown (NaN) on every event.
 
 Raw batches carry the request's `scenario` (1..3) and every history event's `hist_scenario`.
+
+`world:mall-tiny:live` (a `scenario`) is the same world restricted to the requests of one
+scenario: each split keeps exactly its requests in that scenario (enumerated once, 4 bytes per
+request kept), so one model per scenario trains and is judged on its own scenario's traffic, and
+any run can be evaluated on one scenario's requests (`onerec eval --scenario live`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from onerec_jax.data.mall_config import (
     ORDER_BIAS,
     MallConfig,
 )
-from onerec_jax.data.world import World
+from onerec_jax.data.world import _REQ, _SPLIT_SALT, World
 from onerec_jax.data.world_oracle import _sigmoid
 
 _AVAIL, _PRICE, _SCEN, _SCEN_PICK, _RHO, _FIT, _MEVT = 31, 32, 33, 34, 35, 36, 37
@@ -47,8 +52,19 @@ class MallWorld(World):
     """A random-access source of e-commerce requests (see the module docstring)."""
 
     def __init__(
-        self, config: MallConfig | str, seed: int = 0, split: str = "train", order_seed: int = 0
+        self,
+        config: MallConfig | str,
+        seed: int = 0,
+        split: str = "train",
+        order_seed: int = 0,
+        scenario: str = "",
     ):
+        if scenario and scenario not in schema.SCENARIOS:
+            raise ValueError(
+                f"unknown scenario {scenario!r} of the e-commerce world; choose from "
+                f"{list(schema.SCENARIOS)}"
+            )
+        self.scenario = scenario
         if isinstance(config, str):
             if config not in MALL_PRESETS:
                 known = sorted(MALL_PRESETS)
@@ -56,9 +72,13 @@ class MallWorld(World):
             config = MALL_PRESETS[config]
         super().__init__(config, seed=seed, split=split, order_seed=order_seed)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "scenario": self.scenario}
+
     # ---------------------------------------------------------------- tables
     def _build(self) -> None:
         super()._build()
+        self._kept = None  # the scenario's requests of this split, enumerated when first asked
         c, seed = self.config, self.seed
         ids = np.arange(1, c.n_items + 1, dtype=np.int64)
         topic = self.topic[1:]
@@ -102,6 +122,46 @@ class MallWorld(World):
             self._topic_entropy_k[k] = np.bincount(
                 t_sorted, weights=-q * np.log(q), minlength=c.n_topics
             )
+
+    # ------------------------------------------------------------- requests
+    def _scenario_requests(self) -> np.ndarray:
+        """Flat ids r = (u - 1) * n_sessions + (s - lo) of this split's requests in the
+        scenario, ascending (int32 while they fit)."""
+        if self._kept is None:
+            lo, hi = self.config.split_sessions(self.split)
+            k = 1 + schema.SCENARIOS.index(self.scenario)
+            parts, chunk = [], max(1, 4_000_000 // (hi - lo))
+            for u0 in range(1, self.config.n_users + 1, chunk):  # bounded memory per chunk
+                u = np.arange(u0, min(u0 + chunk, self.config.n_users + 1))
+                scen = self.scenario_of_session(u[:, None], np.arange(lo, hi)[None])
+                r = (u[:, None] - 1) * (hi - lo) + np.arange(hi - lo)[None]
+                parts.append(r[scen == k])
+            r = np.concatenate(parts)
+            self._kept = r.astype(np.int32 if r.max(initial=0) < 2**31 else np.int64)
+            if len(self._kept) == 0:
+                raise ValueError(f"{self.split} holds no request in scenario {self.scenario!r}")
+        return self._kept
+
+    @property
+    def n_distinct(self) -> int:
+        """Distinct requests in this split (of the scenario, when restricted to one)."""
+        return len(self._scenario_requests()) if self.scenario else super().n_distinct
+
+    def requests(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user, session) of examples `indices`: the video world's keyed permutations, over
+        the scenario's requests when restricted to one."""
+        if not self.scenario:
+            return super().requests(indices)
+        idx = np.asarray(indices, np.int64)
+        kept = self._scenario_requests()
+        lo, hi = self.config.split_sessions(self.split)
+        passes, j = np.divmod(idx, len(kept))
+        r = np.empty_like(j)
+        for e in np.unique(passes):
+            at = passes == e
+            keys = (self.seed, _REQ, _SPLIT_SALT[self.split], self.order_seed, int(e), 1 + _K)
+            r[at] = kept[hs.permute(j[at], len(kept), *keys)]
+        return 1 + r // (hi - lo), lo + r % (hi - lo)
 
     # ------------------------------------------------------------- scenarios
     def scenario_of_session(self, u: np.ndarray, s: np.ndarray) -> np.ndarray:

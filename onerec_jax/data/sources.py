@@ -3,6 +3,7 @@
 movielens-100k      the recbole copy of MovieLens-100k
 world:PRESET        the session world (tiny | small | large)
 world:mall-PRESET   the e-commerce world of three scenarios (mall-tiny | mall-small)
+world:mall-PRESET:SCENARIO  its requests of one scenario only (card | video | live)
 parquet:PATH        a user log (.parquet, or .csv/.tsv by suffix); csv:PATH is the same
 """
 
@@ -54,8 +55,9 @@ def open_source(
     if name == "movielens-100k":
         return LogSource(movielens.load(), split, **log_options)
     kind, _, arg = name.partition(":")
-    if kind == "world" and arg in MALL_PRESETS:
-        return MallWorld(arg, seed=seed, split=split, order_seed=order_seed)
+    preset, _, scenario = arg.partition(":")
+    if kind == "world" and preset in MALL_PRESETS:
+        return MallWorld(preset, seed=seed, split=split, order_seed=order_seed, scenario=scenario)
     if kind == "world" and arg:
         return World(arg, seed=seed, split=split, order_seed=order_seed)
     if kind in ("parquet", "csv") and arg:
