@@ -1,0 +1,178 @@
+"""OneMall on the e-commerce world, end to end: one model per scenario against one unified
+model, the behaviour-fusion ablation, and the unified model after RL - judged per scenario on
+the same held-out test requests by Recall/NDCG and the world's true expected orders and GMV.
+
+    .venv/bin/python experiments/onemall_world.py [--seeds 1 2 3] [--arms ...] [--out runs/onemall]
+        [--json benchmarks/results/onemall_world.json] [--requests 1024] [--beam 128]
+
+Per seed (a seed is a whole world, its tokenizer and every model's init), each arm trains with
+onerec_jax/configs/onemall_tiny.py and the same step count:
+  unified      one model for the three scenarios (scenario token, behaviour pathways fused by
+               cross-attention, QFormer, sparse-MoE decoder)
+  card, video, live   one model per scenario, trained on that scenario's requests only
+               (world:mall-tiny:SCENARIO); three models, three times the unified compute
+  merged       the unified model without behaviour pathways: one merged exposure sequence
+               (the click/cart/order flags as features of each event)
+  concat       behaviour pathways appended without cross-attention (not in the default arms)
+  unified_rl   the unified model aligned (onerec align, ECPO) with the ranking model
+               (onerec ranking-model) as reward; needs --rl
+Every arm shares the unified run's semantic-id table, so differences are not tokenizer noise.
+Each model is evaluated on each scenario's first `--requests` test requests (`onerec eval
+--scenario`, the same requests for every arm), and the table reports mean ± 95 % t-interval
+over seeds and the paired differences against the unified model. Finished runs and
+evaluations are read back (only when made with the settings asked for), so an interrupted run
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from scipy import stats
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ONEREC = [sys.executable, "-m", "onerec_jax.cli"]
+SCENARIOS = ("card", "video", "live")
+KEYS = ("recall@10", "ndcg@10", "orders@10", "gmv@10")
+ARMS = {
+    "unified": [],
+    "card": ["source=world:mall-tiny:card"],
+    "video": ["source=world:mall-tiny:video"],
+    "live": ["source=world:mall-tiny:live"],
+    "merged": ["data.click_len=0", "data.cart_len=0", "data.order_len=0"],
+    "concat": ["model.v1.encoder.behaviour_fusion=concat"],
+}
+DEFAULT_ARMS = ("unified", "card", "video", "live", "merged")
+
+
+def _onerec(args: list[str], log: pathlib.Path) -> str:
+    with log.open("a") as f:
+        out = subprocess.run([*ONEREC, *args], stdout=subprocess.PIPE, stderr=f, text=True)
+    if out.returncode:
+        raise RuntimeError(f"onerec {' '.join(args)} failed (exit {out.returncode}); see {log}")
+    return out.stdout
+
+
+def train(work: pathlib.Path, overrides: list[str], log: pathlib.Path) -> None:
+    """Train (or resume, or read back) one arm; a finished run made with another config is
+    refused by the workdir guard rather than read back."""
+    done = work / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("status") == "finished":
+        from onerec_jax import config
+        from onerec_jax.train.run_config import check_workdir_config
+
+        want = config.resolve(config.load("onemall_tiny"), overrides)
+        check_workdir_config(want, work, write=False)
+        return
+    sets = [f"--config.{o}" for o in overrides]
+    _onerec(["train", "--config", "onemall_tiny", "--workdir", str(work), *sets], log)
+
+
+def evaluate(work: pathlib.Path, scenario: str, a: argparse.Namespace, log: pathlib.Path) -> dict:
+    from onerec_jax.evaluate import eval_path
+
+    saved = eval_path(work, "test", a.requests, a.beam, scenario)
+    if not saved.exists():
+        _onerec(
+            [
+                *("eval", "--workdir", str(work), "--split", "test", "--scenario", scenario),
+                *("--max-requests", str(a.requests), "--beam", str(a.beam), "--json"),
+            ],
+            log,
+        )
+    return json.loads(saved.read_text())
+
+
+def interval(x: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (nan with one value)."""
+    v = np.asarray(x, np.float64)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def table(results: dict, arms: list[str]) -> str:
+    """Markdown: per scenario and arm, mean ± 95 % interval over seeds, then paired
+    differences against the unified model."""
+    seeds = sorted(results["per_seed"])
+    lines = [
+        f"seeds {', '.join(seeds)}; {results['requests']} test requests per scenario, "
+        f"beam {results['beam']}",
+        "",
+        "| scenario | model | " + " | ".join(KEYS) + " |",
+        "|---|---|" + "---|" * len(KEYS),
+    ]
+    for scen in SCENARIOS:
+        for arm in arms:
+            if arm in SCENARIOS and arm != scen:
+                continue
+            rows = [results["per_seed"][s].get(arm, {}).get(scen) for s in seeds]
+            if any(r is None for r in rows):
+                continue
+            cells = []
+            for k in KEYS:
+                m, h = interval([r[k] for r in rows])
+                cells.append(f"{m:.4g} ± {h:.2g}")
+            name = "per-scenario" if arm in SCENARIOS else arm
+            lines.append(f"| {scen} | {name} | " + " | ".join(cells) + " |")
+        for arm in arms:
+            if arm == "unified" or (arm in SCENARIOS and arm != scen):
+                continue
+            per = [results["per_seed"][s] for s in seeds]
+            pairs = [(r.get(arm, {}).get(scen), r.get("unified", {}).get(scen)) for r in per]
+            if any(x is None or u is None for x, u in pairs):
+                continue
+            cells = []
+            for k in KEYS:
+                m, h = interval([x[k] - u[k] for x, u in pairs])
+                cells.append(f"{m:+.4g} ± {h:.2g}")
+            name = "per-scenario" if arm in SCENARIOS else arm
+            lines.append(f"| {scen} | {name} − unified | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    p.add_argument("--out", default="runs/onemall")
+    p.add_argument("--json", default=str(ROOT / "benchmarks/results/onemall_world.json"))
+    p.add_argument("--requests", type=int, default=1024, help="test requests per scenario")
+    p.add_argument("--beam", type=int, default=128)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="every arm")
+    a = p.parse_args()
+    out = pathlib.Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    path = pathlib.Path(a.json)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    protocol = {"requests": a.requests, "beam": a.beam, "overrides": a.set}
+    if results and any(results.get(k) != v for k, v in protocol.items()):
+        raise SystemExit(f"{path} holds another protocol; give another --json")
+    results.update(protocol, config="onerec_jax/configs/onemall_tiny.py")
+    results.setdefault("per_seed", {})
+    for seed in a.seeds:
+        log = out / f"s{seed}.log"
+        base = out / f"s{seed}_unified"
+        row = results["per_seed"].setdefault(str(seed), {})
+        for arm in ["unified", *[x for x in a.arms if x != "unified"]]:
+            work = out / f"s{seed}_{arm}"
+            shared = [] if arm == "unified" else [f"tokenizer_dir={base / 'tokenizer'}"]
+            train(work, [f"seed={seed}", *shared, *ARMS[arm], *a.set], log)
+            scens = [arm] if arm in SCENARIOS else list(SCENARIOS)
+            row[arm] = {}
+            for scen in scens:
+                ev = evaluate(work, scen, a, log)
+                row[arm][scen] = {k: ev[k] for k in (*KEYS, "engagement@10", "n_requests")}
+            print(seed, arm, json.dumps(row[arm]), flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(table(results, a.arms))
+
+
+if __name__ == "__main__":
+    main()
