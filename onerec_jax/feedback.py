@@ -1,6 +1,7 @@
 """Logged feedback as labels and as a reward: what a source logged about each target exposure
 (the played share of the video, like, follow, comment, share, dislike), and the one number the
-world's reward weights make of them. The reward model learns these labels
+world's reward weights make of them; on the e-commerce world the labels are the funnel's
+click, add-to-cart and order (`MALL_LABELS`). The reward model learns these labels
 (onerec_jax/rl/reward_model.py); `reward=logged` alignment and every evaluation's
 `logged_reward@K` score recommendations with them."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from onerec_jax.data import schema
+from onerec_jax.data.mall_config import MALL_REWARD_WEIGHTS
 from onerec_jax.data.world_config import REWARD_WEIGHTS
 
 LABELS = ("play_frac", "like", "follow", "comment", "share", "dislike")
@@ -20,6 +22,17 @@ _BITS = {
     "dislike": schema.DISLIKE,
 }
 WEIGHTS = np.asarray([REWARD_WEIGHTS[k] for k in LABELS], np.float32)
+# E-commerce: each exposure's click, add-to-cart and order (each only after the one before).
+MALL_LABELS = ("click", "cart", "order")
+MALL_WEIGHTS = np.asarray([MALL_REWARD_WEIGHTS[k] for k in MALL_LABELS], np.float32)
+_MALL_BITS = (schema.CLICK, schema.CART, schema.ORDER)
+
+
+def mall_labels(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Label targets [B, M, 3] (click, cart, order) of a batch's target exposures, all known."""
+    flags = batch["target_flags"].astype(np.int64)
+    y = np.stack([((flags & bit) != 0) for bit in _MALL_BITS], -1).astype(np.float32)
+    return y, np.ones(y.shape, bool)
 
 
 def labels(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

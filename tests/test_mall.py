@@ -193,3 +193,58 @@ def test_one_scenarios_requests():
     assert sizes == full.n_distinct
     with pytest.raises(ValueError, match="unknown scenario 'shop'"):
         open_source("world:mall-tiny:shop")
+
+
+def test_ranking_model_chains_the_funnel_and_fits_it_in_full_space():
+    import jax.numpy as jnp
+
+    from onerec_jax.feedback import mall_labels
+    from onerec_jax.rl import reward_model as rm
+
+    logits = jnp.asarray([[0.3, -1.2, 2.0], [-4.0, 0.5, -0.7]])
+    p = np.asarray(rm.probabilities(logits, "mall"))
+    s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+    np.testing.assert_allclose(p, np.cumprod(s, -1), rtol=1e-6)
+    assert (np.diff(p, axis=-1) <= 0).all()  # P(order) <= P(cart) <= P(click)
+    y = np.asarray([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    want = -(y * np.log(np.cumprod(s, -1)) + (1 - y) * np.log(1 - np.cumprod(s, -1)))
+    np.testing.assert_allclose(np.asarray(rm._chained_bce(logits, jnp.asarray(y))), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(rm.fused(logits[0], "mall")), float(p[0] @ np.asarray([1.0, 3.0, 10.0])), rtol=1e-6
+    )
+    flags = np.asarray([[schema.CLICK, schema.CLICK | schema.CART | schema.ORDER, 0]], np.uint8)
+    lab, known = mall_labels({"target_flags": flags})
+    np.testing.assert_array_equal(lab[0], [[1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    assert known.all()
+
+
+@pytest.mark.slow
+def test_onemall_end_to_end(tmp_path):
+    """Pre-train the OneMall config briefly, fit the ranking model, align against it, then
+    evaluate per scenario: every command of the README's OneMall section works together."""
+    import json
+    import subprocess
+    import sys
+
+    def onerec(*args):
+        out = subprocess.run(
+            [sys.executable, "-m", "onerec_jax.cli", *args], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    run, rmdir, al = tmp_path / "run", tmp_path / "rm", tmp_path / "al"
+    small = ["--config.steps=30", "--config.eval_every=0", "--config.batch_size=16"]
+    onerec("train", "--config", "onemall_tiny", "--workdir", str(run), *small)
+    meta = onerec("reward-model", "--init", str(run), "--out", str(rmdir), "--steps", "20")
+    assert {"auc/order/live", "auc_true_probability/order"} <= set(meta["eval"])
+    summary = onerec(
+        *("align", "--method", "ecpo", "--init", str(run), "--workdir", str(al)),
+        *("--config.reward=model", f"--config.reward_model={rmdir}", "--config.steps=4"),
+        *("--config.eval_requests=32", "--config.eval_beam=8"),
+    )
+    assert "reward_model@10" in summary["after"] and "orders@10" in summary["after"]
+    ev = onerec("eval", "--workdir", str(al), "--scenario", "live", "--max-requests", "16",
+                "--beam", "8", "--json")  # fmt: skip
+    assert ev["scenario"] == "live" and set(ev["scenarios"]) == {"live"}
+    assert ev["scenarios"]["live"]["n_requests"] == 16

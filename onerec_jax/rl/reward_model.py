@@ -7,7 +7,17 @@ Their concatenation and product go through an MLP to one logit per label:
     play_frac   the played share of the video, min(play / duration, 1) (a soft label)
     like, follow, comment, share, dislike   the flags of the logged exposure
 
-trained with binary cross-entropy on the target exposures of the training split. The fused
+trained with binary cross-entropy on the target exposures of the training split.
+
+On the e-commerce world (`tasks="mall"`) it is OneMall's multi-task ranking model: three chained
+heads give P(click), P(cart | click) and P(order | cart), whose products P(cart) and P(order)
+are fit on every exposure (ESMM's full-space training: no selection bias from fitting the
+conditional rates on clicked items only); AUC is reported per task and per scenario, GMV is
+price x P(order), and the fused score weighs P(click), P(cart), P(order) as the e-commerce
+world's true reward does (MALL_REWARD_WEIGHTS). A product the request's scenario cannot show
+scores 0, as it earns 0 in the world.
+
+The fused
 score is the labels' probabilities weighted as the world's true reward weighs the true
 probabilities (REWARD_WEIGHTS), so on the world the two are on one scale and comparable.
 `evaluate` reports per-label AUC and calibration (mean prediction / mean label) on held-out
@@ -27,15 +37,29 @@ import numpy as np
 import optax
 
 from onerec_jax.data import schema
-from onerec_jax.feedback import LABELS, WEIGHTS, labels
+from onerec_jax.feedback import LABELS, MALL_LABELS, MALL_WEIGHTS, WEIGHTS, labels, mall_labels
 from onerec_jax.model.layers import Dense
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
+
+TASKS = {"video": (LABELS, WEIGHTS, labels), "mall": (MALL_LABELS, MALL_WEIGHTS, mall_labels)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PScoreConfig:
     encoder: EncoderConfig
     hidden: int = 128
+    tasks: str = "video"  # "video" (P-Score labels) | "mall" (click -> cart -> order)
+
+
+def tasks_of(run: Any) -> str:
+    """The label set a run's source logs: the e-commerce funnel or the video labels."""
+    return "mall" if str(run.cfg.source).startswith("world:mall-") else "video"
+
+
+def probabilities(logits: jax.Array, tasks: str) -> jax.Array:
+    """Each label's probability: sigmoids, chained along the funnel for "mall"."""
+    p = jax.nn.sigmoid(logits.astype(jnp.float32))
+    return jnp.cumprod(p, axis=-1) if tasks == "mall" else p
 
 
 class PScore(nn.Module):
@@ -54,13 +78,22 @@ class PScore(nn.Module):
         h = jnp.concatenate([u_BxNxD, v_BxNxD, u_BxNxD * v_BxNxD], -1)
         for i in range(2):  # two hidden layers, not a loop over tokens
             h = nn.gelu(Dense(c.hidden, ("embed", "mlp"), use_bias=True, name=f"mlp_{i}")(h))
-        return Dense(len(LABELS), ("mlp", None), use_bias=True, name="out")(h)
+        n_labels = len(TASKS[c.tasks][0])
+        return Dense(n_labels, ("mlp", None), use_bias=True, name="out")(h)
 
 
-def fused(logits: jax.Array) -> jax.Array:
+def fused(logits: jax.Array, tasks: str = "video") -> jax.Array:
     """The P-Score: the labels' probabilities weighted as the world's reward weighs them."""
-    w = jnp.asarray(WEIGHTS).reshape((1,) * (logits.ndim - 1) + (-1,))
-    return jnp.sum(jax.nn.sigmoid(logits.astype(jnp.float32)) * w, -1)
+    w = jnp.asarray(TASKS[tasks][1]).reshape((1,) * (logits.ndim - 1) + (-1,))
+    return jnp.sum(probabilities(logits, tasks) * w, -1)
+
+
+def _chained_bce(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Binary cross-entropy of the chained probabilities p_j = prod_{i <= j} sigmoid(l_i),
+    in log space: log p_j = sum log_sigmoid(l_i); log(1 - p_j) = log(-expm1(log p_j))."""
+    log_p = jnp.cumsum(jax.nn.log_sigmoid(logits), axis=-1)
+    log_q = jnp.log(-jnp.expm1(jnp.minimum(log_p, -1e-7)))
+    return -(y * log_p + (1.0 - y) * log_q)
 
 
 def loss(
@@ -69,7 +102,10 @@ def loss(
     """Mean binary cross-entropy over the valid target exposures' known labels."""
     inputs = {k: v for k, v in batch.items() if not k.startswith("target_")}
     logits = model.apply({"params": params}, inputs, batch["target_item"]).astype(jnp.float32)
-    bce = optax.sigmoid_binary_cross_entropy(logits, y_BxMx6)
+    if model.cfg.tasks == "mall":
+        bce = _chained_bce(logits, y_BxMx6)
+    else:
+        bce = optax.sigmoid_binary_cross_entropy(logits, y_BxMx6)
     w = (batch["target_mask"][..., None] & known_BxMx6).astype(jnp.float32)
     return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -124,7 +160,7 @@ def make_scorer(model: PScore):
 
     @jax.jit
     def score(params: Any, batch: dict, items: jax.Array) -> jax.Array:
-        return fused(model.apply({"params": params}, _inputs(batch), items))
+        return fused(model.apply({"params": params}, _inputs(batch), items), model.cfg.tasks)
 
     return score
 
@@ -135,7 +171,8 @@ def train(
     """Fit a P-Score on the run's training split; returns (model, params, losses per step)."""
     from onerec_jax.data import pipeline
 
-    model = PScore(PScoreConfig(encoder_of(run)))
+    tasks = tasks_of(run)
+    model = PScore(PScoreConfig(encoder_of(run), tasks=tasks))
     ds = pipeline.make_dataset(
         run.source, run.spec, pipeline.PipelineConfig(batch_size=batch_size, seed=seed)
     )
@@ -157,7 +194,7 @@ def train(
     host = first
     for i in range(steps):
         batch = {k: jnp.asarray(v) for k, v in host.items() if k not in ("user_id", "request_ts")}
-        y, known = labels(host)
+        y, known = TASKS[tasks][2](host)
         params, opt, value = step(params, opt, batch, jnp.asarray(y), jnp.asarray(known))
         history.append(float(value))
         if progress is not None:
@@ -176,22 +213,23 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
 
     src = open_source(run.cfg.source, seed=source_seed(run.cfg), split="validation")
     n = min(n_requests, len(src)) if src.kind != "world" else n_requests
-    raw = schema.build_batch(
-        src.raw_batch(np.arange(n), run.spec.history_window, run.spec), run.spec
-    )
+    ragged = src.raw_batch(np.arange(n), run.spec.history_window, run.spec)
+    raw = schema.build_batch(ragged, run.spec)
     score = make_scorer(model)
     x = {k: jnp.asarray(v) for k, v in _inputs(raw).items()}
-    logits = np.asarray(model.apply({"params": params}, x, jnp.asarray(raw["target_item"])))
+    logits = model.apply({"params": params}, x, jnp.asarray(raw["target_item"]))
+    tasks = model.cfg.tasks
+    names, _, labels_of = TASKS[tasks]
     valid = raw["target_mask"]
-    y_all, known_all = labels(raw)
+    y_all, known_all = labels_of(raw)
     y, known = y_all[valid], known_all[valid]
-    p = 1.0 / (1.0 + np.exp(-logits[valid]))
+    p = np.asarray(probabilities(logits, tasks))[valid]
     out: dict[str, Any] = {"requests": int(n), "exposures": int(valid.sum())}
     # A label the source does not log (MovieLens: play time, follow, comment, share) has no
     # AUC or calibration: it is named in `labels_without_signal`, not reported as NaN (which
     # is not JSON).
     out["labels_without_signal"] = []
-    for j, name in enumerate(LABELS):
+    for j, name in enumerate(names):
         k = known[:, j]
         target = y[k, j] >= 0.5 if name == "play_frac" else y[k, j] > 0
         a = auc(p[k, j], target)
@@ -200,6 +238,19 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
             continue
         out[f"auc/{name}"] = a
         out[f"calibration/{name}"] = float(p[k, j].mean() / y[k, j].mean())
+    if "scenario" in ragged:  # e-commerce: every task's AUC in every scenario
+        scen = np.broadcast_to(np.asarray(ragged["scenario"])[:, None], valid.shape)[valid]
+        # The ceiling: the world's exact probabilities of the same exposures, ranked alike.
+        e = src.true_engagement(
+            raw["user_id"], raw["request_ts"], np.maximum(raw["target_item"], 1)
+        )
+        for j, name in enumerate(names):
+            out[f"auc_true_probability/{name}"] = auc(e[name][valid], y[:, j] > 0)
+        for i, sname in enumerate(schema.SCENARIOS, start=1):
+            for j, name in enumerate(names):
+                a = auc(p[scen == i, j], y[scen == i, j] > 0)
+                if np.isfinite(a):
+                    out[f"auc/{name}/{sname}"] = a
     if src.kind == "world":
         items = np.where(valid, raw["target_item"], 0)
         s_logged = np.asarray(score(params, x, jnp.asarray(np.maximum(items, 1))))
@@ -222,7 +273,11 @@ def save(directory: Any, model: PScore, params: Any, meta: dict) -> None:
     from onerec_jax.atomic import write_atomic
 
     d = pathlib.Path(directory)
-    cfg = {"encoder": dataclasses.asdict(model.cfg.encoder), "hidden": model.cfg.hidden}
+    cfg = {
+        "encoder": dataclasses.asdict(model.cfg.encoder),
+        "hidden": model.cfg.hidden,
+        "tasks": model.cfg.tasks,
+    }
     write_atomic(d / "params.msgpack", serialization.to_bytes(params))
     write_atomic(d / "reward_model.json", json.dumps({"config": cfg, **meta}, indent=2))
 
@@ -240,10 +295,15 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
         raise FileNotFoundError(f"{d}: no reward model here (reward_model.json missing)")
     meta = json.loads(meta_path.read_text())
     enc = meta["config"]["encoder"]
-    model = PScore(PScoreConfig(EncoderConfig(**enc), meta["config"]["hidden"]))
+    tasks = meta["config"].get("tasks", "video")  # models saved before the field: video
+    model = PScore(PScoreConfig(EncoderConfig(**enc), meta["config"]["hidden"], tasks))
     ids = jnp.zeros((1, 1), jnp.int32)
     spec = schema.SchemaSpec(
-        short_len=enc["short_len"], pos_len=enc["pos_len"], life_len=enc["life_len"]
+        short_len=enc["short_len"],
+        pos_len=enc["pos_len"],
+        life_len=enc["life_len"],
+        scenarios=enc.get("n_scenarios", 0) > 0,
+        **{f"{b}_len": enc.get(f"{b}_len", 0) for b in schema.BEHAVIOURS},
     )
     x = _inputs({k: np.zeros((1, *shape), dt) for k, (shape, dt) in spec.shapes().items()})
     target = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, ids))["params"]
@@ -272,9 +332,13 @@ def scorer_for(directory: str, run: Any):
         )
     score = make_scorer(model)
 
+    shown_in = getattr(run.source, "shown_in", None)
+
     def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
         batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
         s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
+        if shown_in is not None and "scenario" in host:  # what a scenario cannot show earns 0
+            s = np.where(shown_in(host["scenario"], np.maximum(items, 1)), s, 0.0)
         return np.where(items > 0, s, np.nan)
 
     return rm_score
