@@ -38,6 +38,9 @@ import sys
 import numpy as np
 from scipy import stats
 
+# The unified model's config: `onerec train --config experiments/onemall_world.py` trains it.
+from onerec_jax.configs.onemall_tiny import get_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ONEREC = [sys.executable, "-m", "onerec_jax.cli"]
 SCENARIOS = ("card", "video", "live")
@@ -51,6 +54,7 @@ ARMS = {
     "concat": ["model.v1.encoder.behaviour_fusion=concat"],
     "unified_rl": [],  # aligned from the unified run (`align`)
 }
+__all__ = ["get_config", "main"]
 DEFAULT_ARMS = ("unified", "card", "video", "live", "merged", "unified_rl")
 RM_ARGS = ["--steps", "300", "--batch-size", "64", "--eval-requests", "1024"]
 ALIGN = ["steps=60", "batch_size=16", "group=16", "learning_rate=3e-4", "eval_requests=256"]

@@ -245,10 +245,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if key in cfg and cfg[key] < low:
             raise ConfigError(f"config field {key} must be >= {low}, got {cfg[key]}")
     data = cfg.get("data", {})
-    if data.get("scenarios") and not str(cfg.get("source", "")).startswith("world:mall-"):
+    src = str(cfg.get("source", ""))
+    if data.get("scenarios") and not src.startswith(("world:mall-", "parquet:", "csv:")):
         raise ConfigError(
             "config field data.scenarios needs an e-commerce source (world:mall-tiny, "
-            f"world:mall-small); source {cfg.get('source')!r} has no scenarios"
+            f"world:mall-small, or a user log with a scenario column); source {src!r} has "
+            "no scenarios"
         )
     for name in ("click_len", "cart_len", "order_len"):
         if data.get(name, 0) < 0:

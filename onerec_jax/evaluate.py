@@ -138,7 +138,8 @@ def evaluate_run(
         # Session-wise models: the items of the sessions, best session first.
         items = np.asarray(out["sessions" if "sessions" in out else "items"])[: len(idx)]
         items = items.reshape(len(idx), -1)
-        shown = src.shown_in(raw["scenario"], items) if "scenario" in raw else None
+        mall = "scenario" in raw and src.kind == "world"  # the e-commerce world
+        shown = src.shown_in(raw["scenario"], items) if mall else None
         top = _drop_seen(items, ev.seen_items(src, idx, protocol), max(ev.KS), shown)
         ranked.append(top)
         targets.append(b["target_item"])
@@ -148,6 +149,7 @@ def evaluate_run(
             scored.append(scorer(b, top))
         if "scenario" in raw:
             scen_rows.append(np.asarray(raw["scenario"]))
+        if mall:
             e = src.true_engagement(b["user_id"], b["request_ts"], np.maximum(top, 1))
             funnel.append({f: np.where(top > 0, e[f], 0.0) for f in ("order", "gmv")})
         if src.kind == "world":  # the generator knows the expected reward of any item

@@ -248,3 +248,43 @@ def test_onemall_end_to_end(tmp_path):
                 "--beam", "8", "--json")  # fmt: skip
     assert ev["scenario"] == "live" and set(ev["scenarios"]) == {"live"}
     assert ev["scenarios"]["live"]["n_requests"] == 16
+
+
+def test_user_log_with_scenario_and_behaviour(tmp_path):
+    """A Parquet log may carry `scenario` and `behaviour` (or click/cart/order columns): they
+    become the events' scenario and funnel flags, requests take their target's scenario, and
+    a bad value is one error naming the column and row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from onerec_jax.data import logs
+    from onerec_jax.data.events import LogSource
+
+    rows = {
+        "user_id": [1, 1, 1, 1, 2, 2, 2],
+        "item_id": [10, 11, 12, 13, 10, 12, 14],
+        "timestamp": [1, 2, 3, 4, 1, 2, 3],
+        "behaviour": ["click", None, "order", "cart", "exposure", "cart", "click"],
+        "scenario": ["live", "card", 3, "video", None, "card", "live"],
+    }
+    rows["scenario"] = [None if v is None else str(v) for v in rows["scenario"]]
+    path = tmp_path / "shop.parquet"
+    pq.write_table(pa.table(rows), path)
+    log = logs.load(path)
+    want_flags = [32, 0, 224, 96, 0, 96, 32]
+    np.testing.assert_array_equal(log.flags, want_flags)
+    np.testing.assert_array_equal(log.scenario, [3, 1, 3, 2, 0, 1, 3])
+    test = LogSource(log, "test")
+    raw = test.raw_batch(np.arange(len(test)))
+    np.testing.assert_array_equal(raw["scenario"], [2, 3])  # each user's last event's scenario
+    b = schema.build_batch(raw, SPEC)
+    np.testing.assert_array_equal(b["order_item"][0][b["order_mask"][0]], [3])  # dense id of 12
+    # Written back, the same log reads again.
+    logs.write(tmp_path / "again.parquet", log)
+    again = logs.load(tmp_path / "again.parquet")
+    np.testing.assert_array_equal(again.flags, log.flags)
+    np.testing.assert_array_equal(again.scenario, log.scenario)
+    rows["behaviour"][2] = "bought"
+    pq.write_table(pa.table(rows), path)
+    with pytest.raises(logs.LogFormatError, match=r"column 'behaviour' row 2: 'bought'"):
+        logs.load(path)

@@ -45,6 +45,7 @@ class EventLog:
     user_raw: np.ndarray  # raw user id of dense user u at [u] (index 0 unused)
     item_raw: np.ndarray  # raw item id of dense item i at [i]
     item_text: list[str] | None = None  # per dense item, for content embeddings (index 0 "")
+    scenario: np.ndarray | None = None  # uint8 [N]: e-commerce scenario 1..3, 0 unknown; or None
 
     @property
     def n_users(self) -> int:
@@ -73,6 +74,7 @@ class EventLog:
         static_by_raw_user: dict | None = None,
         items_raw: np.ndarray | None = None,
         item_text_by_raw: dict | None = None,
+        scenario: np.ndarray | None = None,
     ) -> EventLog:
         """Build a log from raw columns (any order, any hashable raw ids).
 
@@ -83,6 +85,7 @@ class EventLog:
             of a numpy masked array: unknown, 0).
           static_by_raw_user: raw user id -> 4 static categorical ids (0 unknown).
           item_text_by_raw: raw item id -> text for the tokenizer.
+          scenario: per event, the e-commerce scenario (1..3 as schema.SCENARIOS; 0 unknown).
         """
         n = len(item)
         user_raw, user_dense = np.unique(np.asarray(user), return_inverse=True)
@@ -141,6 +144,7 @@ class EventLog:
             user_raw=np.concatenate([[user_raw[0]], user_raw]),
             item_raw=np.concatenate([[item_raw[0]], item_raw]),
             item_text=text,
+            scenario=None if scenario is None else _column(scenario, order, np.uint8, 0),
         )
 
 
@@ -263,6 +267,9 @@ class LogSource:
             "hist_offsets": schema.offsets_of(t0 - h0),
             "target_offsets": schema.offsets_of(t1 - t0),
         }
+        if log.scenario is not None:  # e-commerce log: the request's scenario is its target's
+            cols["scenario"] = log.scenario
+            out["scenario"] = log.scenario[t0]
         out.update({f"hist_{f}": c[hist] for f, c in cols.items()})
         out.update({f"target_{f}": cols[f][tgt] for f in schema.TARGET_FIELDS})
         return out

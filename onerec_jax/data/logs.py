@@ -9,6 +9,12 @@ Columns (names are exact; extra columns are ignored):
   play_time_ms  optional  number >= 0 (empty/null: unknown)
   duration_ms   optional  number >= 0 (empty/null: unknown)
   like, follow, comment, share, dislike   optional  0/1 or boolean (empty/null: 0)
+  click, cart, order      optional  0/1 or boolean (empty/null: 0): e-commerce behaviours
+  behaviour               optional  the deepest e-commerce behaviour of the exposure, one of
+                          exposure, click, cart, order (each implies the ones before it;
+                          empty/null: exposure)
+  scenario                optional  card, video or live, or 1, 2, 3 (empty/null: unknown): where
+                          the product was shown; a request's scenario is its target's
   author_id, tag          optional  integer or string (empty/null: unknown)
 Rows need not be sorted: events are ordered by (user, timestamp, item id) on load. Any problem gives
 one `LogFormatError` naming the file, the column and the first bad row (0-based data row).
@@ -37,8 +43,18 @@ FLAGS = {
     "comment": schema.COMMENT,
     "share": schema.SHARE,
     "dislike": schema.DISLIKE,
+    "click": schema.CLICK,
+    "cart": schema.CART,
+    "order": schema.ORDER,
 }
 IDS = ("author_id", "tag")
+# `behaviour`: the deepest step of the funnel, and the flag bits it implies.
+BEHAVIOUR_BITS = {
+    "exposure": 0,
+    "click": schema.CLICK,
+    "cart": schema.CLICK | schema.CART,
+    "order": schema.CLICK | schema.CART | schema.ORDER,
+}
 
 
 class LogFormatError(ValueError):
@@ -187,6 +203,26 @@ def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) 
     raise _fail(path, f"column {name!r}: expected integer or string ids, got {col.type}")
 
 
+def _categories(
+    path: os.PathLike, table: pa.Table, name: str, values: dict[str, int], numbered: bool = False
+) -> np.ndarray:
+    """A categorical column as the codes of `values` (nulls: 0); with `numbered`, the codes
+    themselves (1..n) are accepted too. The first unknown value is one error naming its row."""
+    raw = table.column(name).to_pylist()
+    allowed = dict(values)
+    if numbered:
+        allowed.update({str(v): v for v in values.values()})
+    out = np.zeros(len(raw), np.int64)
+    for i, v in enumerate(raw):
+        if v is None or v == "":
+            continue
+        key = str(int(v)) if numbered and isinstance(v, int | float) and v == int(v) else str(v)
+        if key not in allowed:
+            raise _fail(path, f"column {name!r} row {i}: {v!r} is not one of {sorted(allowed)}")
+        out[i] = allowed[key]
+    return out
+
+
 def load(path: os.PathLike) -> EventLog:
     """Validate and load a user log (see the module docstring for the columns)."""
     try:
@@ -227,6 +263,11 @@ def _load(path: os.PathLike) -> EventLog:
                 i = int(np.argmax(bad))
                 raise _fail(path, f"column {name!r} row {i}: expected 0 or 1, got {v[i]}")
             flags |= (v.astype(np.uint8) * bit).astype(np.uint8)
+    if "behaviour" in table.column_names:
+        flags |= _categories(path, table, "behaviour", BEHAVIOUR_BITS).astype(np.uint8)
+    if "scenario" in table.column_names:
+        names = {n: i for i, n in enumerate(schema.SCENARIOS, start=1)}
+        extra["scenario"] = _categories(path, table, "scenario", names, numbered=True)
     for name in IDS:
         if name in table.column_names:
             extra["author" if name == "author_id" else "tag"] = _ids(
@@ -255,6 +296,9 @@ def write(path: os.PathLike, log: EventLog) -> None:
     for name, bit in FLAGS.items():
         cols[name] = ((log.flags & bit) != 0).astype(np.int8)
     # Dense author/tag ids are written as they are; 0 (unknown) becomes null.
+    if log.scenario is not None:
+        names = np.asarray(["", *schema.SCENARIOS], dtype=object)
+        cols["scenario"] = pa.array(names[log.scenario], mask=log.scenario == 0)
     cols["author_id"] = pa.array(log.author, mask=log.author == 0)
     cols["tag"] = pa.array(log.tag, mask=log.tag == 0)
     for name in ("play_time_ms", "duration_ms"):
