@@ -12,6 +12,14 @@ and the pairs of a held-out share of users measure co-occurrence neighbour recal
 pair (a, b), is b among the `recall_k` nearest items of a by cosine? The fused embedding that the
 quantiser sees is [sqrt(w) * content, sqrt(1 - w) * aligned], both unit-normalised,
 w = `content_weight`.
+
+On e-commerce sources (the funnel's flags present) the pairs are, by default (`pairs="auto"`),
+co-cart / co-purchase pairs: products a user added to the cart or ordered within `window` of
+each other among the user's carted products, whatever scenario each was shown in - so products
+bought together across product cards, short videos and live streams end up close (OneMall's
+tokenizer). The report then also gives the neighbour recall of held-out users' co-purchase
+pairs (`neighbour_recall_copurchase_*`), whichever pairs were trained on, so the two choices
+can be compared on the same pairs.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ class EmbedConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     window: int = 3  # pair items within this many positions in a user's history
+    # Which consumed items pair up: "positive" (strongly positive events), "purchase" (carted
+    # or ordered products: co-cart / co-purchase), "auto" (purchase where the source logs carts)
+    pairs: str = "auto"
     max_pairs: int = 2_000_000
     world_examples: int = 20_000  # world: training requests whose histories give the pairs
     holdout: float = 0.1  # share of pairs kept out of training to measure neighbour recall
@@ -55,6 +66,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.content not in ("auto", "minilm", "world", "none"):
             raise ValueError(f"EmbedConfig.content: unknown {self.content!r}")
+        if self.pairs not in ("auto", "positive", "purchase"):
+            raise ValueError(f"EmbedConfig.pairs: unknown {self.pairs!r}")
         if not 0.0 <= self.content_weight <= 1.0 or not 0.0 < self.holdout < 1.0:
             raise ValueError("EmbedConfig: content_weight in [0, 1] and holdout in (0, 1)")
 
@@ -85,9 +98,18 @@ def content_features(source: Any, mode: str = "auto", progress: bool = True) -> 
     return np.concatenate([np.zeros((1, x.shape[1]), np.float32), _unit(x)])
 
 
-def co_occurrence_pairs(source: Any, cfg: EmbedConfig) -> tuple[np.ndarray, np.ndarray]:
+def has_funnel(source: Any) -> bool:
+    """Whether a source logs the e-commerce funnel (add-to-cart, orders)."""
+    if source.kind == "world":
+        return hasattr(source, "shown_in")
+    return bool((np.asarray(source.log.flags) & schema.CART).any())
+
+
+def co_occurrence_pairs(
+    source: Any, cfg: EmbedConfig, kind: str = "positive"
+) -> tuple[np.ndarray, np.ndarray]:
     """Item pairs [P, 2] consumed within `window` positions by one user, from training events
-    only, and the user [P] of each pair."""
+    only, and the user [P] of each pair; `kind="purchase"`: carted or ordered products only."""
     if source.kind == "world":
         n = min(cfg.world_examples, len(source))
         h = hashing.hash_u64(cfg.seed, 77, np.arange(n))
@@ -96,6 +118,8 @@ def co_occurrence_pairs(source: Any, cfg: EmbedConfig) -> tuple[np.ndarray, np.n
         keep = schema.is_positive(
             raw["hist_flags"], raw["hist_play_ms"], raw["hist_dur_ms"], schema.SchemaSpec()
         )
+        if kind == "purchase":
+            keep = (raw["hist_flags"] & schema.CART) != 0
         counts = np.diff(raw["hist_offsets"])
         seq = np.repeat(np.arange(n), counts)  # one request's history is one sequence
         user = np.repeat(np.asarray(raw["user_id"], np.int64), counts)
@@ -108,6 +132,8 @@ def co_occurrence_pairs(source: Any, cfg: EmbedConfig) -> tuple[np.ndarray, np.n
         pos = schema.ranges(starts, n_ev - held)
         seq = np.repeat(np.arange(1, len(n_ev) + 1), n_ev - held)
         liked = (log.flags[pos] & schema.DISLIKE) == 0  # a disliked item was not consumed
+        if kind == "purchase":
+            liked = (log.flags[pos] & schema.CART) != 0
         items, seq = log.item[pos][liked], seq[liked]
         user = seq
     pairs, users = [], []
@@ -185,7 +211,10 @@ def item_embeddings(
         if content is None:
             raise ValueError("no content features and align=False: nothing to embed")
         return content, report
-    pairs, users = co_occurrence_pairs(source, cfg)
+    funnel = has_funnel(source)
+    kind = cfg.pairs if cfg.pairs != "auto" else ("purchase" if funnel else "positive")
+    report["pairs"] = kind
+    pairs, users = co_occurrence_pairs(source, cfg, kind)
     # Hold out whole users: their pairs measure whether items that new users consume together
     # end up close. Many of those item pairs were also seen in training (popular combinations
     # recur); `unseen` restricts to pairs that never co-occur in training, which only
@@ -281,4 +310,13 @@ def item_embeddings(
         neighbour_recall_unseen_aligned=neighbour_recall(aligned, unseen, k),
         neighbour_recall_unseen_fused=neighbour_recall(fused, unseen, k),
     )
+    if funnel:  # held-out users' co-purchase pairs, whichever pairs were trained on
+        bought, who = co_occurrence_pairs(source, cfg, "purchase")
+        held = bought[hashing.unit53(hashing.hash_u64(cfg.seed, 79, who)) < cfg.holdout]
+        pick = np.argsort(hashing.hash_u64(cfg.seed, 81, np.arange(len(held))))
+        held = held[np.sort(pick[: cfg.eval_pairs])]
+        report["pairs_copurchase_heldout"] = len(held)
+        for name, e in (("content", content), ("aligned", aligned), ("fused", fused)):
+            value = None if e is None else neighbour_recall(e, held, k)
+            report[f"neighbour_recall_copurchase_{name}"] = value
     return fused.astype(np.float32), report
