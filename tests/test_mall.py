@@ -288,3 +288,31 @@ def test_user_log_with_scenario_and_behaviour(tmp_path):
     pq.write_table(pa.table(rows), path)
     with pytest.raises(logs.LogFormatError, match=r"column 'behaviour' row 2: 'bought'"):
         logs.load(path)
+
+
+def test_tokenizer_pairs_products_bought_together(world):
+    """On the e-commerce world the tokenizer's pairs are co-cart / co-purchase pairs by
+    default: both products of every pair were carted by the pair's user."""
+    from onerec_jax.tokenizer import embed
+
+    train = open_source("world:mall-tiny", split="train")
+    cfg = embed.EmbedConfig(world_examples=300, window=2)
+    assert embed.has_funnel(train) and not embed.has_funnel(open_source("world:tiny"))
+    bought, users = embed.co_occurrence_pairs(train, cfg, "purchase")
+    clicked, _ = embed.co_occurrence_pairs(train, cfg, "positive")
+    assert 0 < len(bought) < len(clicked)
+    # Rebuild the same histories and check each pair against the user's carted products.
+    import numpy.testing as npt
+
+    from onerec_jax.data import hashing
+
+    idx = np.asarray(hashing.hash_u64(cfg.seed, 77, np.arange(300)) % np.uint64(len(train)))
+    raw = train.raw_batch(idx.astype(np.int64), max_events=64)
+    carted = {}
+    user_of = np.repeat(raw["user_id"], np.diff(raw["hist_offsets"]))
+    for u, item, f in zip(user_of, raw["hist_item"], raw["hist_flags"], strict=True):
+        if f & schema.CART:
+            carted.setdefault(int(u), set()).add(int(item))
+    for (a, b), u in zip(bought[:500], users[:500], strict=True):
+        assert {int(a), int(b)} <= carted[int(u)]
+    npt.assert_array_equal(bought[:, 0] != bought[:, 1], True)
