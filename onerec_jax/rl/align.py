@@ -193,6 +193,11 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
             f"{init_dir}: reward 'true' needs a world source (the world knows each item's "
             f"expected reward); this run's source is {run.cfg.source}"
         )
+    if acfg.advantage == "duration" and hasattr(run.source, "shown_in"):
+        raise ValueError(
+            f"{init_dir}: advantage 'duration' shapes by play time, which the e-commerce world "
+            f"({run.cfg.source}) does not have; use advantage 'group'"
+        )
     cfg = ml_collections.ConfigDict(run.cfg.to_dict())
     cfg.tokenizer_dir = str(state_lib.table_dir(run.cfg, init_dir).resolve())
     cfg.steps = acfg.steps
