@@ -23,8 +23,9 @@ Every arm shares the unified run's semantic-id table, so differences are not tok
 Each model is evaluated on each scenario's first `--requests` test requests (`onerec eval
 --scenario`, the same requests for every arm), and the table reports mean ± 95 % t-interval
 over seeds and the paired differences against the unified model. Finished runs and
-evaluations are read back (only when made with the settings asked for), so an interrupted run
-continues where it stopped.
+evaluations are read back (a training run only when made with the config asked for, an
+evaluation only of the run's newest step; the results JSON refuses another protocol, ranking
+model or alignment setting), so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def evaluate(work: pathlib.Path, scenario: str, a: argparse.Namespace, log: path
     from onerec_jax.evaluate import eval_path
 
     saved = eval_path(work, "test", a.requests, a.beam, scenario)
-    if not saved.exists():
+    summary = json.loads((work / "summary.json").read_text())
+    step = summary.get("step", summary.get("steps"))  # a training run's, an alignment's
+    if not saved.exists() or json.loads(saved.read_text()).get("step") != step:
         _onerec(
             [
                 *("eval", "--workdir", str(work), "--split", "test", "--scenario", scenario),
@@ -173,7 +176,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = pathlib.Path(a.json)
     results = json.loads(path.read_text()) if path.exists() else {}
-    protocol = {"requests": a.requests, "beam": a.beam, "overrides": a.set}
+    protocol = {
+        "requests": a.requests,
+        "beam": a.beam,
+        "overrides": a.set,
+        "ranking_model": RM_ARGS,
+        "align": ALIGN,
+    }
     if results and any(results.get(k) != v for k, v in protocol.items()):
         raise SystemExit(f"{path} holds another protocol; give another --json")
     results.update(protocol, config="onerec_jax/configs/onemall_tiny.py")

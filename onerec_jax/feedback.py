@@ -51,9 +51,12 @@ def labels(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def logged_value(batch: dict[str, np.ndarray]) -> np.ndarray:
     """The fused score of each logged target exposure's own feedback [B, M] (REWARD_WEIGHTS x
-    its labels, the ones the source logs; 0 at padding): the P-Score's target, as logged."""
+    its labels, the ones the source logs; 0 at padding): the P-Score's target, as logged. An
+    e-commerce exposure's click, cart and order count with MALL_REWARD_WEIGHTS (a source sets
+    either the video labels or the funnel's, so the two sums never mix)."""
     y, known = labels(batch)
     v = np.sum(np.where(known, y, 0.0) * WEIGHTS, -1)
+    v = v + np.sum(mall_labels(batch)[0] * MALL_WEIGHTS, -1)
     return np.where(batch["target_mask"], v, 0.0).astype(np.float32)
 
 

@@ -216,6 +216,26 @@ def test_ranking_model_chains_the_funnel_and_fits_it_in_full_space():
     lab, known = mall_labels({"target_flags": flags})
     np.testing.assert_array_equal(lab[0], [[1, 0, 0], [1, 1, 1], [0, 0, 0]])
     assert known.all()
+    # A saturated wrong prediction (p ~ 1, label 0) still gets a gradient that lowers it.
+    import jax
+
+    g = jax.grad(lambda x: rm._chained_bce(x, jnp.zeros(3)).sum())(jnp.full(3, 30.0))
+    assert (np.asarray(g) > 0).all() and np.isfinite(np.asarray(g)).all()
+
+
+def test_logged_feedback_counts_the_funnel(world):
+    """On e-commerce data a logged target's own click/cart/order is its logged value
+    (1 : 3 : 10), so logged_reward@K and reward=logged see the funnel."""
+    from onerec_jax.feedback import logged_reward, logged_value
+
+    b = schema.build_batch(world.raw_batch(np.arange(64), SPEC.history_window), SPEC)
+    f = b["target_flags"].astype(np.int64)
+    bit = {n: ((f & b_) > 0) for n, b_ in schema.BEHAVIOURS.items()}
+    want = bit["click"] + 3.0 * bit["cart"] + 10.0 * bit["order"]
+    np.testing.assert_allclose(logged_value(b), np.where(b["target_mask"], want, 0.0))
+    r = logged_reward(b, b["target_item"][:, :1], 0.0)
+    once = ((b["target_item"] == b["target_item"][:, :1]) & b["target_mask"]).sum(1) == 1
+    np.testing.assert_allclose(r[once, 0], want[once, 0])  # (a repeat earns the mean)
 
 
 @pytest.mark.slow
@@ -284,6 +304,9 @@ def test_user_log_with_scenario_and_behaviour(tmp_path):
     again = logs.load(tmp_path / "again.parquet")
     np.testing.assert_array_equal(again.flags, log.flags)
     np.testing.assert_array_equal(again.scenario, log.scenario)
+    rows["scenario"] = [3.0, 1.0, float("nan"), 2.0, None, 1.0, 3.0]  # numbers; NaN = unknown
+    pq.write_table(pa.table(rows), path)
+    np.testing.assert_array_equal(logs.load(path).scenario, [3, 1, 0, 2, 0, 1, 3])
     rows["behaviour"][2] = "bought"
     pq.write_table(pa.table(rows), path)
     with pytest.raises(logs.LogFormatError, match=r"column 'behaviour' row 2: 'bought'"):

@@ -12,7 +12,8 @@ orders read clicks and carts); the lifelong pathway compressed by the QFormer; a
 decoder. One model per scenario: `--config.source=world:mall-tiny:live`. The ablation of the
 fusion: `--config.model.v1.encoder.behaviour_fusion=concat`, or no behaviour pathways
 (`--config.data.click_len=0 --config.data.cart_len=0 --config.data.order_len=0`: one merged
-sequence of exposures with their click/cart/order flags). Every field not set here is the
+sequence of exposures - the last 20 and the lifelong 128 - with their click/cart/order flags).
+Every field not set here is the
 default's (onerec_jax/configs/default.py).
 """
 
@@ -32,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 50
     c.data.scenarios = True
     c.data.short_len = 20
-    c.data.pos_len = 32
+    # On the e-commerce world a strong positive is a click (no play time, no likes), which the
+    # click pathway holds: the positive pathway keeps its minimum of one event, so the merged
+    # ablation (no behaviour pathways) is the exposure sequences alone, behaviours as flags.
+    c.data.pos_len = 1
     c.data.life_len = 128
     c.data.click_len = 32
     c.data.cart_len = 16

@@ -206,21 +206,36 @@ def _ids(path: os.PathLike, table: pa.Table, name: str, optional: bool = False) 
 def _categories(
     path: os.PathLike, table: pa.Table, name: str, values: dict[str, int], numbered: bool = False
 ) -> np.ndarray:
-    """A categorical column as the codes of `values` (nulls: 0); with `numbered`, the codes
-    themselves (1..n) are accepted too. The first unknown value is one error naming its row."""
-    raw = table.column(name).to_pylist()
+    """A categorical column as the codes of `values` (nulls and empty strings: 0); with
+    `numbered`, the codes themselves (1..n, as numbers or text) are accepted too. The first
+    unknown value is one error naming its row. Vectorised: one pass over the distinct values."""
+    col = table.column(name).combine_chunks()
     allowed = dict(values)
     if numbered:
         allowed.update({str(v): v for v in values.values()})
-    out = np.zeros(len(raw), np.int64)
-    for i, v in enumerate(raw):
-        if v is None or v == "":
+    if pa.types.is_null(col.type):
+        return np.zeros(len(col), np.int64)
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        num = np.asarray(pc.fill_null(col.cast(pa.float64()), np.nan), np.float64)
+        missing = np.isnan(num)
+        ok = missing | np.isin(num, [v for v in values.values()] if numbered else [])
+        if not ok.all():
+            i = int(np.argmin(ok))
+            bad = f"{num[i]:g} is not one of {sorted(allowed)}"
+            raise _fail(path, f"column {name!r} row {i}: {bad}")
+        return np.where(missing, 0, np.nan_to_num(num)).astype(np.int64)
+    text = pc.fill_null(col.cast(pa.string()), "")
+    enc = pc.dictionary_encode(text)
+    uniq = enc.dictionary.to_pylist()
+    codes = np.zeros(len(uniq), np.int64)
+    for j, v in enumerate(uniq):  # distinct values only
+        if v == "":
             continue
-        key = str(int(v)) if numbered and isinstance(v, int | float) and v == int(v) else str(v)
-        if key not in allowed:
+        if v not in allowed:
+            i = int(np.argmax(np.asarray(enc.indices) == j))
             raise _fail(path, f"column {name!r} row {i}: {v!r} is not one of {sorted(allowed)}")
-        out[i] = allowed[key]
-    return out
+        codes[j] = allowed[v]
+    return codes[np.asarray(enc.indices)]
 
 
 def load(path: os.PathLike) -> EventLog:

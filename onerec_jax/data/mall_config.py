@@ -60,9 +60,11 @@ class MallConfig(WorldConfig):
             raise ValueError(
                 f"MallConfig.scenario_logits must have 3 entries, got {self.scenario_logits}"
             )
-        for f in ("median_price",):
-            if getattr(self, f) <= 0:
-                raise ValueError(f"MallConfig.{f} must be > 0, got {getattr(self, f)}")
+        if self.median_price <= 0:
+            raise ValueError(f"MallConfig.median_price must be > 0, got {self.median_price}")
+        for f in ("scenario_spread", "category_price_sd", "price_sd", "user_price_sd"):
+            if not getattr(self, f) >= 0:
+                raise ValueError(f"MallConfig.{f} must be >= 0, got {getattr(self, f)}")
 
 
 MALL_PRESETS: dict[str, MallConfig] = {

@@ -52,8 +52,21 @@ class PScoreConfig:
 
 
 def tasks_of(run: Any) -> str:
-    """The label set a run's source logs: the e-commerce funnel or the video labels."""
-    return "mall" if str(run.cfg.source).startswith("world:mall-") else "video"
+    """The label set a run's source logs: the e-commerce funnel (the e-commerce world, or a
+    log with add-to-cart events) or the video labels."""
+    from onerec_jax.tokenizer.embed import has_funnel
+
+    return "mall" if has_funnel(run.source) else "video"
+
+
+def _shown(source: Any, batch: dict, items: np.ndarray) -> np.ndarray | None:
+    """Whether each item [B, N] can be shown in its request's scenario (the e-commerce world;
+    the scenario from the request itself, so runs without `data.scenarios` are masked too);
+    None where every item can be shown."""
+    if not hasattr(source, "shown_in"):
+        return None
+    scen = source.request_scenario(batch["user_id"], batch["request_ts"])
+    return source.shown_in(scen, np.maximum(items, 1))
 
 
 def probabilities(logits: jax.Array, tasks: str) -> jax.Array:
@@ -90,9 +103,12 @@ def fused(logits: jax.Array, tasks: str = "video") -> jax.Array:
 
 def _chained_bce(logits: jax.Array, y: jax.Array) -> jax.Array:
     """Binary cross-entropy of the chained probabilities p_j = prod_{i <= j} sigmoid(l_i),
-    in log space: log p_j = sum log_sigmoid(l_i); log(1 - p_j) = log(-expm1(log p_j))."""
+    in log space: log p_j = sum log_sigmoid(l_i); log(1 - p_j) = log(-expm1(log p_j)). log p
+    is floored at -1e-7 in value only (straight through), so a saturated wrong prediction
+    (p ~ 1, label 0) keeps a gradient instead of a flat clamp."""
     log_p = jnp.cumsum(jax.nn.log_sigmoid(logits), axis=-1)
-    log_q = jnp.log(-jnp.expm1(jnp.minimum(log_p, -1e-7)))
+    floored = log_p - jax.lax.stop_gradient(log_p - jnp.minimum(log_p, -1e-7))
+    log_q = jnp.log(-jnp.expm1(floored))
     return -(y * log_p + (1.0 - y) * log_q)
 
 
@@ -257,6 +273,8 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
         t_logged = true_reward(src, raw, items)
         rnd = np.random.default_rng(seed).integers(1, src.n_items + 1, (n, 8))
         s_rnd = np.asarray(score(params, x, jnp.asarray(rnd)))
+        shown = _shown(src, raw, rnd)  # the score the reward uses: 0 where it cannot be shown
+        s_rnd = s_rnd if shown is None else np.where(shown, s_rnd, 0.0)
         t_rnd = true_reward(src, raw, rnd)
         out["corr_true_reward/logged"] = float(np.corrcoef(s_logged[valid], t_logged[valid])[0, 1])
         out["corr_true_reward/random"] = float(np.corrcoef(s_rnd.ravel(), t_rnd.ravel())[0, 1])
@@ -325,20 +343,21 @@ def scorer_for(directory: str, run: Any):
     if not directory:
         return None
     model, params, meta = load(directory)
-    if meta.get("data") != data_of(run):
+    saved = dict(meta.get("data") or {})
+    if "encoder" in saved:  # fields added since it was saved: their defaults, as it ran
+        saved["encoder"] = dataclasses.asdict(EncoderConfig(**saved["encoder"]))
+    if saved != data_of(run):
         raise ValueError(
             f"{directory}: this reward model was fit on another catalogue or context "
             "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
         )
     score = make_scorer(model)
 
-    shown_in = getattr(run.source, "shown_in", None)
-
     def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
         batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
         s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
-        if shown_in is not None and "scenario" in host:  # what a scenario cannot show earns 0
-            s = np.where(shown_in(host["scenario"], np.maximum(items, 1)), s, 0.0)
+        shown = _shown(run.source, host, items)  # what a scenario cannot show earns 0
+        s = s if shown is None else np.where(shown, s, 0.0)
         return np.where(items > 0, s, np.nan)
 
     return rm_score
