@@ -118,14 +118,20 @@ def test_any_damage_to_metrics_reads_or_fails_naming_the_file(tmp_path, junk, cu
 
 
 def test_ctrl_c_asks_for_a_save_and_a_second_one_interrupts():
-    with Preemption() as p:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert p.requested and p.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the old handler is back: Python's
-            time.sleep(0.1)
-        p.acted = True
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The handler before is pinned to Python's own (as under the CLI): a test worker process
+    # may hold another one (once seen under pytest-xdist: SIGINT ignored, cause not found).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Preemption() as p:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert p.requested and p.received == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # the old handler is back: Python's
+                time.sleep(0.1)
+            p.acted = True
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_late_sigterm_under_the_default_handler_lets_the_finished_run_return():
