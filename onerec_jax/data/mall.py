@@ -41,7 +41,7 @@ from onerec_jax.data.mall_config import (
     ORDER_BIAS,
     MallConfig,
 )
-from onerec_jax.data.world import _REQ, _SPLIT_SALT, World
+from onerec_jax.data.world import _REQ, _SPLIT_SALT, World, _session_times
 from onerec_jax.data.world_oracle import _sigmoid
 
 _AVAIL, _PRICE, _SCEN, _SCEN_PICK, _RHO, _FIT, _MEVT = 31, 32, 33, 34, 35, 36, 37
@@ -222,16 +222,9 @@ class MallWorld(World):
         k: np.ndarray,
     ) -> dict[str, np.ndarray]:
         """Realise exposure k of session s of user u (the video world's contract)."""
-        c = self.config
         scen = self.scenario_of_session(u, s)
         h = hs.hash_u64(self.seed, _MEVT, u, s * 8 + k)
-        explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
-        pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
-        topic = np.where(
-            explore_u < c.explore,
-            np.floor(pick_u * c.n_topics).astype(np.int64),
-            np.take_along_axis(topics, pick[:, None], -1)[:, 0],
-        )
+        topic = self._logged_topic(h, topics, pi)
         within = hs.unit53(hs.stream(h, 1))
         item = np.zeros(len(u), np.int64)
         for j, (order, seg_end, cdf) in enumerate(self._tables):
@@ -252,15 +245,12 @@ class MallWorld(World):
         ).astype(np.uint8)
         # Within a session the next product is shown when the user is done with this one.
         dwell = 3 + 20 * click + 30 * cart + 30 * order
-        cs = np.cumsum(dwell)
-        first = k == 0
-        seg_base = np.maximum.accumulate(np.where(first, cs - dwell, 0)) if len(k) else cs
         nan = np.full(len(item), np.nan, np.float32)
         return {
             "item": item.astype(np.int32),
             "author": self.author[item],
             "tag": self.tag[item],
-            "ts": start + (cs - dwell - seg_base),
+            "ts": _session_times(start, k, dwell),
             "play_ms": nan,
             "dur_ms": nan,
             "flags": flags,

@@ -61,6 +61,15 @@ _FLAG_BIT = {
 _MIN_GAP_S, _MAX_GAP_S = 6 * 3600.0, 7 * 86400.0
 
 
+def _session_times(start: np.ndarray, k: np.ndarray, took: np.ndarray) -> np.ndarray:
+    """Timestamps of a session's events (contiguous, in k order): the first at the session's
+    start, each later one when the one before it was done (`took` seconds after it)."""
+    cs = np.cumsum(took)
+    first = k == 0
+    seg_base = np.maximum.accumulate(np.where(first, cs - took, 0)) if len(k) else cs
+    return start + (cs - took - seg_base)
+
+
 class World(WorldOracle):
     """A random-access source of requests. Pickles as its config; tables are rebuilt on load."""
 
@@ -254,15 +263,8 @@ class World(WorldOracle):
         topics, pi: the user's interest topics and their weights at session s, [n, K]; start: the
         session's start time. Events of one (user, session) must be contiguous and in k order.
         """
-        c = self.config
         h = hs.hash_u64(self.seed, _EVT, u, s * 8 + k)
-        explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
-        pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
-        topic = np.where(
-            explore_u < c.explore,
-            np.floor(pick_u * c.n_topics).astype(np.int64),
-            np.take_along_axis(topics, pick[:, None], -1)[:, 0],
-        )
+        topic = self._logged_topic(h, topics, pi)
         idx = np.searchsorted(self._cdf, topic + hs.unit53(hs.stream(h, 1)), side="right")
         item = self._order[np.minimum(idx, self._seg_end[topic] - 1)]
         p = {n: v[:, 0] for n, v in self._probs(topics, pi, item[:, None]).items()}
@@ -281,11 +283,7 @@ class World(WorldOracle):
         ):
             flags |= np.where(r < p[name], _FLAG_BIT[name], 0).astype(np.uint8)
         # Within a session an exposure starts when the previous one ended, plus 2 s.
-        watched = np.ceil(play_ms / 1000.0).astype(np.int64) + 2
-        cs = np.cumsum(watched)
-        first = k == 0
-        seg_base = np.maximum.accumulate(np.where(first, cs - watched, 0)) if len(k) else cs
-        ts = start + (cs - watched - seg_base)
+        ts = _session_times(start, k, np.ceil(play_ms / 1000.0).astype(np.int64) + 2)
         return {
             "item": item.astype(np.int32),
             "author": self.author[item],
@@ -295,6 +293,18 @@ class World(WorldOracle):
             "dur_ms": dur,
             "flags": flags,
         }
+
+    def _logged_topic(self, h: np.ndarray, topics: np.ndarray, pi: np.ndarray) -> np.ndarray:
+        """The logging policy's topic of each event (hash h): a uniform one with probability
+        `explore`, else one of the user's interest topics by their weights pi."""
+        c = self.config
+        explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
+        pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
+        return np.where(
+            explore_u < c.explore,
+            np.floor(pick_u * c.n_topics).astype(np.int64),
+            np.take_along_axis(topics, pick[:, None], -1)[:, 0],
+        )
 
     def _expand(
         self, b: np.ndarray, u: np.ndarray, user: dict, sessions: np.ndarray, lens: np.ndarray
