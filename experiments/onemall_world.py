@@ -122,6 +122,30 @@ def interval(x: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
+def ranking_table(results: dict) -> str:
+    """Markdown: the ranking model's AUC per task, overall and per scenario, beside the AUC of
+    the world's own probabilities (mean ± 95 % interval over seeds)."""
+    rows = [r["ranking_model"] for r in results["per_seed"].values() if "ranking_model" in r]
+    if not rows:
+        return ""
+    lines = [
+        "| AUC | all | card | video | live | world's own probabilities |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in ("click", "cart", "order"):
+        cells = []
+        for key in (
+            f"auc/{task}",
+            *(f"auc/{task}/{s}" for s in SCENARIOS),
+            f"auc_true_probability/{task}",
+        ):
+            vals = [r[key] for r in rows if key in r]
+            m, h = interval(vals) if vals else (float("nan"), float("nan"))
+            cells.append(f"{m:.3f} ± {h:.3f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(results: dict, arms: list[str]) -> str:
     """Markdown: per scenario and arm, mean ± 95 % interval over seeds, then paired
     differences against the unified model."""
@@ -196,6 +220,10 @@ def main() -> None:
             shared = [] if arm == "unified" else [f"tokenizer_dir={base / 'tokenizer'}"]
             if arm == "unified_rl":
                 align(base, work, log)
+                meta = json.loads((out / f"s{seed}_unified_ranking/reward_model.json").read_text())
+                row["ranking_model"] = {
+                    k: v for k, v in meta["eval"].items() if k.startswith(("auc", "calibration"))
+                }
             else:
                 train(work, [f"seed={seed}", *shared, *ARMS[arm], *a.set], log)
             scens = [arm] if arm in SCENARIOS else list(SCENARIOS)
@@ -207,6 +235,7 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(table(results, a.arms))
+    print(ranking_table(results))
 
 
 if __name__ == "__main__":
