@@ -294,18 +294,6 @@ class World(WorldOracle):
             "flags": flags,
         }
 
-    def _logged_topic(self, h: np.ndarray, topics: np.ndarray, pi: np.ndarray) -> np.ndarray:
-        """The logging policy's topic of each event (hash h): a uniform one with probability
-        `explore`, else one of the user's interest topics by their weights pi."""
-        c = self.config
-        explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
-        pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
-        return np.where(
-            explore_u < c.explore,
-            np.floor(pick_u * c.n_topics).astype(np.int64),
-            np.take_along_axis(topics, pick[:, None], -1)[:, 0],
-        )
-
     def _expand(
         self, b: np.ndarray, u: np.ndarray, user: dict, sessions: np.ndarray, lens: np.ndarray
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:

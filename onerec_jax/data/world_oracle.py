@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onerec_jax.data import hashing as hs
 from onerec_jax.data.world_config import ENGAGEMENT, REWARD_WEIGHTS
 
 
@@ -31,6 +32,18 @@ class WorldOracle:
         # add.at, not fancy assignment: two interests may share a topic and must accumulate.
         np.add.at(out, (rows, topics), (1 - c.explore) * pi.reshape(len(out), -1))
         return out.reshape((*pi.shape[:-1], c.n_topics))
+
+    def _logged_topic(self, h: np.ndarray, topics: np.ndarray, pi: np.ndarray) -> np.ndarray:
+        """The logging policy's topic of each event (hash h): a uniform one with probability
+        `explore`, else one of the user's interest topics by their weights pi."""
+        c = self.config
+        explore_u, pick_u = hs.unit32_pair(hs.stream(h, 0))
+        pick = (pick_u[:, None] > np.cumsum(pi, -1)[:, :-1]).sum(-1)
+        return np.where(
+            explore_u < c.explore,
+            np.floor(pick_u * c.n_topics).astype(np.int64),
+            np.take_along_axis(topics, pick[:, None], -1)[:, 0],
+        )
 
     def _probs(self, t: np.ndarray, pi: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
         """Exact engagement expectations for items [..., N] given interest topics t and weights
