@@ -41,7 +41,7 @@ from onerec_jax.data.mall_config import (
     ORDER_BIAS,
     MallConfig,
 )
-from onerec_jax.data.world import _REQ, _SPLIT_SALT, World, _session_times
+from onerec_jax.data.world import World
 from onerec_jax.data.world_oracle import _sigmoid
 
 _AVAIL, _PRICE, _SCEN, _SCEN_PICK, _RHO, _FIT, _MEVT = 31, 32, 33, 34, 35, 36, 37
@@ -147,21 +147,13 @@ class MallWorld(World):
         """Distinct requests in this split (of the scenario, when restricted to one)."""
         return len(self._scenario_requests()) if self.scenario else super().n_distinct
 
-    def requests(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(user, session) of examples `indices`: the video world's keyed permutations, over
-        the scenario's requests when restricted to one."""
-        if not self.scenario:
-            return super().requests(indices)
-        idx = np.asarray(indices, np.int64)
-        kept = self._scenario_requests()
-        lo, hi = self.config.split_sessions(self.split)
-        passes, j = np.divmod(idx, len(kept))
-        r = np.empty_like(j)
-        for e in np.unique(passes):
-            at = passes == e
-            keys = (self.seed, _REQ, _SPLIT_SALT[self.split], self.order_seed, int(e), 1 + _K)
-            r[at] = kept[hs.permute(j[at], len(kept), *keys)]
-        return 1 + r // (hi - lo), lo + r % (hi - lo)
+    @property
+    def _order_salt(self) -> tuple[int, ...]:  # its own permutations when restricted
+        return (1 + _K,) if self.scenario else ()
+
+    def _flat_requests(self, positions: np.ndarray) -> np.ndarray:
+        """The scenario's requests at the permuted positions (all of them when unrestricted)."""
+        return self._scenario_requests()[positions] if self.scenario else positions
 
     # ------------------------------------------------------------- scenarios
     def scenario_of_session(self, u: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -250,7 +242,7 @@ class MallWorld(World):
             "item": item.astype(np.int32),
             "author": self.author[item],
             "tag": self.tag[item],
-            "ts": _session_times(start, k, dwell),
+            "ts": schema.session_times(start, k, dwell),
             "play_ms": nan,
             "dur_ms": nan,
             "flags": flags,

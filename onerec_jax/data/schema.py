@@ -192,6 +192,15 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
 
 
+def session_times(start: np.ndarray, k: np.ndarray, took: np.ndarray) -> np.ndarray:
+    """Timestamps of a session's events (contiguous, in k order): the first at the session's
+    start, each later one when the one before it was done (`took` seconds after it)."""
+    cs = np.cumsum(took)
+    first = k == 0
+    seg_base = np.maximum.accumulate(np.where(first, cs - took, 0)) if len(k) else cs
+    return start + (cs - took - seg_base)
+
+
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 

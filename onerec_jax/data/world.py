@@ -61,15 +61,6 @@ _FLAG_BIT = {
 _MIN_GAP_S, _MAX_GAP_S = 6 * 3600.0, 7 * 86400.0
 
 
-def _session_times(start: np.ndarray, k: np.ndarray, took: np.ndarray) -> np.ndarray:
-    """Timestamps of a session's events (contiguous, in k order): the first at the session's
-    start, each later one when the one before it was done (`took` seconds after it)."""
-    cs = np.cumsum(took)
-    first = k == 0
-    seg_base = np.maximum.accumulate(np.where(first, cs - took, 0)) if len(k) else cs
-    return start + (cs - took - seg_base)
-
-
 class World(WorldOracle):
     """A random-access source of requests. Pickles as its config; tables are rebuilt on load."""
 
@@ -244,9 +235,16 @@ class World(WorldOracle):
         for e in np.unique(flat_p):  # one pass in all but the batches that straddle two
             at = flat_p == e
             keys = (self.seed, _REQ, _SPLIT_SALT[self.split], self.order_seed, int(e))
-            r[at] = hs.permute(flat_j[at], n, *keys)
+            r[at] = self._flat_requests(hs.permute(flat_j[at], n, *keys, *self._order_salt))
         r = r.reshape(j.shape)
         return 1 + r // (hi - lo), lo + r % (hi - lo)
+
+    _order_salt: tuple[int, ...] = ()  # a subclass over a subset of requests: own permutations
+
+    def _flat_requests(self, positions: np.ndarray) -> np.ndarray:
+        """Flat request ids (u - 1) * sessions + s - lo at permuted positions (a subclass may
+        hold a subset of the requests: MallWorld restricted to one scenario)."""
+        return positions
 
     # --------------------------------------------------------------- events
     def _events(
@@ -283,7 +281,7 @@ class World(WorldOracle):
         ):
             flags |= np.where(r < p[name], _FLAG_BIT[name], 0).astype(np.uint8)
         # Within a session an exposure starts when the previous one ended, plus 2 s.
-        ts = _session_times(start, k, np.ceil(play_ms / 1000.0).astype(np.int64) + 2)
+        ts = schema.session_times(start, k, np.ceil(play_ms / 1000.0).astype(np.int64) + 2)
         return {
             "item": item.astype(np.int32),
             "author": self.author[item],
