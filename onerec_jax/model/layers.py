@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from onerec_jax.model.softmax_attention import softmax_attention
+
 # Fan-in scaled normal, the usual transformer init; one definition so every layer agrees.
 dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -201,16 +203,7 @@ def attend_heads_major(
     q = q_BxLxHxK.astype(dtype).reshape(b, length, g, r, hd).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b, g, r * length, hd)
     k, v = k_BxGxSxK.astype(dtype), v_BxGxSxK.astype(dtype)
-    s = jnp.einsum("bgqk,bgsk->bgqs", q, k)  # in `dtype`; the softmax below in float32
-    s = s.astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
-    s = s.reshape(b, g, r, length, -1)
-    if mask is not None:
-        s = jnp.where(mask[:, None, None, :, :], s, -1e30)
-    p = jax.nn.softmax(s, axis=-1)
-    if mask is not None:
-        p = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], p, 0.0)
-    p = p.reshape(b, g, r * length, -1).astype(dtype)
-    o = jnp.einsum("bgqs,bgsk->bgqk", p, v)
+    o = softmax_attention(q, k, v, mask, r)
     return o.reshape(b, g, r, length, hd).transpose(0, 3, 1, 2, 4).reshape(b, length, h, hd)
 
 
