@@ -19,6 +19,10 @@ onerec_jax/configs/onemall_tiny.py and the same step count:
                chained click -> cart -> order heads fit on the unified run's training
                requests; its score weighs P(click), P(cart), P(order) 1 : 3 : 10 as the world's
                true reward does)
+  unified_rl_gmv       the same alignment against the ranking model's expected GMV,
+               price x P(order) (not in the default arms)
+  unified_rl_true_gmv  the same alignment against the world's exact expected GMV: what RL
+               reaches when the reward is right (an oracle; not in the default arms)
 Every arm shares the unified run's semantic-id table, so differences are not tokenizer noise.
 Each model is evaluated on each scenario's first `--requests` test requests (`onerec eval
 --scenario`, the same requests for every arm), and the table reports mean ± 95 % t-interval
@@ -54,6 +58,8 @@ ARMS = {
     "merged": ["data.click_len=0", "data.cart_len=0", "data.order_len=0"],
     "concat": ["model.v1.encoder.behaviour_fusion=concat"],
     "unified_rl": [],  # aligned from the unified run (`align`)
+    "unified_rl_gmv": ["objective=gmv"],  # ... against the ranking model's price x P(order)
+    "unified_rl_true_gmv": ["objective=gmv", "reward=true"],  # ... against the exact GMV
 }
 __all__ = ["get_config", "main"]
 DEFAULT_ARMS = ("unified", "card", "video", "live", "merged", "unified_rl")
@@ -84,16 +90,16 @@ def train(work: pathlib.Path, overrides: list[str], log: pathlib.Path) -> None:
     _onerec(["train", "--config", "onemall_tiny", "--workdir", str(work), *sets], log)
 
 
-def align(base: pathlib.Path, work: pathlib.Path, log: pathlib.Path) -> None:
-    """Fit the ranking model on the unified run and align that run against it (both read
-    back when finished)."""
+def align(base: pathlib.Path, work: pathlib.Path, log: pathlib.Path, extra: list[str]) -> None:
+    """Fit the ranking model on the unified run and align that run against it, or against
+    what `extra` sets (both read back when finished)."""
     rm = base.parent / f"{base.name}_ranking"
     if not (rm / "reward_model.json").exists():
         _onerec(["reward-model", "--init", str(base), "--out", str(rm), *RM_ARGS], log)
     done = work / "summary.json"
     if done.exists() and json.loads(done.read_text()).get("status") == "finished":
         return
-    sets = [f"--config.{o}" for o in [*ALIGN, "reward=model", f"reward_model={rm}"]]
+    sets = [f"--config.{o}" for o in [*ALIGN, "reward=model", f"reward_model={rm}", *extra]]
     _onerec(["align", "--method", "ecpo", "--init", str(base), "--workdir", str(work), *sets], log)
 
 
@@ -218,8 +224,8 @@ def main() -> None:
         for arm in ["unified", *[x for x in a.arms if x != "unified"]]:
             work = out / f"s{seed}_{arm}"
             shared = [] if arm == "unified" else [f"tokenizer_dir={base / 'tokenizer'}"]
-            if arm == "unified_rl":
-                align(base, work, log)
+            if arm.startswith("unified_rl"):
+                align(base, work, log, ARMS[arm])
                 meta = json.loads((out / f"s{seed}_unified_ranking/reward_model.json").read_text())
                 row["ranking_model"] = {
                     k: v for k, v in meta["eval"].items() if k.startswith(("auc", "calibration"))

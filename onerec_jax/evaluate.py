@@ -50,11 +50,14 @@ ENGAGEMENT_KS = (1, 5, 10)
 DEFAULT_BEAM = 128
 
 
-def true_reward(src, batch: dict[str, np.ndarray], items_BxN: np.ndarray) -> np.ndarray:
-    """The world's expected reward of recommending `items` [B, N] to the batch's requests;
-    NaN where an item id is 0 (an empty slot or a padded target)."""
+def true_reward(
+    src, batch: dict[str, np.ndarray], items_BxN: np.ndarray, objective: str = "reward"
+) -> np.ndarray:
+    """The world's expected reward (or another of its exact expectations, e.g. "gmv" on the
+    e-commerce world) of recommending `items` [B, N] to the batch's requests; NaN where an
+    item id is 0 (an empty slot or a padded target)."""
     r = src.true_engagement(batch["user_id"], batch["request_ts"], np.maximum(items_BxN, 1))
-    return np.where(items_BxN > 0, r["reward"], np.nan)
+    return np.where(items_BxN > 0, r[objective], np.nan)
 
 
 def _drop_seen(

@@ -22,6 +22,7 @@ from onerec_jax.rl import align_config
         ("temperature", 0.0, "temperature must be > 0"),
         ("advantage", "rank", "advantage='rank'"),
         ("dpo_share", 0.0, "dpo_share must be in"),
+        ("objective", "revenue", "objective='revenue'"),
     ],
 )
 def test_bad_align_fields_are_refused_by_name(field, value, message):
@@ -30,6 +31,14 @@ def test_bad_align_fields_are_refused_by_name(field, value, message):
     c[field] = value
     with pytest.raises(ValueError, match=message):
         align_config.check(c)
+
+
+def test_gmv_objective_needs_rollouts_scored_by_the_world_or_a_model():
+    for field, value in (("reward", "logged"), ("method", "rsft")):
+        c = align_config.get_config()
+        c.objective, c[field] = "gmv", value
+        with pytest.raises(ValueError, match="objective='gmv'"):
+            align_config.check(c)
 
 
 def test_align_cli_refuses_bad_input_before_writing(tmp_path, capsys):

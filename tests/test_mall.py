@@ -223,6 +223,36 @@ def test_ranking_model_chains_the_funnel_and_fits_it_in_full_space():
     assert (np.asarray(g) > 0).all() and np.isfinite(np.asarray(g)).all()
 
 
+def test_gmv_objective_is_price_times_the_order_probability(world):
+    """objective='gmv' scores a product by price x P(order): the world's exact one (reward=true)
+    and the ranking model's (reward=model; the caller multiplies the model's P(order) by price)."""
+    import jax
+    import jax.numpy as jnp
+    from _models import tiny_encoder
+
+    from onerec_jax.evaluate import true_reward
+    from onerec_jax.rl import reward_model as rm
+
+    spec = schema.SchemaSpec(pos_len=4, life_len=8)
+    raw_b = world.raw_batch(np.arange(8), spec.history_window)
+    b = schema.build_batch(raw_b, spec)
+    items = np.tile(np.arange(1, 13), (8, 1))
+    items[:, -1] = 0
+    eng = world.true_engagement(b["user_id"], b["request_ts"], np.maximum(items, 1))
+    gmv = true_reward(world, b, items, "gmv")
+    np.testing.assert_allclose(gmv[:, :-1], (world.price[items] * eng["order"])[:, :-1])
+    assert np.isnan(gmv[:, -1]).all() and (gmv[:, :-1] >= 0).all()
+    assert not np.allclose(gmv[:, :-1], true_reward(world, b, items)[:, :-1])
+    model = rm.PScore(rm.PScoreConfig(tiny_encoder(world, 4, 8), hidden=16, tasks="mall"))
+    x = {k: jnp.asarray(v) for k, v in b.items() if not k.startswith("target_")}
+    params = model.init(jax.random.key(0), rm._inputs(x), jnp.asarray(items))["params"]
+    p = rm.probabilities(model.apply({"params": params}, rm._inputs(x), jnp.asarray(items)), "mall")
+    got = rm.make_scorer(model, "gmv")(params, x, jnp.asarray(items))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(p[..., 2]), rtol=1e-6)
+    fused = rm.make_scorer(model)(params, x, jnp.asarray(items))
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(p) @ [1.0, 3.0, 10.0], rtol=1e-5)
+
+
 def test_logged_feedback_counts_the_funnel(world):
     """On e-commerce data a logged target's own click/cart/order is its logged value
     (1 : 3 : 10), so logged_reward@K and reward=logged see the funnel."""
@@ -264,6 +294,14 @@ def test_onemall_end_to_end(tmp_path):
         *("--config.eval_requests=32", "--config.eval_beam=8"),
     )
     assert "reward_model@10" in summary["after"] and "orders@10" in summary["after"]
+    for reward in ("model", "true"):  # the expected GMV as the reward: estimated, then exact
+        gmv = onerec(
+            *("align", "--method", "ecpo", "--init", str(run)),
+            *("--workdir", str(tmp_path / f"gmv_{reward}"), "--config.objective=gmv"),
+            *(f"--config.reward={reward}", f"--config.reward_model={rmdir}"),
+            *("--config.steps=2", "--config.eval_requests=16", "--config.eval_beam=8"),
+        )
+        assert gmv["status"] == "finished" and "gmv@10" in gmv["after"]
     ev = onerec("eval", "--workdir", str(al), "--scenario", "live", "--max-requests", "16",
                 "--beam", "8", "--json")  # fmt: skip
     assert ev["scenario"] == "live" and set(ev["scenarios"]) == {"live"}

@@ -193,6 +193,11 @@ def _prepare(acfg: ml_collections.ConfigDict, init_dir: pathlib.Path, workdir: p
             f"{init_dir}: reward 'true' needs a world source (the world knows each item's "
             f"expected reward); this run's source is {run.cfg.source}"
         )
+    if acfg.objective == "gmv" and not hasattr(run.source, "price"):
+        raise ValueError(
+            f"{init_dir}: objective 'gmv' needs the e-commerce world (prices and orders); "
+            f"this run's source is {run.cfg.source}"
+        )
     if acfg.advantage == "duration" and hasattr(run.source, "shown_in"):
         raise ValueError(
             f"{init_dir}: advantage 'duration' shapes by play time, which the e-commerce world "
@@ -252,7 +257,7 @@ def _align(
 ) -> dict[str, Any]:
     run, init_state, cfg = _prepare(acfg, init_dir, workdir)
     tx = optimizer(cfg, acfg)
-    rm_score = reward_model.scorer_for(acfg.reward_model, run)
+    rm_score = reward_model.scorer_for(acfg.reward_model, run, acfg.objective)
     model, trie = run.model, run.table.trie()
     ds = pipeline.make_dataset(
         run.source,
@@ -314,7 +319,7 @@ def _align(
                     r = feedback.logged_reward(host, flat, acfg.logged_miss)
                     r = r.reshape(b, g, m)
                 else:
-                    r = true_reward(run.source, host, flat).reshape(b, g, m)
+                    r = true_reward(run.source, host, flat, acfg.objective).reshape(b, g, m)
                 reward = np.where(legal, np.nanmean(np.where(legal[..., None], r, 0.0), -1), 0.0)
                 codes_j = jnp.asarray(np.maximum(codes, 0), jnp.int32)
                 if acfg.method == "dpo":

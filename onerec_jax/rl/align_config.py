@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.reward = "true"
     c.reward_model = ""  # a reward model's directory; "" = none
     c.logged_miss = 0.0  # reward=logged: the reward of an item the request did not log
+    # What a rollout earns on the e-commerce world: "reward" (the true reward, or the ranking
+    # model's fused score, 1 : 3 : 10 over click, cart, order) | "gmv" (expected GMV: price x
+    # the world's P(order) with reward=true, price x the ranking model's P(order) with model)
+    c.objective = "reward"
     # How rewards become advantages: "group" (normalised within each request's G rollouts) |
     # "duration" (OneRec-V2's duration-aware shaping on the world: a rollout's expected play
     # time against the user's own plays of videos of similar length, +1 / -1 / 0; shaping.py)
@@ -122,6 +126,13 @@ def check(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             "align field advantage='duration' reads the world's expected play time of each "
             "rollout: it needs reward='true' and a policy-gradient method (ecpo, gbpo, gppo)"
+        )
+    if c.objective not in ("reward", "gmv"):
+        raise ValueError(f"align field objective={c.objective!r}: expected 'reward' or 'gmv'")
+    if c.objective == "gmv" and (c.reward == "logged" or c.method == "rsft"):
+        raise ValueError(
+            "align field objective='gmv' scores rollouts by expected GMV: it needs reward "
+            "'true' or 'model' and a method with rollouts (not rsft)"
         )
     if c.reward == "model" and not c.reward_model:
         raise ValueError("align field reward='model' needs reward_model (a directory)")

@@ -171,12 +171,16 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if not k.startswith("target_") and k not in skip}
 
 
-def make_scorer(model: PScore):
-    """Jitted (params, batch, items [B, N]) -> fused P-Score [B, N]."""
+def make_scorer(model: PScore, objective: str = "reward"):
+    """Jitted (params, batch, items [B, N]) -> [B, N]: the fused P-Score ("reward") or, of a
+    ranking model of the e-commerce world, P(order) ("gmv": the caller multiplies by price)."""
 
     @jax.jit
     def score(params: Any, batch: dict, items: jax.Array) -> jax.Array:
-        return fused(model.apply({"params": params}, _inputs(batch), items), model.cfg.tasks)
+        logits = model.apply({"params": params}, _inputs(batch), items)
+        if objective == "gmv":
+            return probabilities(logits, model.cfg.tasks)[..., MALL_LABELS.index("order")]
+        return fused(logits, model.cfg.tasks)
 
     return score
 
@@ -337,12 +341,20 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
     return model, jax.device_put(params), meta
 
 
-def scorer_for(directory: str, run: Any):
-    """`(host batch, items [B, N]) -> P-Score [B, N]` (NaN for item 0) of the reward model in
-    `directory`, or None for ""; refused if it was fit on another catalogue or context."""
+def scorer_for(directory: str, run: Any, objective: str = "reward"):
+    """`(host batch, items [B, N]) -> score [B, N]` (NaN for item 0) of the reward model in
+    `directory`, or None for ""; refused if it was fit on another catalogue or context. The
+    score is the fused P-Score ("reward") or the expected GMV, price x P(order) ("gmv": a
+    ranking model of the e-commerce world, whose catalogue gives the prices)."""
     if not directory:
         return None
     model, params, meta = load(directory)
+    if objective == "gmv" and (model.cfg.tasks != "mall" or not hasattr(run.source, "price")):
+        raise ValueError(
+            f"{directory}: objective 'gmv' needs a ranking model of the e-commerce world "
+            f"(click -> cart -> order heads) and a source with prices; this one has tasks "
+            f"{model.cfg.tasks!r} on {run.cfg.source}"
+        )
     saved = dict(meta.get("data") or {})
     if "encoder" in saved:  # fields added since it was saved: their defaults, as it ran
         saved["encoder"] = dataclasses.asdict(EncoderConfig(**saved["encoder"]))
@@ -351,11 +363,13 @@ def scorer_for(directory: str, run: Any):
             f"{directory}: this reward model was fit on another catalogue or context "
             "than the run being aligned; fit one on it (onerec reward-model --init INIT)"
         )
-    score = make_scorer(model)
+    score = make_scorer(model, objective)
 
     def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
         batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
         s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
+        if objective == "gmv":
+            s = s * run.source.price[np.maximum(items, 1)]
         shown = _shown(run.source, host, items)  # what a scenario cannot show earns 0
         s = s if shown is None else np.where(shown, s, 0.0)
         return np.where(items > 0, s, np.nan)
