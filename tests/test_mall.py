@@ -351,6 +351,34 @@ def test_user_log_with_scenario_and_behaviour(tmp_path):
         logs.load(path)
 
 
+def test_log_sessions_keep_one_scenario_and_behaviour_pathways_reach_back():
+    """A logged training session never spans two scenarios (its request is served in one), and
+    a behaviour pathway fills from orders older than the history window, as the positive
+    pathway does from sparse positives."""
+    from onerec_jax.data import pipeline
+    from onerec_jax.data.events import EventLog, LogSource
+
+    n = 3000
+    scen = np.where(np.arange(n) // 3 % 2 == 0, 1, 3)  # alternating runs of 3 events
+    order = np.arange(n) % 300 == 0  # 10 orders, every 300 events: sparse behind the window
+    flags = np.where(order, schema.CLICK | schema.CART | schema.ORDER, 0).astype(np.uint8)
+    log = EventLog.from_columns(
+        "shop", user=np.ones(n, int), item=np.arange(n) % 97 + 1, ts=np.arange(n),
+        flags=flags, scenario=scen,
+    )  # fmt: skip
+    train = LogSource(log, "train")
+    for t0, t1 in zip(train.target_start, train.target_end, strict=True):
+        assert len(set(log.scenario[t0:t1].tolist())) == 1
+    assert len(train) == n // 3 - (n % 3 == 0)  # one session per run (the last run is held out)
+    spec = schema.SchemaSpec(short_len=4, pos_len=1, life_len=8, scenarios=True, order_len=8)
+    test = LogSource(log, "test")
+    ex = pipeline.BuildBatch(test, spec).map(np.array([0]))
+    assert spec.history_window == 64 and ex["order_mask"].sum() == 8
+    full = schema.build_batch(test.raw_batch(np.array([0])), spec)
+    for k in ex:
+        np.testing.assert_array_equal(ex[k], full[k], err_msg=k)
+
+
 def test_tokenizer_pairs_products_bought_together(world):
     """On the e-commerce world the tokenizer's pairs are co-cart / co-purchase pairs by
     default: both products of every pair were carted by the pair's user."""

@@ -9,8 +9,9 @@ Users and items get dense ids 1..n (0 is padding); the raw ids are kept for the 
   * test: the user's last event is the target; the history is everything before it;
   * validation: the second-to-last event, with everything before it;
   * train: the remaining events, cut into sessions (a new session after a gap of more than
-    `session_gap_s` or after m events); each session is one example whose history is every event of
-    the user before the session. Users with fewer than 3 events are train-only.
+    `session_gap_s`, where an e-commerce log's scenario changes, or after m events); each
+    session is one example whose history is every event of the user before the session.
+    Users with fewer than 3 events are train-only.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ class LogSource:
             ev_user = np.repeat(users, end - start)
             first = np.concatenate([[True], ev_user[1:] != ev_user[:-1]])
             gap = np.diff(log.ts[pos], prepend=log.ts[pos][:1]) > session_gap_s
+            if log.scenario is not None:  # a request is served in one scenario: cut at a change
+                gap |= np.diff(log.scenario[pos], prepend=log.scenario[pos][:1]) != 0
             seg_start = np.maximum.accumulate(np.where(first | gap, np.arange(len(pos)), 0))
             new = first | gap | ((np.arange(len(pos)) - seg_start) % max_session_len == 0)
             k = np.nonzero(new)[0]
@@ -193,7 +196,7 @@ class LogSource:
             t1 = np.append(pos[k[1:] - 1] + 1, pos[-1] + 1 if len(pos) else 0)[: len(k)]
         keep = t0 - log.offsets[u] >= min_history
         self.user, self.target_start, self.target_end = u[keep], t0[keep], t1[keep]
-        self._pos_cache: dict[float, np.ndarray] = {}
+        self._pos_cache: dict[tuple[str, float], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.user)
@@ -214,14 +217,22 @@ class LogSource:
     def n_users(self) -> int:
         return self.log.n_users
 
-    def _positives_before(self, spec: schema.SchemaSpec) -> np.ndarray:
-        """C[k] = strongly positive events among log events [0, k), cached per positive rule."""
-        key = spec.pos_play_frac
-        if key not in self._pos_cache:
-            log = self.log
-            pos = schema.is_positive(log.flags, log.play_ms, log.dur_ms, spec)
-            self._pos_cache[key] = np.concatenate([[0], np.cumsum(pos)])
-        return self._pos_cache[key]
+    def _selected_before(self, spec: schema.SchemaSpec) -> list[tuple[np.ndarray, int]]:
+        """(C, n) per selective pathway of `spec` (the positive one, then each behaviour one):
+        C[k] = events among log events [0, k) the pathway selects, n = its length. The
+        counts are cached per selection rule."""
+        log, out = self.log, []
+        rules = {("pos", spec.pos_play_frac): spec.pos_len}
+        rules.update({(b, 0.0): n for b, n in spec.behaviour_lens().items()})
+        for key, n in rules.items():
+            if key not in self._pos_cache:
+                if key[0] == "pos":
+                    sel = schema.is_positive(log.flags, log.play_ms, log.dur_ms, spec)
+                else:
+                    sel = (log.flags & schema.BEHAVIOURS[key[0]]) != 0
+                self._pos_cache[key] = np.concatenate([[0], np.cumsum(sel)])
+            out.append((self._pos_cache[key], n))
+        return out
 
     def raw_batch(
         self,
@@ -234,7 +245,8 @@ class LogSource:
         Args:
           max_events: the history window: this many most recent events (None: all).
           spec: when given, the window also reaches back to the user's `spec.pos_len`-th most
-            recent positive event, so sparse positives still fill the positive pathway.
+            recent positive event (and the `spec.<behaviour>_len`-th most recent click, cart
+            or order of each behaviour pathway), so sparse selections still fill their pathway.
         """
         idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
@@ -245,10 +257,10 @@ class LogSource:
         u, t0, t1 = self.user[idx], self.target_start[idx], self.target_end[idx]
         h0 = log.offsets[u] if max_events is None else np.maximum(log.offsets[u], t0 - max_events)
         if spec is not None and max_events is not None:
-            C = self._positives_before(spec)
-            # Latest h with at least pos_len positives in [h, t0): C[h] <= C[t0] - pos_len.
-            h_pos = np.searchsorted(C, C[t0] - spec.pos_len, side="right") - 1
-            h0 = np.maximum(log.offsets[u], np.minimum(h0, h_pos))
+            for C, n in self._selected_before(spec):
+                # Latest h with at least n selected events in [h, t0): C[h] <= C[t0] - n.
+                h_sel = np.searchsorted(C, C[t0] - n, side="right") - 1
+                h0 = np.maximum(log.offsets[u], np.minimum(h0, h_sel))
         hist = schema.ranges(h0, t0 - h0)
         tgt = schema.ranges(t0, t1 - t0)
         cols = {
