@@ -1,6 +1,8 @@
 """The e-commerce world (onerec_jax/data/mall.py): its events follow its own exact model, its
 scenarios, behaviour pathways and per-scenario evaluation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -147,8 +149,6 @@ def _encode(enc, batch):
 
 @pytest.mark.parametrize("fusion", ["concat", "cross"])
 def test_scenario_token_and_behaviour_fusion(raw, fusion):
-    import dataclasses
-
     from onerec_jax.model.user_encoder import EncoderConfig
 
     enc = EncoderConfig(
@@ -369,7 +369,17 @@ def test_log_sessions_keep_one_scenario_and_behaviour_pathways_reach_back():
     train = LogSource(log, "train")
     for t0, t1 in zip(train.target_start, train.target_end, strict=True):
         assert len(set(log.scenario[t0:t1].tolist())) == 1
-    assert len(train) == n // 3 - (n % 3 == 0)  # one session per run (the last run is held out)
+    # Every run of 3 events is one session: the first has no history (min_history), and the
+    # last keeps one event (the user's last two are held out).
+    np.testing.assert_array_equal(train.target_start, np.arange(3, n - 2, 3))
+    # An unknown scenario (0) between known ones cuts nothing: sessions of m = 5 events.
+    log_unknown = EventLog.from_columns(
+        "shop", user=np.ones(n, int), item=np.arange(n) % 97 + 1, ts=np.arange(n),
+        scenario=np.where(np.arange(n) % 2, 0, 1),
+    )  # fmt: skip
+    np.testing.assert_array_equal(
+        LogSource(log_unknown, "train").target_start, np.arange(5, n - 2, 5)
+    )
     spec = schema.SchemaSpec(short_len=4, pos_len=1, life_len=8, scenarios=True, order_len=8)
     test = LogSource(log, "test")
     ex = pipeline.BuildBatch(test, spec).map(np.array([0]))
@@ -377,6 +387,17 @@ def test_log_sessions_keep_one_scenario_and_behaviour_pathways_reach_back():
     full = schema.build_batch(test.raw_batch(np.array([0])), spec)
     for k in ex:
         np.testing.assert_array_equal(ex[k], full[k], err_msg=k)
+    # A pathway with fewer selections than its length reaches back to its oldest one only.
+    few = dataclasses.replace(spec, order_len=20)
+    raw = test.raw_batch(np.array([0]), few.history_window, few)
+    assert len(raw["hist_item"]) == n - 1  # the first order is event 0: the whole history
+    no_orders = EventLog.from_columns(
+        "shop", user=np.ones(n, int), item=np.arange(n) % 97 + 1, ts=np.arange(n),
+        flags=np.where(np.arange(n) == n - 500, schema.CLICK | schema.CART | schema.ORDER, 0),
+        scenario=scen,
+    )  # fmt: skip
+    raw = LogSource(no_orders, "test").raw_batch(np.array([0]), few.history_window, few)
+    assert len(raw["hist_item"]) == 500 - 1  # back to the one order, not to the first event
 
 
 def test_tokenizer_pairs_products_bought_together(world):

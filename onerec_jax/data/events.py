@@ -9,7 +9,7 @@ Users and items get dense ids 1..n (0 is padding); the raw ids are kept for the 
   * test: the user's last event is the target; the history is everything before it;
   * validation: the second-to-last event, with everything before it;
   * train: the remaining events, cut into sessions (a new session after a gap of more than
-    `session_gap_s`, where an e-commerce log's scenario changes, or after m events); each
+    `session_gap_s`, where an e-commerce log's known scenario changes, or after m events); each
     session is one example whose history is every event of the user before the session.
     Users with fewer than 3 events are train-only.
 """
@@ -186,8 +186,10 @@ class LogSource:
             ev_user = np.repeat(users, end - start)
             first = np.concatenate([[True], ev_user[1:] != ev_user[:-1]])
             gap = np.diff(log.ts[pos], prepend=log.ts[pos][:1]) > session_gap_s
-            if log.scenario is not None:  # a request is served in one scenario: cut at a change
-                gap |= np.diff(log.scenario[pos], prepend=log.scenario[pos][:1]) != 0
+            if log.scenario is not None:  # a request is served in one scenario: cut where
+                sc = log.scenario[pos]  # two known scenarios (1..3; 0 unknown) follow each other
+                prev = np.concatenate([sc[:1], sc[:-1]])
+                gap |= (sc != prev) & (sc > 0) & (prev > 0)
             seg_start = np.maximum.accumulate(np.where(first | gap, np.arange(len(pos)), 0))
             new = first | gap | ((np.arange(len(pos)) - seg_start) % max_session_len == 0)
             k = np.nonzero(new)[0]
@@ -258,9 +260,11 @@ class LogSource:
         h0 = log.offsets[u] if max_events is None else np.maximum(log.offsets[u], t0 - max_events)
         if spec is not None and max_events is not None:
             for C, n in self._selected_before(spec):
-                # Latest h with at least n selected events in [h, t0): C[h] <= C[t0] - n.
+                # Latest h with at least n selected events in [h, t0): C[h] <= C[t0] - n; a
+                # user with fewer reaches back to its oldest selected event, no further.
                 h_sel = np.searchsorted(C, C[t0] - n, side="right") - 1
-                h0 = np.maximum(log.offsets[u], np.minimum(h0, h_sel))
+                oldest = np.searchsorted(C, C[log.offsets[u]], side="right") - 1
+                h0 = np.maximum(log.offsets[u], np.minimum(h0, np.maximum(h_sel, oldest)))
         hist = schema.ranges(h0, t0 - h0)
         tgt = schema.ranges(t0, t1 - t0)
         cols = {

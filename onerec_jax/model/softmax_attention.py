@@ -9,7 +9,10 @@ train step). The textbook pass needs only the softmax output p and the attention
     dv = p^T do,   dp = do v^T,   ds = p * (dp - rowsum(do * o)),   dq = ds k,   dk = ds^T q
 
 (rowsum(do * o) = rowsum(p * dp), as o = p v), with the score scale applied to ds.
-Matmuls run in the operands' dtype (bf16 stays bf16 both ways); the softmax and ds in float32.
+Matmuls run in the operands' dtype (bf16 stays bf16 both ways); the softmax runs in float32,
+and ds is formed in float32 from the p and o the forward pass kept in the operands' dtype (in
+bf16 its gradients are as close to float32 autodiff as XLA's own bf16 backward pass: 0.7 %
+against 0.6 % relative error, measured at 8 x 64 requests, 4 heads, 64 keys, head width 32).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.logged_miss = 0.0  # reward=logged: the reward of an item the request did not log
     # What a rollout earns on the e-commerce world: "reward" (the true reward, or the ranking
     # model's fused score, 1 : 3 : 10 over click, cart, order) | "gmv" (expected GMV: price x
-    # the world's P(order) with reward=true, price x the ranking model's P(order) with model)
+    # the world's P(order) with reward=true, price x the ranking model's P(order) with model);
+    # with "gmv" the summary's reward_model@K is the ranking model's GMV estimate too
     c.objective = "reward"
     # How rewards become advantages: "group" (normalised within each request's G rollouts) |
     # "duration" (OneRec-V2's duration-aware shaping on the world: a rollout's expected play
