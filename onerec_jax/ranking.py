@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.stats import rankdata
 
 from onerec_jax.data import schema
 
@@ -203,13 +202,3 @@ def evaluate_scorer(source: Any, scorer: Any, k_max: int = 50, batch: int = 512)
     out["n_requests"] = int(sum(len(r) for r in ranked))
     out["protocol"] = protocol
     return out
-
-
-def auc(scores: np.ndarray, y: np.ndarray) -> float:
-    """ROC AUC by ranks (ties share their mean rank); NaN when one class is absent."""
-    y = np.asarray(y, bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    ranks = rankdata(np.asarray(scores, np.float64), method="average")
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

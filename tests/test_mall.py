@@ -253,38 +253,6 @@ def test_gmv_objective_is_price_times_the_order_probability(world):
     np.testing.assert_allclose(np.asarray(fused), np.asarray(p) @ [1.0, 3.0, 10.0], rtol=1e-5)
 
 
-def test_ranking_model_reads_prices_and_round_trips(world, tmp_path):
-    """The e-commerce ranking model's item tower reads the log price: scores move with price
-    alone, a model saved with it loads with it, and it refuses to score without prices."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from _models import tiny_encoder
-
-    from onerec_jax.rl import reward_model as rm
-
-    spec = schema.SchemaSpec(pos_len=4, life_len=8)
-    b = schema.build_batch(world.raw_batch(np.arange(4), spec.history_window), spec)
-    cfg = rm.PScoreConfig(tiny_encoder(world, 4, 8), hidden=16, tasks="mall", price=True)
-    model = rm.PScore(cfg)
-    x = {k: jnp.asarray(v) for k, v in rm._inputs(b).items()}
-    items = jnp.asarray(np.tile(np.arange(1, 6), (4, 1)))
-    prices = rm.prices_of(model, world, items)
-    np.testing.assert_allclose(np.asarray(prices), world.price[np.asarray(items)], rtol=1e-6)
-    params = nn.unbox(model.init(jax.random.key(0), x, items, prices))["params"]
-    a = model.apply({"params": params}, x, items, prices)
-    moved = model.apply({"params": params}, x, items, prices * 4.0)
-    assert not np.allclose(np.asarray(a), np.asarray(moved))
-    with pytest.raises(ValueError, match="reads item prices"):
-        model.apply({"params": params}, x, items)
-    rm.save(tmp_path / "rm", model, params, {})
-    model2, params2, _ = rm.load(tmp_path / "rm")
-    assert model2.cfg == model.cfg
-    np.testing.assert_array_equal(
-        np.asarray(model2.apply({"params": params2}, x, items, prices)), a
-    )
-
-
 def test_logged_feedback_counts_the_funnel(world):
     """On e-commerce data a logged target's own click/cart/order is its logged value
     (1 : 3 : 10), so logged_reward@K and reward=logged see the funnel."""

@@ -9,9 +9,7 @@ Their concatenation and product go through an MLP to one logit per label:
 
 trained with binary cross-entropy on the target exposures of the training split.
 
-On the e-commerce world (`tasks="mall"`) it is OneMall's multi-task ranking model (its item
-tower also reads the product's log price, so P(order) can fall with price for every product,
-not only for those the data shows often enough to learn it per id): three chained
+On the e-commerce world (`tasks="mall"`) it is OneMall's multi-task ranking model: three chained
 heads give P(click), P(cart | click) and P(order | cart), whose products P(cart) and P(order)
 are fit on every exposure (ESMM's full-space training: no selection bias from fitting the
 conditional rates on clicked items only); AUC is reported per task and per scenario, GMV is
@@ -42,7 +40,6 @@ from onerec_jax.data import schema
 from onerec_jax.feedback import LABELS, MALL_LABELS, MALL_WEIGHTS, WEIGHTS, labels, mall_labels
 from onerec_jax.model.layers import Dense
 from onerec_jax.model.user_encoder import EncoderConfig, UserEncoder
-from onerec_jax.ranking import auc
 
 TASKS = {"video": (LABELS, WEIGHTS, labels), "mall": (MALL_LABELS, MALL_WEIGHTS, mall_labels)}
 
@@ -52,14 +49,6 @@ class PScoreConfig:
     encoder: EncoderConfig
     hidden: int = 128
     tasks: str = "video"  # "video" (P-Score labels) | "mall" (click -> cart -> order)
-    price: bool = False  # the item tower also reads the item's log price (e-commerce world)
-
-
-def prices_of(model: PScore, source: Any, items: Any) -> jax.Array | None:
-    """The prices [B, N] a price-reading model needs for `items` (None for another model)."""
-    if not model.cfg.price:
-        return None
-    return jnp.asarray(source.price[np.maximum(np.asarray(items), 1)], jnp.float32)
 
 
 def tasks_of(run: Any) -> str:
@@ -90,22 +79,14 @@ class PScore(nn.Module):
     cfg: PScoreConfig
 
     @nn.compact
-    def __call__(
-        self, batch: dict[str, jax.Array], items_BxN: jax.Array, price_BxN: jax.Array | None = None
-    ) -> jax.Array:
-        """Label logits [B, N, labels] of recommending items [B, N] (priced `price_BxN`, for a
-        price-reading model) to the batch's requests."""
+    def __call__(self, batch: dict[str, jax.Array], items_BxN: jax.Array) -> jax.Array:
+        """Label logits [B, N, 6] of recommending items [B, N] to the batch's requests."""
         c = self.cfg
         mem, mask = UserEncoder(c.encoder, name="user")(batch)
         w = mask.astype(jnp.float32)[..., None]
         user_BxD = jnp.sum(mem * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
         item = nn.Embed(c.encoder.n_items + 1, c.encoder.d_model, name="item_embed")
         v_BxNxD = item(items_BxN)
-        if c.price:  # price enters the item tower: P(order) can fall with it for every item
-            if price_BxN is None:
-                raise ValueError("this ranking model reads item prices: pass price_BxN")
-            f = jnp.log1p(price_BxN.astype(jnp.float32))[..., None]
-            v_BxNxD = v_BxNxD + Dense(c.encoder.d_model, (None, "embed"), True, name="price")(f)
         u_BxNxD = jnp.broadcast_to(user_BxD[:, None, :], v_BxNxD.shape)
         h = jnp.concatenate([u_BxNxD, v_BxNxD, u_BxNxD * v_BxNxD], -1)
         for i in range(2):  # two hidden layers, not a loop over tokens
@@ -136,16 +117,32 @@ def loss(
 ) -> jax.Array:
     """Mean binary cross-entropy over the valid target exposures' known labels."""
     inputs = {k: v for k, v in batch.items() if not k.startswith("target_")}
-    logits = model.apply(
-        {"params": params}, inputs, batch["target_item"], batch.get("target_price")
-    )
-    logits = logits.astype(jnp.float32)
+    logits = model.apply({"params": params}, inputs, batch["target_item"]).astype(jnp.float32)
     if model.cfg.tasks == "mall":
         bce = _chained_bce(logits, y_BxMx6)
     else:
         bce = optax.sigmoid_binary_cross_entropy(logits, y_BxMx6)
     w = (batch["target_mask"][..., None] & known_BxMx6).astype(jnp.float32)
     return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """ROC AUC by ranks (ties share their mean rank); NaN when one class is absent."""
+    y = np.asarray(y, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), np.float64)
+    s = np.asarray(scores)[order]
+    i = 0
+    while i < len(s):  # tie groups (host-side evaluation, not a hot path)
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def encoder_of(run: Any) -> EncoderConfig:
@@ -179,8 +176,8 @@ def make_scorer(model: PScore, objective: str = "reward"):
     ranking model of the e-commerce world, P(order) ("gmv": the caller multiplies by price)."""
 
     @jax.jit
-    def score(params: Any, batch: dict, items: jax.Array, prices: Any = None) -> jax.Array:
-        logits = model.apply({"params": params}, _inputs(batch), items, prices)
+    def score(params: Any, batch: dict, items: jax.Array) -> jax.Array:
+        logits = model.apply({"params": params}, _inputs(batch), items)
         if objective == "gmv":
             return probabilities(logits, model.cfg.tasks)[..., MALL_LABELS.index("order")]
         return fused(logits, model.cfg.tasks)
@@ -195,17 +192,14 @@ def train(
     from onerec_jax.data import pipeline
 
     tasks = tasks_of(run)
-    price = tasks == "mall" and hasattr(run.source, "price")
-    model = PScore(PScoreConfig(encoder_of(run), tasks=tasks, price=price))
+    model = PScore(PScoreConfig(encoder_of(run), tasks=tasks))
     ds = pipeline.make_dataset(
         run.source, run.spec, pipeline.PipelineConfig(batch_size=batch_size, seed=seed)
     )
     data = iter(ds)
     first = next(data)
     x = {k: jnp.asarray(v) for k, v in _inputs(first).items()}
-    item0 = first["target_item"]
-    prices0 = prices_of(model, run.source, item0)
-    params = jax.jit(model.init)(jax.random.key(seed), x, jnp.asarray(item0), prices0)
+    params = jax.jit(model.init)(jax.random.key(seed), x, jnp.asarray(first["target_item"]))
     params = nn.unbox(params)["params"]
     tx = optax.adamw(learning_rate, weight_decay=0.0)
     opt = tx.init(params)
@@ -220,8 +214,6 @@ def train(
     host = first
     for i in range(steps):
         batch = {k: jnp.asarray(v) for k, v in host.items() if k not in ("user_id", "request_ts")}
-        if model.cfg.price:
-            batch["target_price"] = prices_of(model, run.source, host["target_item"])
         y, known = TASKS[tasks][2](host)
         params, opt, value = step(params, opt, batch, jnp.asarray(y), jnp.asarray(known))
         history.append(float(value))
@@ -245,8 +237,7 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
     raw = schema.build_batch(ragged, run.spec)
     score = make_scorer(model)
     x = {k: jnp.asarray(v) for k, v in _inputs(raw).items()}
-    tgt = raw["target_item"]
-    logits = model.apply({"params": params}, x, jnp.asarray(tgt), prices_of(model, src, tgt))
+    logits = model.apply({"params": params}, x, jnp.asarray(raw["target_item"]))
     tasks = model.cfg.tasks
     names, _, labels_of = TASKS[tasks]
     valid = raw["target_mask"]
@@ -282,11 +273,10 @@ def evaluate(run: Any, model: PScore, params: Any, n_requests: int, seed: int = 
                     out[f"auc/{name}/{sname}"] = a
     if src.kind == "world":
         items = np.where(valid, raw["target_item"], 0)
-        s_logged = score(params, x, jnp.asarray(np.maximum(items, 1)), prices_of(model, src, items))
-        s_logged = np.asarray(s_logged)
+        s_logged = np.asarray(score(params, x, jnp.asarray(np.maximum(items, 1))))
         t_logged = true_reward(src, raw, items)
         rnd = np.random.default_rng(seed).integers(1, src.n_items + 1, (n, 8))
-        s_rnd = np.asarray(score(params, x, jnp.asarray(rnd), prices_of(model, src, rnd)))
+        s_rnd = np.asarray(score(params, x, jnp.asarray(rnd)))
         shown = _shown(src, raw, rnd)  # the score the reward uses: 0 where it cannot be shown
         s_rnd = s_rnd if shown is None else np.where(shown, s_rnd, 0.0)
         t_rnd = true_reward(src, raw, rnd)
@@ -309,7 +299,6 @@ def save(directory: Any, model: PScore, params: Any, meta: dict) -> None:
         "encoder": dataclasses.asdict(model.cfg.encoder),
         "hidden": model.cfg.hidden,
         "tasks": model.cfg.tasks,
-        "price": model.cfg.price,
     }
     write_atomic(d / "params.msgpack", serialization.to_bytes(params))
     write_atomic(d / "reward_model.json", json.dumps({"config": cfg, **meta}, indent=2))
@@ -329,8 +318,7 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
     meta = json.loads(meta_path.read_text())
     enc = meta["config"]["encoder"]
     tasks = meta["config"].get("tasks", "video")  # models saved before the field: video
-    price = meta["config"].get("price", False)  # models saved before the field: no price
-    model = PScore(PScoreConfig(EncoderConfig(**enc), meta["config"]["hidden"], tasks, price))
+    model = PScore(PScoreConfig(EncoderConfig(**enc), meta["config"]["hidden"], tasks))
     ids = jnp.zeros((1, 1), jnp.int32)
     spec = schema.SchemaSpec(
         short_len=enc["short_len"],
@@ -340,8 +328,7 @@ def load(directory: Any) -> tuple[PScore, Any, dict]:
         **{f"{b}_len": enc.get(f"{b}_len", 0) for b in schema.BEHAVIOURS},
     )
     x = _inputs({k: np.zeros((1, *shape), dt) for k, (shape, dt) in spec.shapes().items()})
-    prices = jnp.ones((1, 1), jnp.float32) if price else None
-    target = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, ids, prices))["params"]
+    target = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, ids))["params"]
     try:
         params = serialization.from_bytes(target, (d / "params.msgpack").read_bytes())
     except (ValueError, KeyError, OSError) as e:
@@ -380,8 +367,7 @@ def scorer_for(directory: str, run: Any, objective: str = "reward"):
 
     def rm_score(host: dict, items: np.ndarray) -> np.ndarray:
         batch = {k: jnp.asarray(v) for k, v in host.items() if not k.startswith("target_")}
-        prices = prices_of(model, run.source, items)
-        s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1)), prices), np.float64)
+        s = np.asarray(score(params, batch, jnp.asarray(np.maximum(items, 1))), np.float64)
         if objective == "gmv":
             s = s * run.source.price[np.maximum(items, 1)]
         shown = _shown(run.source, host, items)  # what a scenario cannot show earns 0
