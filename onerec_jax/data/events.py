@@ -198,7 +198,7 @@ class LogSource:
             t1 = np.append(pos[k[1:] - 1] + 1, pos[-1] + 1 if len(pos) else 0)[: len(k)]
         keep = t0 - log.offsets[u] >= min_history
         self.user, self.target_start, self.target_end = u[keep], t0[keep], t1[keep]
-        self._pos_cache: dict[tuple[str, float], np.ndarray] = {}
+        self._selected_cache: dict[tuple[str, float], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.user)
@@ -227,13 +227,13 @@ class LogSource:
         rules = {("pos", spec.pos_play_frac): spec.pos_len}
         rules.update({(b, 0.0): n for b, n in spec.behaviour_lens().items()})
         for key, n in rules.items():
-            if key not in self._pos_cache:
+            if key not in self._selected_cache:
                 if key[0] == "pos":
                     sel = schema.is_positive(log.flags, log.play_ms, log.dur_ms, spec)
                 else:
                     sel = (log.flags & schema.BEHAVIOURS[key[0]]) != 0
-                self._pos_cache[key] = np.concatenate([[0], np.cumsum(sel)])
-            out.append((self._pos_cache[key], n))
+                self._selected_cache[key] = np.concatenate([[0], np.cumsum(sel)])
+            out.append((self._selected_cache[key], n))
         return out
 
     def raw_batch(

@@ -53,12 +53,12 @@ def _fwd(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, r: int
 ) -> tuple[jax.Array, tuple]:
     o, p = _forward(q, k, v, mask, r)
-    return o, (q, k, v, None, p, o)
+    return o, (q, k, v, p, o)
 
 
 def _bwd(r: int, res: tuple, do: jax.Array) -> tuple:
     del r
-    q, k, v, _, p, o = res
+    q, k, v, p, o = res
     f32 = jnp.float32
     dv = jnp.einsum("bgqs,bgqk->bgsk", p, do)
     dp = jnp.einsum("bgqk,bgsk->bgqs", do, v).astype(f32)
